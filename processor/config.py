@@ -1,0 +1,192 @@
+"""Configuration: a YAML file, ``${VAR}`` secrets from the environment, and
+``PROCESSOR__SECTION__KEY=value`` environment overrides, validated into
+frozen models that forbid unknown keys. Everything is validated before the
+relay connects to anything; an error names the field (``vendors.qubit.sites.default.tracking_id``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+
+from processor.codec import DEFAULT_SCHEMAS_DIR
+from processor.errors import ConfigError
+from processor.vendors import REGISTRY, adapter_class
+from processor.vendors.base import Frozen, VendorSettings
+
+ENV_PREFIX = "PROCESSOR__"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_KEY = re.compile(r"(password|secret|sasl\.|token|key|credentials|user\.info)", re.I)
+
+
+class KafkaConfig(Frozen):
+    bootstrap_servers: str
+    group_id: str = "event-relay"
+    topics: list[str] = Field(min_length=1)
+    consume_batch: int = Field(1000, ge=1, le=100_000, description="messages per consume() call")
+    client: dict[str, Any] = Field(
+        default_factory=dict, description="passed through to librdkafka (security.protocol, sasl.*, ssl.* ...)"
+    )
+
+    @field_validator("client")
+    @classmethod
+    def _no_managed_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        managed = {"bootstrap.servers", "group.id", "enable.auto.commit", "enable.auto.offset.store"}
+        bad = managed & set(v)
+        if bad:
+            raise ValueError(f"{', '.join(sorted(bad))} is managed by the relay; set it in its own field")
+        return v
+
+
+class SchemaRegistryConfig(Frozen):
+    url: str | None = Field(None, description="Confluent-compatible registry; None = local id map only")
+    client: dict[str, Any] = Field(default_factory=dict, description="passed to SchemaRegistryClient")
+    local_ids: dict[int, str] | None = Field(
+        None, description="schema id -> Avro full name or .avsc path (default: the embedded map)"
+    )
+    schemas_dir: Path = DEFAULT_SCHEMAS_DIR
+
+
+class DeadLetterConfig(Frozen):
+    topic: str
+    producer: dict[str, Any] = Field(default_factory=dict, description="extra librdkafka producer settings")
+    retry_delay_s: float = Field(1.0, gt=0, description="wait before re-producing an unacknowledged record")
+
+
+class RelayConfig(Frozen):
+    max_inflight_events: int = Field(20_000, ge=1, description="pause fetching above this many unsettled")
+    resume_ratio: float = Field(0.5, gt=0, lt=1, description="resume when in-flight falls below limit x this")
+    shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM/rebalance, wait this long for in-flight")
+    commit_interval_s: float = Field(1.0, gt=0)
+    http_transport: str = Field("aiohttp", pattern="^(aiohttp|httpx)$", description="httpx transport")
+
+
+class MetricsConfig(Frozen):
+    host: str = "0.0.0.0"
+    port: int = Field(9400, ge=0, le=65535)
+
+
+class LoggingConfig(Frozen):
+    level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    format: str = Field("auto", pattern="^(auto|json|text)$")
+
+
+class Config(Frozen):
+    kafka: KafkaConfig
+    schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
+    deadletter: DeadLetterConfig
+    relay: RelayConfig = RelayConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    vendors: dict[str, VendorSettings[Any, Any]] = Field(default_factory=dict)
+
+    @field_validator("vendors", mode="before")
+    @classmethod
+    def _vendor_models(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping):
+            return raw
+        out: dict[str, Any] = {}
+        for name, section in raw.items():
+            if name not in REGISTRY:
+                raise ValueError(f"unknown vendor {name!r}; known: {', '.join(sorted(REGISTRY))}")
+            model = adapter_class(name).settings_model()
+            out[name] = section if isinstance(section, model) else model.model_validate(section)
+        return out
+
+    def enabled_vendors(self) -> dict[str, VendorSettings[Any, Any]]:
+        return {n: v for n, v in self.vendors.items() if v.enabled}
+
+
+def _interpolate(node: Any, path: str, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
+        return _VAR.sub(sub, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
+    return node
+
+
+def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """PROCESSOR__KAFKA__BOOTSTRAP_SERVERS=host:9092 -> data['kafka']['bootstrap_servers'].
+
+    Keys are lower-cased; values are parsed as YAML scalars (numbers, booleans, lists)."""
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in var[len(ENV_PREFIX):].split("__") if k]
+        if not keys:
+            continue
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if not isinstance(child, dict):
+                child = node[k] = {}
+            node = child
+        node[keys[-1]] = yaml.safe_load(env[var])
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "<root>"
+        lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    _apply_overrides(raw, env)
+    data = _interpolate(raw, "", env)
+    return parse_config(data)
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from exc
+    except ValueError as exc:  # raised by our validators outside pydantic's wrapping
+        raise ConfigError(str(exc)) from exc
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, secrets replaced by '***'."""
+
+    def walk(node: Any, key: str = "") -> Any:
+        if isinstance(node, SecretStr):
+            return "***"
+        if isinstance(node, dict):
+            return {k: walk(v, str(k)) for k, v in node.items()}
+        if isinstance(node, list | tuple | set | frozenset):
+            return [walk(v) for v in sorted(node, key=str)] if isinstance(node, set | frozenset) else [
+                walk(v) for v in node
+            ]
+        if isinstance(node, Path):
+            return str(node)
+        if isinstance(node, str) and key and _SECRET_KEY.search(key) and key not in {"sasl.mechanism"}:
+            return "***"
+        return node
+
+    return walk(config.model_dump(mode="python", round_trip=False))  # type: ignore[no-any-return]

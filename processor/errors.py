@@ -1,0 +1,54 @@
+"""The relay's error taxonomy, decided in one place per concern.
+
+::
+
+    RelayError
+    ├── ConfigError          bad configuration: fail at start, name the field (fatal)
+    ├── DecodeError          a message that cannot be decoded: dead letter as "undecodable"
+    │                        (.reason is one of DECODE_REASONS, a fixed label set)
+    └── FatalError           the relay cannot go on (e.g. lost the broker for good): stop, exit non-zero
+
+Per-event delivery outcomes are not exceptions: adapters return an ``Outcome``
+for every event (delivered / retryable / rejected); transport failures
+(connect errors, timeouts) are translated to retryable outcomes at one
+boundary, ``processor.delivery``.
+
+Dead-letter error classes (the ``error-class`` header and metric label):
+rejected (the vendor or our own validation refused it), exhausted (retries
+ran out), undecodable (bytes that are not a known Avro event), unroutable
+(decoded, but no event kind the relay knows).
+"""
+
+from __future__ import annotations
+
+DECODE_REASONS = (
+    "empty",
+    "bad_framing",
+    "unknown_schema",
+    "registry_unavailable",
+    "truncated",
+    "invalid_data",
+)
+ERROR_CLASSES = ("rejected", "exhausted", "undecodable", "unroutable")
+
+
+class RelayError(Exception):
+    """Base of every error the relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """The configuration is invalid; the message names the field."""
+
+
+class DecodeError(RelayError):
+    """A message could not be decoded into a canonical event."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in DECODE_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class FatalError(RelayError):
+    """The relay must stop."""

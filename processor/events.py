@@ -1,0 +1,86 @@
+"""Canonical events: the decoded Avro record plus where it came from.
+
+The record is the dict fastavro decodes (field names as in schemas/); adapters
+read it directly so the hot path builds no intermediate objects.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class EventKind(StrEnum):
+    PRODUCT_VIEW = "product_view"
+    ORDER = "order"
+
+
+# Avro full name of the top-level record -> event kind.
+SCHEMA_KINDS: dict[str, EventKind] = {
+    "shop.events.ProductView": EventKind.PRODUCT_VIEW,
+    "shop.events.OrderCompleted": EventKind.ORDER,
+}
+
+
+class Source:
+    """Where a message came from: what the dead-letter record and the offset tracker need.
+
+    Built from a confluent_kafka.Message (or by tests directly)."""
+
+    __slots__ = ("headers", "key", "offset", "partition", "timestamp_ms", "topic", "value")
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int | None,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.timestamp_ms = timestamp_ms
+        self.key = key
+        self.value = value
+        self.headers = headers
+
+    @classmethod
+    def from_message(cls, msg: Any) -> Source:
+        ts_type, ts = msg.timestamp()
+        return cls(
+            msg.topic(), msg.partition(), msg.offset(), ts if ts_type else None,
+            msg.key(), msg.value() or b"", msg.headers(),
+        )
+
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+class Event:
+    """One decoded event on its way to the vendors.
+
+    ``slot`` is the offset tracker's handle: settling the event for a vendor
+    decrements it; the offset is committable once every vendor settled."""
+
+    __slots__ = ("kind", "record", "size", "slot", "source")
+
+    def __init__(self, kind: EventKind, record: dict[str, Any], source: Source, slot: Any = None) -> None:
+        self.kind = kind
+        self.record = record
+        self.source = source
+        self.size = len(source.value)
+        self.slot = slot
+
+    @property
+    def site_id(self) -> str:
+        return self.record["site_id"]
+
+    @property
+    def event_id(self) -> str:
+        return self.record["event_id"]
+
+    def __repr__(self) -> str:
+        return f"Event({self.kind}, {self.source.where()})"

@@ -1,0 +1,204 @@
+"""The one interface every vendor adapter implements.
+
+An adapter is pure: it turns a batch of canonical events into HTTP requests
+(``plan``) and an HTTP response into one outcome per event (``interpret``).
+It never does I/O, never sleeps, never imports prometheus_client: the shared
+sender in ``processor.delivery`` does HTTP, retries, dead letters and metrics.
+
+Adding a vendor: one module here defining an ``Adapter`` subclass, one line
+in ``processor.vendors.REGISTRY``, its sandbox twin, its tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, Generic, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from processor.events import Event, EventKind
+
+SiteT = TypeVar("SiteT", bound=BaseModel)
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+class Frozen(BaseModel):
+    """Base of every config model: immutable, unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoOptions(Frozen):
+    pass
+
+
+class BatchSettings(Frozen):
+    max_events: int = Field(500, ge=1, le=100_000, description="close the batch at this many events")
+    max_bytes: int = Field(1_000_000, ge=1, description="close at this many bytes of source messages")
+    max_wait_ms: int = Field(1000, ge=1, le=600_000, description="close this long after the first event")
+
+
+class RetrySettings(Frozen):
+    max_attempts: int = Field(6, ge=1, le=100)
+    base_delay_ms: int = Field(200, ge=1)
+    max_delay_ms: int = Field(30_000, ge=1)
+    max_elapsed_s: float = Field(120.0, gt=0, description="give up (dead letter as exhausted) after this")
+
+
+class TimeoutSettings(Frozen):
+    connect_s: float = Field(3.0, gt=0)
+    total_s: float = Field(10.0, gt=0, description="whole request: connect, send, wait, read")
+
+
+class VendorSettings(Frozen, Generic[SiteT, OptionsT]):
+    """Settings every vendor has; ``sites`` and ``options`` are the adapter's own models."""
+
+    enabled: bool = True
+    base_url: str | None = Field(None, description="override the vendor's endpoint (e.g. the sandbox)")
+    kinds: frozenset[EventKind] | None = Field(None, description="event kinds to send (default: all it takes)")
+    batch: BatchSettings = BatchSettings()
+    concurrency: int = Field(8, ge=1, le=1024, description="concurrent requests to this vendor")
+    timeout: TimeoutSettings = TimeoutSettings()
+    retry: RetrySettings = RetrySettings()
+    user_agent: str = "event-relay/0.1"
+    sites: dict[str, SiteT] = Field(description="per site_id credentials; the key 'default' applies to others")
+    options: OptionsT
+
+
+class Verdict(IntEnum):
+    DELIVERED = 0
+    RETRYABLE = 1
+    REJECTED = 2
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    """What happened to one event in one request.
+
+    ``note`` is an optional label from the adapter's ``notes`` set (counted in
+    ``processor_vendor_notes_total``), e.g. a vendor warning on a delivered event."""
+
+    verdict: Verdict
+    reason: str = ""
+    retry_after_s: float | None = None
+    note: str | None = None
+
+
+DELIVERED = Outcome(Verdict.DELIVERED)
+
+
+def retryable(reason: str, retry_after_s: float | None = None, note: str | None = None) -> Outcome:
+    return Outcome(Verdict.RETRYABLE, reason, retry_after_s, note)
+
+
+def rejected(reason: str, note: str | None = None) -> Outcome:
+    return Outcome(Verdict.REJECTED, reason, None, note)
+
+
+@dataclass(slots=True)
+class VendorRequest:
+    """One HTTP request and the events it carries (``context``: the adapter's own bookkeeping)."""
+
+    url: str
+    content: bytes
+    events: list[Event]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    method: str = "POST"
+    context: Any = None
+
+
+@dataclass(slots=True)
+class Plan:
+    """A batch turned into requests; events that cannot be sent are rejected or filtered here."""
+
+    requests: list[VendorRequest] = field(default_factory=list)
+    rejected: list[tuple[Event, str]] = field(default_factory=list)
+    filtered: list[Event] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def classify_status(status: int) -> Verdict:
+    """Default HTTP classes: 2xx ok; 408, 429 and 5xx except 501 retry; other statuses reject."""
+    if 200 <= status < 300:
+        return Verdict.DELIVERED
+    if status in (408, 429) or (status >= 500 and status != 501):
+        return Verdict.RETRYABLE
+    return Verdict.REJECTED
+
+
+def status_outcome(status: int, detail: str = "") -> Outcome:
+    verdict = classify_status(status)
+    if verdict is Verdict.DELIVERED:
+        return DELIVERED
+    reason = f"HTTP {status}" + (f": {detail}" if detail else "")
+    return Outcome(verdict, reason)
+
+
+class MissingField(Exception):
+    """Raised by adapters' mapping code: the event lacks a field this vendor requires."""
+
+    def __init__(self, field_path: str) -> None:
+        super().__init__(f"missing required field {field_path}")
+        self.field_path = field_path
+
+
+def require(value: Any, field_path: str) -> Any:
+    """``value`` if present (not None, not empty), else MissingField naming the canonical field."""
+    if value is None or value == "" or value == []:
+        raise MissingField(field_path)
+    return value
+
+
+class Adapter(ABC, Generic[SiteT, OptionsT]):
+    name: ClassVar[str]
+    kinds: ClassVar[frozenset[EventKind]]
+    Site: ClassVar[type[BaseModel]]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    default_base_url: ClassVar[str]
+    default_batch: ClassVar[BatchSettings] = BatchSettings()
+    notes: ClassVar[tuple[str, ...]] = ()
+    secret_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: VendorSettings[SiteT, OptionsT]) -> None:
+        self.settings = settings
+        self.options: OptionsT = settings.options
+        self.base_url = (settings.base_url or self.default_base_url).rstrip("/")
+        self.enabled_kinds = frozenset(settings.kinds) if settings.kinds is not None else self.kinds
+        self._default_site = settings.sites.get("default")
+
+    @classmethod
+    def settings_model(cls) -> type[VendorSettings[Any, Any]]:
+        return VendorSettings[cls.Site, cls.Options]  # type: ignore[name-defined]
+
+    def site(self, event: Event) -> SiteT | None:
+        """The site config selected by the event's site_id, else the default, else None."""
+        return self.settings.sites.get(event.record["site_id"], self._default_site)
+
+    def takes(self, kind: EventKind) -> bool:
+        return kind in self.enabled_kinds
+
+    @abstractmethod
+    def plan(self, events: Sequence[Event]) -> Plan:
+        """Turn a batch into requests. Events missing required fields go to ``Plan.rejected``
+        with a reason naming the field; events this vendor does not want go to ``Plan.filtered``."""
+
+    def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
+        """One outcome per ``request.events`` entry, in order. Default: by status only."""
+        outcome = status_outcome(response.status)
+        return [outcome] * len(request.events)
+
+    def no_site_reason(self, event: Event) -> str:
+        return f"no {self.name} site config for site_id {event.record['site_id']!r} and no 'default'"
