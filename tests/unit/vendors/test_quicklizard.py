@@ -1,0 +1,115 @@
+"""QuickLizard adapter against the document's examples, and against its sandbox twin."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from processor.devstack.samples import as_event, make_order, make_view, with_changes
+from processor.events import EventKind
+from processor.sandbox.quicklizard import validate_event
+from processor.vendors.base import Response, Verdict
+from processor.vendors.quicklizard import QuickLizardAdapter
+
+V, O = EventKind.PRODUCT_VIEW, EventKind.ORDER
+
+
+def adapter(**site):
+    model = QuickLizardAdapter.settings_model()
+    return QuickLizardAdapter(model.model_validate({
+        "sites": {"default": {"client_key": "YOUR_CLIENT_KEY", **site}}, "options": {},
+    }))
+
+
+def test_view_matches_document_example():
+    rec = make_view(1, 1)
+    rec["product"].update(product_id="123-AA-X23", price=123.41, url="https://yourstore.com/123-AA-X23/")
+    rec["visitor"]["vendor_ids"]["quicklizard_vid"] = "DASDAS-#CCCC-NA"
+    plan = adapter(tags=["user:new"], channel="online").plan([as_event(V, rec)])
+    assert not plan.rejected
+    (req,) = plan.requests
+    assert req.url == "https://evt.quicklizard.com/events"
+    assert orjson.loads(req.content) == [{
+        "client_key": "YOUR_CLIENT_KEY", "price": 123.41, "product_id": "123-AA-X23", "event": "view",
+        "permalink": "https://yourstore.com/123-AA-X23/", "vid": "DASDAS-#CCCC-NA",
+        "tags": ["user:new"], "channels": ["online"],
+    }]
+
+
+def test_order_is_one_conversion_per_item_with_total_price():
+    rec = make_order(1, items=2)
+    rec["order"]["items"][0].update(product_id="123-AA-X23", unit_price=123.41, quantity=1)
+    rec["order"]["items"][1].update(product_id="455DD-AA-X23", unit_price=20.0, quantity=3)
+    rec["visitor"]["vendor_ids"]["quicklizard_vid"] = "DASDAS-#CCCC-NA"
+    (req,) = adapter(tags=["user:new"], channel="online").plan([as_event(O, rec)]).requests
+    rows = orjson.loads(req.content)
+    assert rows == [
+        {"client_key": "YOUR_CLIENT_KEY", "price": 123.41, "product_id": "123-AA-X23", "event": "conversion",
+         "vid": "DASDAS-#CCCC-NA", "tags": ["user:new"], "channels": ["online"], "units": 1},
+        {"client_key": "YOUR_CLIENT_KEY", "price": 60.0, "product_id": "455DD-AA-X23", "event": "conversion",
+         "vid": "DASDAS-#CCCC-NA", "tags": ["user:new"], "channels": ["online"], "units": 3},
+    ]
+    assert all(validate_event(r) is None for r in rows)
+
+
+def test_price_is_always_a_float():
+    rec = with_changes(make_view(1, 1), "product.price", 10.0)
+    (req,) = adapter().plan([as_event(V, rec)]).requests
+    assert b'"price":10.0' in req.content
+
+
+def test_missing_required_fields_are_rejected_naming_the_field():
+    good = as_event(V, make_view(1, 1), 0)
+    no_url = as_event(V, with_changes(with_changes(make_view(2, 1), "product.url", None), "page.url", None), 1)
+    no_items = as_event(O, with_changes(make_order(3), "order.items", []), 2)
+    plan = adapter().plan([good, no_url, no_items])
+    assert [(e.source.offset, r) for e, r in plan.rejected] == [
+        (1, "missing required field product.url"), (2, "missing required field order.items")]
+    assert plan.requests[0].events == [good]
+
+
+def test_site_selection_and_missing_site():
+    model = QuickLizardAdapter.settings_model()
+    a = QuickLizardAdapter(model.model_validate({
+        "sites": {"shop-2": {"client_key": "K2", "endpoint": "https://sdk-events.quicklizard.com/events"}},
+        "options": {},
+    }))
+    e1 = as_event(V, make_view(1, 1, site_id="shop-1"), 0)
+    e2 = as_event(V, make_view(1, 1, site_id="shop-2"), 1)
+    plan = a.plan([e1, e2])
+    assert "no quicklizard site config for site_id 'shop-1'" in plan.rejected[0][1]
+    assert plan.requests[0].url == "https://sdk-events.quicklizard.com/events"
+
+
+def test_partial_failure_maps_back_to_the_failed_event_only():
+    events = [as_event(V, make_view(i, i), i) for i in range(3)] + [as_event(O, make_order(5, 2), 3)]
+    a = adapter()
+    (req,) = a.plan(events).requests
+    rows = orjson.loads(req.content)
+    failed = [rows[1], rows[4]]  # second view and the order's second line
+    body = orjson.dumps({"processed": [rows[0], rows[2], rows[3]], "failed": failed, "errors": ["bad", "worse"]})
+    outcomes = a.interpret(req, Response(200, {}, body))
+    assert [o.verdict for o in outcomes] == [Verdict.DELIVERED, Verdict.REJECTED, Verdict.DELIVERED,
+                                             Verdict.REJECTED]
+    assert outcomes[1].reason == "quicklizard failed: bad"
+    assert outcomes[3].reason == "quicklizard failed: worse"
+
+
+@pytest.mark.parametrize(("status", "verdict"), [(500, Verdict.RETRYABLE), (429, Verdict.RETRYABLE),
+                                                 (400, Verdict.REJECTED), (501, Verdict.REJECTED)])
+def test_status_classes(status, verdict):
+    a = adapter()
+    (req,) = a.plan([as_event(V, make_view(1, 1))]).requests
+    assert a.interpret(req, Response(status, {}, b"{}"))[0].verdict is verdict
+
+
+@pytest.mark.parametrize(("row", "problem"), [
+    ({"client_key": "k", "price": 1, "product_id": "p", "event": "view", "permalink": "u"}, "price must be"),
+    ({"client_key": "k", "price": 1.0, "product_id": "p", "event": "view"}, "missing permalink"),
+    ({"client_key": "k", "price": 1.0, "product_id": "p", "event": "conversion", "channels": ["a", "b"]},
+     "single channel"),
+    ({"client_key": "k", "price": 1.0, "product_id": "p", "event": "view", "permalink": "u", "x": 1},
+     "unknown field"),
+])
+def test_twin_rejects_what_the_document_forbids(row, problem):
+    assert problem in validate_event(row)
