@@ -11,7 +11,7 @@ from processor.sandbox.quicklizard import validate_event
 from processor.vendors.base import Response, Verdict
 from processor.vendors.quicklizard import QuickLizardAdapter
 
-V, O = EventKind.PRODUCT_VIEW, EventKind.ORDER
+VIEW, ORDER = EventKind.PRODUCT_VIEW, EventKind.ORDER
 
 
 def adapter(**site):
@@ -25,7 +25,7 @@ def test_view_matches_document_example():
     rec = make_view(1, 1)
     rec["product"].update(product_id="123-AA-X23", price=123.41, url="https://yourstore.com/123-AA-X23/")
     rec["visitor"]["vendor_ids"]["quicklizard_vid"] = "DASDAS-#CCCC-NA"
-    plan = adapter(tags=["user:new"], channel="online").plan([as_event(V, rec)])
+    plan = adapter(tags=["user:new"], channel="online").plan([as_event(VIEW, rec)])
     assert not plan.rejected
     (req,) = plan.requests
     assert req.url == "https://evt.quicklizard.com/events"
@@ -41,7 +41,7 @@ def test_order_is_one_conversion_per_item_with_total_price():
     rec["order"]["items"][0].update(product_id="123-AA-X23", unit_price=123.41, quantity=1)
     rec["order"]["items"][1].update(product_id="455DD-AA-X23", unit_price=20.0, quantity=3)
     rec["visitor"]["vendor_ids"]["quicklizard_vid"] = "DASDAS-#CCCC-NA"
-    (req,) = adapter(tags=["user:new"], channel="online").plan([as_event(O, rec)]).requests
+    (req,) = adapter(tags=["user:new"], channel="online").plan([as_event(ORDER, rec)]).requests
     rows = orjson.loads(req.content)
     assert rows == [
         {"client_key": "YOUR_CLIENT_KEY", "price": 123.41, "product_id": "123-AA-X23", "event": "conversion",
@@ -54,14 +54,14 @@ def test_order_is_one_conversion_per_item_with_total_price():
 
 def test_price_is_always_a_float():
     rec = with_changes(make_view(1, 1), "product.price", 10.0)
-    (req,) = adapter().plan([as_event(V, rec)]).requests
+    (req,) = adapter().plan([as_event(VIEW, rec)]).requests
     assert b'"price":10.0' in req.content
 
 
 def test_missing_required_fields_are_rejected_naming_the_field():
-    good = as_event(V, make_view(1, 1), 0)
-    no_url = as_event(V, with_changes(with_changes(make_view(2, 1), "product.url", None), "page.url", None), 1)
-    no_items = as_event(O, with_changes(make_order(3), "order.items", []), 2)
+    good = as_event(VIEW, make_view(1, 1), 0)
+    no_url = as_event(VIEW, with_changes(with_changes(make_view(2, 1), "product.url", None), "page.url", None), 1)
+    no_items = as_event(ORDER, with_changes(make_order(3), "order.items", []), 2)
     plan = adapter().plan([good, no_url, no_items])
     assert [(e.source.offset, r) for e, r in plan.rejected] == [
         (1, "missing required field product.url"), (2, "missing required field order.items")]
@@ -74,15 +74,15 @@ def test_site_selection_and_missing_site():
         "sites": {"shop-2": {"client_key": "K2", "endpoint": "https://sdk-events.quicklizard.com/events"}},
         "options": {},
     }))
-    e1 = as_event(V, make_view(1, 1, site_id="shop-1"), 0)
-    e2 = as_event(V, make_view(1, 1, site_id="shop-2"), 1)
+    e1 = as_event(VIEW, make_view(1, 1, site_id="shop-1"), 0)
+    e2 = as_event(VIEW, make_view(1, 1, site_id="shop-2"), 1)
     plan = a.plan([e1, e2])
     assert "no quicklizard site config for site_id 'shop-1'" in plan.rejected[0][1]
     assert plan.requests[0].url == "https://sdk-events.quicklizard.com/events"
 
 
 def test_partial_failure_maps_back_to_the_failed_event_only():
-    events = [as_event(V, make_view(i, i), i) for i in range(3)] + [as_event(O, make_order(5, 2), 3)]
+    events = [as_event(VIEW, make_view(i, i), i) for i in range(3)] + [as_event(ORDER, make_order(5, 2), 3)]
     a = adapter()
     (req,) = a.plan(events).requests
     rows = orjson.loads(req.content)
@@ -99,7 +99,7 @@ def test_partial_failure_maps_back_to_the_failed_event_only():
                                                  (400, Verdict.REJECTED), (501, Verdict.REJECTED)])
 def test_status_classes(status, verdict):
     a = adapter()
-    (req,) = a.plan([as_event(V, make_view(1, 1))]).requests
+    (req,) = a.plan([as_event(VIEW, make_view(1, 1))]).requests
     assert a.interpret(req, Response(status, {}, b"{}"))[0].verdict is verdict
 
 
