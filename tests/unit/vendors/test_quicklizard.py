@@ -10,6 +10,7 @@ from processor.events import EventKind
 from processor.sandbox.quicklizard import validate_event
 from processor.vendors.base import Response, Verdict
 from processor.vendors.quicklizard import QuickLizardAdapter
+from tests.unit.vendors.conftest import exchange
 
 VIEW, ORDER = EventKind.PRODUCT_VIEW, EventKind.ORDER
 
@@ -113,3 +114,30 @@ def test_status_classes(status, verdict):
 ])
 def test_twin_rejects_what_the_document_forbids(row, problem):
     assert problem in validate_event(row)
+
+
+async def test_adapter_output_is_accepted_by_the_twin(sandbox):
+    a = QuickLizardAdapter(QuickLizardAdapter.settings_model().model_validate({
+        "base_url": f"{sandbox.url}/quicklizard/events",
+        "sites": {"default": {"client_key": "K", "channel": "online"}}, "options": {},
+    }))
+    events = [as_event(VIEW, make_view(i, i), i) for i in range(5)] + [as_event(ORDER, make_order(7, 3), 5)]
+    plan = a.plan(events)
+    ((resp, outcomes),) = await exchange(a, plan.requests)
+    assert resp.status == 200
+    assert all(o.verdict is Verdict.DELIVERED for o in outcomes)
+    assert len(sandbox.sandbox.received["quicklizard"]) == 5 + 3
+
+
+async def test_injected_partial_failures_reject_only_those_events(sandbox):
+    from processor.sandbox import Faults
+
+    sandbox.sandbox.faults["quicklizard"] = Faults(partial_failure_rate=0.5)
+    a = QuickLizardAdapter(QuickLizardAdapter.settings_model().model_validate({
+        "base_url": f"{sandbox.url}/quicklizard/events", "sites": {"default": {"client_key": "K"}}, "options": {},
+    }))
+    events = [as_event(VIEW, make_view(i, i), i) for i in range(40)]
+    ((_, outcomes),) = await exchange(a, a.plan(events).requests)
+    rejected = sum(o.verdict is Verdict.REJECTED for o in outcomes)
+    assert 0 < rejected < 40
+    assert len(sandbox.sandbox.received["quicklizard"]) == 40 - rejected
