@@ -1,0 +1,156 @@
+"""Dead-letter records: format and the acknowledged producer.
+
+Value: the original message bytes, untouched. Key: the original key.
+Headers: the original headers (minus any earlier ``relay.*`` ones) plus:
+
+====================================  ==============================================
+relay.vendor                          the vendor this record is for ("none" when undecodable/unroutable)
+relay.error_class                     rejected | exhausted | undecodable | unroutable
+relay.http_status                     last HTTP status ("" when there was none)
+relay.reason                          short, redacted reason
+relay.attempts                        delivery attempts made
+relay.first_failure_ms                epoch ms of the first failure
+relay.last_failure_ms                 epoch ms of the last failure
+relay.original_topic / _partition / _offset / _timestamp_ms   where the message came from
+relay.replay_count                    times this record was replayed before (0 for a first failure)
+====================================  ==============================================
+
+Produced with acks=all and idempotence. A record settles its event only when
+Kafka acknowledges it; an unacknowledged write is re-produced after a delay
+and blocks the commit of that offset until it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from processor.events import Source
+from processor.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+HEADER_PREFIX = "relay."
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+_LONG_NUMBER = re.compile(r"\+?\d[\d\s-]{6,}\d")
+_SECRETISH = re.compile(r"(?i)(bearer|key|secret|token|password)([=: ]+)\S+")
+REASON_MAX = 240
+
+
+def redact(reason: str) -> str:
+    """Drop what could be PII or a secret from a reason and keep it short."""
+    reason = _EMAIL.sub("<email>", reason)
+    reason = _LONG_NUMBER.sub("<number>", reason)
+    reason = _SECRETISH.sub(r"\1\2<redacted>", reason)
+    return reason[:REASON_MAX]
+
+
+def dlq_headers(source: Source, vendor: str | None, error_class: str, status: int | None, reason: str,
+                attempts: int, first_ms: int, last_ms: int) -> list[tuple[str, bytes]]:
+    replay_count = 0
+    headers: list[tuple[str, bytes]] = []
+    for name, value in source.headers or ():
+        if name.startswith(HEADER_PREFIX):
+            if name == "relay.replay_count" and value:
+                replay_count = int(value)
+            continue
+        headers.append((name, value))
+    headers += [
+        ("relay.vendor", (vendor or "none").encode()),
+        ("relay.error_class", error_class.encode()),
+        ("relay.http_status", str(status).encode() if status else b""),
+        ("relay.reason", redact(reason).encode()),
+        ("relay.attempts", str(attempts).encode()),
+        ("relay.first_failure_ms", str(first_ms).encode()),
+        ("relay.last_failure_ms", str(last_ms).encode()),
+        ("relay.original_topic", source.topic.encode()),
+        ("relay.original_partition", str(source.partition).encode()),
+        ("relay.original_offset", str(source.offset).encode()),
+        ("relay.original_timestamp_ms", str(source.timestamp_ms or "").encode()),
+        ("relay.replay_count", str(replay_count).encode()),
+    ]
+    return headers
+
+
+def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    """Decoded relay.* headers of a dead-letter record (operators, replay, tests)."""
+    return {k: v.decode() for k, v in headers or () if k.startswith(HEADER_PREFIX) and v is not None}
+
+
+class DeadLetterWriter:
+    """Produces dead-letter records; ``on_ack`` runs (in the event loop) once Kafka acknowledged."""
+
+    def __init__(self, topic: str, producer_config: dict[str, Any], metrics: Metrics,
+                 retry_delay_s: float = 1.0) -> None:
+        self.topic = topic
+        self.metrics = metrics
+        self.retry_delay_s = retry_delay_s
+        conf = {"acks": "all", "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
+                **producer_config}
+        self.producer = Producer(conf)
+        self.pending = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def write(self, source: Source, vendor: str | None, error_class: str, status: int | None, reason: str,
+              attempts: int, first_ms: int | None, on_ack: Callable[[], None]) -> None:
+        now_ms = int(time.time() * 1000)
+        headers = dlq_headers(source, vendor, error_class, status, reason, attempts, first_ms or now_ms, now_ms)
+        self._produce(source, headers, vendor or "none", error_class, on_ack)
+
+    def _produce(self, source: Source, headers: list[tuple[str, bytes]], vendor: str, error_class: str,
+                 on_ack: Callable[[], None]) -> None:
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
+            self.pending -= 1
+            if err is None:
+                self.metrics.dlq_events.labels(vendor, error_class).inc()
+                on_ack()
+                return
+            self.metrics.dlq_failures.inc()
+            logger.error("dead-letter write for %s (%s) not acknowledged: %s; retrying in %.1fs",
+                         source.where(), vendor, err.str(), self.retry_delay_s)
+            self._retry_later(source, headers, vendor, error_class, on_ack)
+
+        try:
+            self.producer.produce(self.topic, value=source.value, key=source.key, headers=headers,
+                                  on_delivery=delivered)
+        except BufferError:
+            self.producer.poll(0.05)
+            self._retry_later(source, headers, vendor, error_class, on_ack)
+            return
+        except KafkaException as exc:
+            self.metrics.dlq_failures.inc()
+            logger.error("dead-letter produce for %s failed: %s", source.where(), exc)
+            self._retry_later(source, headers, vendor, error_class, on_ack)
+            return
+        self.pending += 1
+
+    def _retry_later(self, source: Source, headers: list[tuple[str, bytes]], vendor: str, error_class: str,
+                     on_ack: Callable[[], None]) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        self.pending += 1  # counts as pending until re-produced
+        def again() -> None:
+            self.pending -= 1
+            self._produce(source, headers, vendor, error_class, on_ack)
+        loop.call_later(self.retry_delay_s, again)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve delivery callbacks in the loop thread until stopped."""
+        self._loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            self.producer.poll(0)
+            await asyncio.sleep(0.01 if self.pending else 0.05)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait for every pending record to be acknowledged (or the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending and time.monotonic() < deadline:
+            self.producer.poll(0)
+            await asyncio.sleep(0.01)
+        self.producer.poll(0)
+        return self.pending == 0

@@ -1,0 +1,67 @@
+"""Every Prometheus family the relay exports, in one place; recorded from result objects, per batch.
+
+Labels come from small fixed sets only (vendor, event kind, outcome, status
+class, error class, topic, partition, decode reason, note): never a visitor,
+order or URL. The Grafana dashboard and alert rules in deploy/ use exactly
+these names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+
+def status_class(status: int | None) -> str:
+    """'2xx'..'5xx', or 'error' for a request that got no HTTP answer (connect error, timeout)."""
+    return f"{status // 100}xx" if status else "error"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.events_consumed = Counter(
+            "processor_events_consumed", "Messages consumed from Kafka", ["topic"], registry=r)
+        self.decode_failures = Counter(
+            "processor_decode_failures", "Messages that could not be decoded", ["topic", "reason"], registry=r)
+        self.vendor_events = Counter(
+            "processor_vendor_events", "Events settled per vendor",
+            ["vendor", "event_kind", "outcome"], registry=r)
+        self.vendor_requests = Counter(
+            "processor_vendor_requests", "HTTP requests to vendors", ["vendor", "status_class"], registry=r)
+        self.request_duration = Histogram(
+            "processor_vendor_request_duration_seconds", "Vendor HTTP request duration", ["vendor"],
+            buckets=REQUEST_BUCKETS, registry=r)
+        self.delivery_latency = Histogram(
+            "processor_delivery_latency_seconds", "Kafka timestamp to vendor acknowledgement", ["vendor"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_events = Histogram(
+            "processor_batch_events", "Events per closed batch", ["vendor"], buckets=BATCH_BUCKETS, registry=r)
+        self.retries = Counter(
+            "processor_vendor_retries", "Events scheduled for another attempt", ["vendor"], registry=r)
+        self.notes = Counter(
+            "processor_vendor_notes", "Vendor-specific observations (warnings, changed ids, bad source)",
+            ["vendor", "note"], registry=r)
+        self.dlq_events = Counter(
+            "processor_dlq_events", "Dead-letter records acknowledged by Kafka", ["vendor", "error_class"],
+            registry=r)
+        self.dlq_failures = Counter(
+            "processor_dlq_produce_failures", "Dead-letter writes not acknowledged (retried)", registry=r)
+        self.inflight = Gauge(
+            "processor_inflight_events", "Events batched or being delivered", ["vendor"], registry=r)
+        self.inflight_messages = Gauge(
+            "processor_inflight_messages", "Consumed messages not yet settled by every vendor", registry=r)
+        self.paused = Gauge(
+            "processor_source_paused", "1 while fetching is paused for back-pressure", registry=r)
+        self.consumer_lag = Gauge(
+            "processor_consumer_lag", "High watermark minus committed position", ["topic", "partition"],
+            registry=r)
+        self.committed_offset = Gauge(
+            "processor_committed_offset", "Last committed offset", ["topic", "partition"], registry=r)
+        self.commit_failures = Counter(
+            "processor_commit_failures", "Offset commits that failed", registry=r)
+        self.rebalances = Counter(
+            "processor_rebalances", "Partition assignment changes", ["kind"], registry=r)

@@ -1,0 +1,165 @@
+"""The Kafka side: a confluent-kafka consumer in a consumer group, used from one worker thread.
+
+Every consumer call (consume, pause/resume, commit, close) happens on that
+one thread; the event loop hands it requests (pause, resume, offsets to
+commit) and gets back decoded messages. Rebalance callbacks run inside
+``consume()`` on that thread and hop to the event loop to drain, then commit
+what is settled before the partitions go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from processor.codec import Decoder
+from processor.config import KafkaConfig
+from processor.errors import DecodeError
+from processor.events import EventKind, Source
+
+logger = logging.getLogger(__name__)
+
+Partitions = list[tuple[str, int]]
+
+
+@dataclass(slots=True)
+class Decoded:
+    source: Source
+    kind: EventKind | None = None
+    record: dict[str, Any] | None = None
+    error: DecodeError | None = None
+
+
+@dataclass
+class Poll:
+    """What one trip to the worker thread brought back."""
+
+    messages: list[Decoded] = field(default_factory=list)
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    commit_failed: bool = False
+
+
+class KafkaSource:
+    def __init__(self, cfg: KafkaConfig, decoder: Decoder, loop: asyncio.AbstractEventLoop,
+                 on_assign: Callable[[Partitions], Awaitable[None]],
+                 on_revoke: Callable[[Partitions, bool], Awaitable[dict[tuple[str, int], int]]]) -> None:
+        self.cfg = cfg
+        self.decoder = decoder
+        self.loop = loop
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        conf = {
+            "auto.offset.reset": "earliest",
+            **cfg.client,
+            "bootstrap.servers": cfg.bootstrap_servers,
+            "group.id": cfg.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        }
+        self.consumer = Consumer(conf, logger=logging.getLogger("librdkafka"))
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="kafka-source")
+        self.paused = False
+        self.assigned: Partitions = []
+        self.had_assignment = False
+        self.positions: dict[tuple[str, int], int] = {}  # last committed, for lag
+
+    async def start(self) -> None:
+        await self.loop.run_in_executor(self.executor, self._subscribe)
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(self.cfg.topics, on_assign=self._assign_cb, on_revoke=self._revoke_cb,
+                                on_lost=self._lost_cb)
+
+    # -- rebalance callbacks (worker thread) --------------------------------
+    def _assign_cb(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        parts = [(tp.topic, tp.partition) for tp in partitions]
+        logger.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in parts) or "nothing")
+        asyncio.run_coroutine_threadsafe(self._on_assign(parts), self.loop).result()
+        self.assigned = sorted(set(self.assigned) | set(parts))
+        self.had_assignment = True
+        self.paused = False  # fresh assignments start fetching; the loop re-pauses if still over the limit
+
+    def _revoke_cb(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool = False) -> None:
+        parts = [(tp.topic, tp.partition) for tp in partitions]
+        logger.info("%s %s", "lost" if lost else "revoking", ", ".join(f"{t}[{p}]" for t, p in parts))
+        positions = asyncio.run_coroutine_threadsafe(self._on_revoke(parts, lost), self.loop).result()
+        if positions and not lost:
+            self._commit(positions)
+        self.assigned = [tp for tp in self.assigned if tp not in set(parts)]
+
+    def _lost_cb(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._revoke_cb(consumer, partitions, lost=True)
+
+    # -- worker-thread operations ---------------------------------------
+    def _commit(self, positions: dict[tuple[str, int], int]) -> bool:
+        mine = set(self.assigned)
+        tps = [TopicPartition(t, p, off) for (t, p), off in positions.items() if (t, p) in mine]
+        if not tps:
+            return True
+        try:
+            self.consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            logger.warning("commit failed: %s", exc)
+            return False
+        for tp in tps:
+            self.positions[(tp.topic, tp.partition)] = tp.offset
+        return True
+
+    def _poll(self, max_messages: int, timeout: float, pause: bool | None,
+              commit: dict[tuple[str, int], int] | None) -> Poll:
+        out = Poll()
+        c = self.consumer
+        if pause is not None and pause != self.paused and self.assigned:
+            tps = [TopicPartition(t, p) for t, p in self.assigned]
+            (c.pause if pause else c.resume)(tps)
+            self.paused = pause
+            logger.info("%s fetching on %d partitions", "paused" if pause else "resumed", len(tps))
+        if commit:
+            if self._commit(commit):
+                out.committed = {k: v for k, v in commit.items() if k in set(self.assigned)}
+            else:
+                out.commit_failed = True
+            for t, p in self.assigned:
+                try:
+                    _lo, hi = c.get_watermark_offsets(TopicPartition(t, p), cached=True)
+                except KafkaException:
+                    continue
+                pos = self.positions.get((t, p))
+                if hi >= 0 and pos is not None:
+                    out.lag[(t, p)] = max(0, hi - pos)
+        msgs = c.consume(max_messages, timeout)
+        decode = self.decoder.decode
+        append = out.messages.append
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                logger.warning("consumer error: %s", err.str())
+                continue
+            source = Source.from_message(msg)
+            try:
+                kind, record = decode(source.value)
+            except DecodeError as exc:
+                append(Decoded(source, error=exc))
+                continue
+            append(Decoded(source, kind, record))
+        return out
+
+    async def poll(self, max_messages: int, timeout: float, pause: bool | None = None,
+                   commit: dict[tuple[str, int], int] | None = None) -> Poll:
+        return await self.loop.run_in_executor(self.executor, self._poll, max_messages, timeout, pause, commit)
+
+    async def commit(self, positions: dict[tuple[str, int], int]) -> bool:
+        return await self.loop.run_in_executor(self.executor, self._commit, positions)
+
+    async def close(self) -> None:
+        await self.loop.run_in_executor(self.executor, self.consumer.close)
+        self.executor.shutdown(wait=True)
