@@ -71,3 +71,7 @@ def _load(path: str):  # type: ignore[no-untyped-def]
         return load_config(path)
     except ConfigError as exc:
         raise click.ClickException(f"invalid config: {exc}") from exc
+
+
+if __name__ == "__main__":
+    main()

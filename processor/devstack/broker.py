@@ -55,6 +55,8 @@ class LocalBroker:
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
             start_new_session=True,
         )
+        if out is not subprocess.DEVNULL:
+            out.close()  # the child holds its own descriptor
         deadline = time.monotonic() + timeout_s
         admin = self.admin()
         while True:
@@ -73,7 +75,8 @@ class LocalBroker:
         return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 3})
 
     def create_topics(self, topics: dict[str, int]) -> None:
-        futures = self.admin().create_topics([NewTopic(t, n, 1) for t, n in topics.items()])
+        admin = self.admin()  # keep the handle alive until the futures resolve
+        futures = admin.create_topics([NewTopic(t, n, 1) for t, n in topics.items()])
         for name, fut in futures.items():
             try:
                 fut.result(timeout=30)

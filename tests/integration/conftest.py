@@ -1,0 +1,210 @@
+"""Integration fixtures: a real Kafka-protocol broker, the vendor sandbox and the real
+``processor run`` CLI as subprocesses, all on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS, LocalBroker, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition", step: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(step)
+
+
+def http_json(url: str, method: str = "GET", body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def http_text(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    b = LocalBroker(log_path=tmp_path_factory.mktemp("broker") / "broker.log")
+    with b:
+        yield b
+
+
+class SandboxProcess:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "processor.cli", "sandbox", "--port", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: http_text(f"{self.url}/_sandbox/stats")[0] == 200, 30, "sandbox to listen")
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return http_json(f"{self.url}/_sandbox/stats")  # type: ignore[no-any-return]
+
+    def received(self, vendor: str) -> list[Any]:
+        return http_json(f"{self.url}/_sandbox/received/{vendor}")["items"]  # type: ignore[no-any-return]
+
+    def faults(self, vendor: str, **faults: Any) -> None:
+        http_json(f"{self.url}/_sandbox/faults/{vendor}", "PUT", faults)
+
+    def reset(self) -> None:
+        http_json(f"{self.url}/_sandbox/reset", "POST", {})
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def sandbox_proc() -> Iterator[SandboxProcess]:
+    s = SandboxProcess(free_port())
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_proc: SandboxProcess) -> SandboxProcess:
+    sandbox_proc.reset()
+    return sandbox_proc
+
+
+class Topics:
+    def __init__(self, broker: LocalBroker, partitions: int = 3) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.events = f"shop.events.{tag}"
+        self.dlq = f"shop.events.{tag}.dlq"
+        self.group = f"relay-{tag}"
+        broker.create_topics({self.events: partitions, self.dlq: 1})
+
+
+@pytest.fixture
+def topics(broker: LocalBroker) -> Topics:
+    return Topics(broker)
+
+
+def relay_config(broker: LocalBroker, topics: Topics, sandbox: SandboxProcess, vendors: dict[str, Any],
+                 **relay: Any) -> dict[str, Any]:
+    return {
+        "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": topics.group, "topics": [topics.events],
+                  "client": dict(LOCAL_CONSUMER_SETTINGS)},
+        "deadletter": {"topic": topics.dlq},
+        "relay": {"shutdown_grace_s": 10, "commit_interval_s": 0.5, **relay},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "logging": {"level": "INFO", "format": "json"},
+        "vendors": vendors,
+    }
+
+
+def quicklizard_vendor(sandbox: SandboxProcess, **over: Any) -> dict[str, Any]:
+    return {
+        "base_url": f"{sandbox.url}/quicklizard/events",
+        "batch": {"max_events": 50, "max_wait_ms": 200},
+        "retry": {"max_attempts": 4, "base_delay_ms": 50, "max_delay_ms": 200, "max_elapsed_s": 10},
+        "sites": {"default": {"client_key": "${QL_CLIENT_KEY}"}},
+        "options": {},
+        **over,
+    }
+
+
+class RelayProcess:
+    """``processor run`` as a subprocess; metrics on its own port."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, name: str = "relay") -> None:
+        self.metrics_port = free_port()
+        config = {**config, "metrics": {"host": "127.0.0.1", "port": self.metrics_port}}
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        env = {**os.environ, "QL_CLIENT_KEY": "ql-secret-key"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "processor.cli", "run", "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none yet)."""
+        status, text = http_text(f"{self.metrics_url}/metrics")
+        if status != 200:
+            return 0.0
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric, _, lbl = head.partition("{")
+            if metric != name:
+                continue
+            if all(f'{k}="{v}"' in lbl for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        wait_for(lambda: self.alive_or_fail() and http_text(f"{self.metrics_url}/readyz")[0] == 200,
+                 timeout_s, "relay to be ready")
+
+    def alive_or_fail(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"relay exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    started: list[RelayProcess] = []
+
+    def start(config: dict[str, Any], name: str = "relay") -> RelayProcess:
+        r = RelayProcess(config, tmp_path, f"{name}-{len(started)}")
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        if r.proc.poll() is None:
+            r.kill()
