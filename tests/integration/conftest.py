@@ -143,10 +143,11 @@ class RelayProcess:
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
         env = {**os.environ, "QL_CLIENT_KEY": "ql-secret-key"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "processor.cli", "run", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "processor.cli", "run", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
 
     @property
     def metrics_url(self) -> str:
@@ -184,15 +185,11 @@ class RelayProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout_s)
-        finally:
-            self._log.close()
+        return self.proc.wait(timeout_s)
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture
