@@ -88,6 +88,7 @@ class VendorPipeline:
         self.settle = settle
         self.dead_letter = dead_letter
         self.tasks: set[asyncio.Task[None]] = set()
+        self.sleep = asyncio.sleep  # replaceable in tests
         self.inflight = 0
         m = metrics
         self._inflight_gauge = m.inflight.labels(self.name)
@@ -177,7 +178,7 @@ class VendorPipeline:
                 self._retries.inc(len(retry))
                 logger.info("%s: %d events retry in %.2fs (attempt %d): %s", self.name, len(retry), delay,
                             attempt, retry[0][1].reason)
-                await asyncio.sleep(delay)
+                await self.sleep(delay)
                 pending = [ev for ev, _, _ in retry]
         finally:
             for (kind, outcome), n in counts.items():
@@ -217,7 +218,7 @@ class VendorPipeline:
             logger.error("%s adapter returned %d outcomes for %d events; retrying them", self.name,
                          len(outcomes), n)
             return resp, [retryable("adapter outcome count mismatch")] * n
-        after = parse_retry_after(r.headers.get("retry-after")) if r.status_code in (429, 503) else None
+        after = parse_retry_after(r.headers.get("retry-after")) if r.status_code >= 400 else None
         if after:
             outcomes = [Outcome(o.verdict, o.reason, o.retry_after_s or after, o.note)
                         if o.verdict is Verdict.RETRYABLE else o for o in outcomes]

@@ -1,0 +1,53 @@
+from processor.offsets import OffsetTracker
+
+
+def test_commit_stops_at_the_first_unsettled_offset():
+    t = OffsetTracker()
+    t.assign("t", 0)
+    handles = [t.register("t", 0, off, 2) for off in range(10, 15)]
+    assert t.inflight == 5
+    assert t.commit_positions() == {("t", 0): 10}
+    for h in handles[1:]:
+        t.settle(h, 2)  # everything after the first is fully settled
+    assert t.commit_positions() == {("t", 0): 10}
+    t.settle(handles[0])
+    assert t.commit_positions() == {("t", 0): 10}  # one vendor still owes offset 10
+    t.settle(handles[0])
+    assert t.commit_positions() == {("t", 0): 15}
+    assert t.inflight == 0
+
+
+def test_settling_twice_is_harmless_and_unchanged_positions_are_not_repeated():
+    t = OffsetTracker()
+    t.assign("t", 1)
+    h = t.register("t", 1, 0, 1)
+    t.settle(h)
+    t.settle(h)
+    assert t.inflight == 0
+    pos = t.commit_positions()
+    assert pos == {("t", 1): 1}
+    t.mark_committed(pos)
+    assert t.commit_positions() == {}
+    assert t.commit_positions(only_changed=False) == {("t", 1): 1}
+
+
+def test_messages_with_nothing_to_settle_commit_at_once():
+    t = OffsetTracker()
+    t.assign("t", 0)
+    t.register("t", 0, 0, 1)
+    t.register("t", 0, 1, 0)
+    assert t.commit_positions() == {("t", 0): 0}
+    assert t.inflight == 1
+
+
+def test_revoked_partitions_ignore_late_settlements():
+    t = OffsetTracker()
+    t.assign("t", 0)
+    h = t.register("t", 0, 5, 1)
+    t.revoke("t", 0)
+    assert t.inflight == 0
+    t.settle(h)
+    assert t.inflight == 0
+    assert t.commit_positions() == {}
+    t.assign("t", 0)
+    assert t.commit_positions() == {}
