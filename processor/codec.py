@@ -99,17 +99,10 @@ class Decoder:
         hist = history_dir if history_dir is not None else schemas_dir / "history"
         if hist.is_dir():
             for path in sorted(hist.glob("*.avsc")):
-                w = self._make_writer(json.loads(path.read_text()), named=self._named_types(schemas_dir))
+                w = self._make_writer(json.loads(path.read_text()))  # self-contained (expanded) schemas
                 self._by_fp[schema_fingerprint(w.writer)] = w
 
     # -- schema sources -------------------------------------------------
-    @staticmethod
-    def _named_types(schemas_dir: Path) -> dict[str, Any]:
-        named: dict[str, Any] = {}
-        for path in sorted(schemas_dir.glob("*.avsc")):
-            parse_schema(json.loads(path.read_text()), named_schemas=named, _write_hint=False)
-        return named
-
     def _local_loader(self, ref: str | Path, schemas_dir: Path) -> Callable[[], dict[str, Any]]:
         ref_path = Path(ref)
         if ref_path.suffix != ".avsc":  # a full name: the current schema of that name

@@ -139,10 +139,10 @@ def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
         node[keys[-1]] = yaml.safe_load(env[var])
 
 
-def _format_error(exc: ValidationError) -> str:
+def _format_error(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "<root>"
+        loc = prefix + (".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "<root>")
         lines.append(f"{loc}: {err['msg']}")
     return "; ".join(lines)
 
@@ -163,6 +163,18 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
+    data = dict(data)
+    vendors = data.get("vendors")
+    if isinstance(vendors, Mapping):  # validated one by one so errors carry the vendor's name
+        models = {}
+        for name, section in vendors.items():
+            if name not in REGISTRY:
+                raise ConfigError(f"vendors.{name}: unknown vendor {name!r}; known: {', '.join(sorted(REGISTRY))}")
+            try:
+                models[name] = adapter_class(name).settings_model().model_validate(section)
+            except ValidationError as exc:
+                raise ConfigError(_format_error(exc, f"vendors.{name}.")) from exc
+        data["vendors"] = models
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from fastavro import parse_schema, schemaless_writer
+
+from processor.codec import Decoder, confluent_frame, load_canonical_schemas, single_object_frame
+from processor.devstack.samples import encode, make_order, make_view
+from processor.errors import DecodeError
+from processor.events import EventKind
+
+VIEW = load_canonical_schemas()["shop.events.ProductView"]
+
+
+def body(schema, record) -> bytes:
+    buf = io.BytesIO()
+    schemaless_writer(buf, parse_schema(schema), record)
+    return buf.getvalue()
+
+
+def test_confluent_framing_with_the_embedded_ids():
+    d = Decoder()
+    kind, rec = d.decode(encode(EventKind.ORDER, make_order(3, 2)))
+    assert kind is EventKind.ORDER and rec["order"]["items"][1]["quantity"] == 2
+    kind, rec = d.decode(encode(EventKind.PRODUCT_VIEW, make_view(1, 2)))
+    assert kind is EventKind.PRODUCT_VIEW and rec["product"]["product_id"] == "P-00002"
+
+
+def test_single_object_encoding():
+    value = single_object_frame(VIEW, body(VIEW, make_view(1, 1)))
+    assert value[:2] == b"\xc3\x01"
+    assert Decoder().decode(value)[0] is EventKind.PRODUCT_VIEW
+
+
+def old_view_schema():
+    """An older writer: before experiments and customer were added (both have defaults)."""
+    old = json.loads(json.dumps(VIEW))
+    old["fields"] = [f for f in old["fields"] if f["name"] not in ("experiments", "customer")]
+    return old
+
+
+def test_old_writers_decode_with_the_current_reader(tmp_path):
+    old = old_view_schema()
+    path = tmp_path / "view-v0.avsc"
+    path.write_text(json.dumps(old))
+    rec = make_view(1, 1)
+    del rec["experiments"], rec["customer"]
+    d = Decoder(local_ids={7: path})
+    kind, out = d.decode(confluent_frame(7, body(old, rec)))
+    assert kind is EventKind.PRODUCT_VIEW
+    assert out["experiments"] == [] and out["customer"] is None
+
+
+def test_single_object_finds_old_versions_in_history(tmp_path):
+    hist = tmp_path / "history"
+    hist.mkdir()
+    old = old_view_schema()
+    (hist / "shop.events.ProductView.v0.avsc").write_text(json.dumps(old))
+    rec = make_view(1, 1)
+    del rec["experiments"], rec["customer"]
+    d = Decoder(history_dir=hist)
+    assert d.decode(single_object_frame(old, body(old, rec)))[1]["experiments"] == []
+
+
+class FakeRegistry:
+    def __init__(self, schemas):
+        self.schemas = schemas
+        self.calls = 0
+
+    def get_schema(self, sid):
+        from confluent_kafka.schema_registry import Schema
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        self.calls += 1
+        if sid not in self.schemas:
+            raise SchemaRegistryError(404, 40403, "Schema not found")
+        return Schema(json.dumps(self.schemas[sid]), "AVRO")
+
+
+def test_registry_schemas_are_fetched_once_and_cached():
+    reg = FakeRegistry({42: VIEW, 43: {"type": "record", "name": "Other", "namespace": "x",
+                                       "fields": [{"name": "a", "type": "int"}]}})
+    d = Decoder(registry=reg)
+    value = confluent_frame(42, body(VIEW, make_view(1, 1)))
+    for _ in range(5):
+        assert d.decode(value)[0] is EventKind.PRODUCT_VIEW
+    assert reg.calls == 1
+    assert d.decode(confluent_frame(43, b"\x02")) == (None, {"a": 1})  # valid but unroutable
+    with pytest.raises(DecodeError) as info:
+        d.decode(confluent_frame(44, b"\x02"))
+    assert info.value.reason == "unknown_schema"
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    (b"", "empty"),
+    (b"\x07abc", "bad_framing"),
+    (b"\x00\x00", "bad_framing"),
+    (b"\xc3\x01\x00", "bad_framing"),
+    (b"\xc3\x01" + b"\x00" * 8 + b"x", "unknown_schema"),
+    (confluent_frame(99, b"x"), "unknown_schema"),
+])
+def test_bad_framing(value, reason):
+    with pytest.raises(DecodeError) as info:
+        Decoder().decode(value)
+    assert info.value.reason == reason
+
+
+def test_truncated_and_wrong_types():
+    good = encode(EventKind.PRODUCT_VIEW, make_view(1, 1))
+    with pytest.raises(DecodeError) as info:
+        Decoder().decode(good[:-20])
+    assert info.value.reason == "truncated"
+    with pytest.raises(DecodeError) as info:  # an order body framed with the view's id
+        Decoder().decode(confluent_frame(1, encode(EventKind.ORDER, make_order(1, 1))[5:]))
+    assert info.value.reason in ("invalid_data", "truncated")
+    with pytest.raises(DecodeError) as info:
+        Decoder().decode(good + b"\x00\x00")
+    assert info.value.reason == "invalid_data"
