@@ -72,7 +72,7 @@ class LocalBroker:
                 time.sleep(0.1)
 
     def admin(self) -> AdminClient:
-        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 3})
+        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
 
     def create_topics(self, topics: dict[str, int]) -> None:
         admin = self.admin()  # keep the handle alive until the futures resolve

@@ -200,5 +200,14 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         outcome = status_outcome(response.status)
         return [outcome] * len(request.events)
 
+    @classmethod
+    def example_settings(cls, sandbox_url: str) -> dict[str, Any]:
+        """A working settings section pointing at the sandbox twin (the demo and the benchmark use it).
+
+        Secrets are written as ``${VAR}`` references; ``example_env`` gives the demo's values."""
+        raise NotImplementedError(f"{cls.name} has no example settings")
+
+    example_env: ClassVar[dict[str, str]] = {}
+
     def no_site_reason(self, event: Event) -> str:
         return f"no {self.name} site config for site_id {event.record['site_id']!r} and no 'default'"

@@ -51,6 +51,14 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
     Site = QuickLizardSite
     default_base_url = "https://evt.quicklizard.com/events"
 
+    example_env = {"QUICKLIZARD_CLIENT_KEY": "demo-client-key"}
+
+    @classmethod
+    def example_settings(cls, sandbox_url: str) -> dict[str, Any]:
+        return {"base_url": f"{sandbox_url}/quicklizard/events",
+                "sites": {"default": {"client_key": "${QUICKLIZARD_CLIENT_KEY}", "channel": "online"}},
+                "options": {}}
+
     def rows(self, event: Event, site: QuickLizardSite) -> list[dict[str, Any]]:
         rec = event.record
         visitor = rec["visitor"]
