@@ -22,13 +22,20 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="YAML config file (PROCESSOR__SECTION__KEY env vars override it).")
-def run(config_path: str) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Consumer processes in the same group (worker i serves metrics on port + i).")
+def run(config_path: str, workers: int) -> None:
     """Consume, batch, deliver and dead-letter until SIGTERM; exits 0 after a clean drain."""
-    from processor.app import Relay
     from processor.logs import setup_logging
 
     config = _load(config_path)
     setup_logging(config.logging.level, config.logging.format)
+    if workers > 1:
+        from processor.workers import run_workers
+
+        sys.exit(run_workers(config_path, workers, config.metrics.port))
+    from processor.app import Relay
+
     sys.exit(asyncio.run(Relay(config).run()))
 
 
@@ -45,14 +52,16 @@ def check_config(config_path: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8088, show_default=True, type=int)
 @click.option("--vendor", "vendors", multiple=True, help="Serve only these twins (default: all).")
-def sandbox(host: str, port: int, vendors: tuple[str, ...]) -> None:
+@click.option("--keep", default=200_000, show_default=True, type=int,
+              help="Accepted items kept per vendor for /_sandbox/received (0: count only, for benchmarks).")
+def sandbox(host: str, port: int, vendors: tuple[str, ...], keep: int) -> None:
     """Serve the local vendor twins (for trying a config before pointing it at the real vendors)."""
     from processor.logs import setup_logging
     from processor.sandbox.server import serve_forever
 
     setup_logging()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(host, port, list(vendors) or None))
+        asyncio.run(serve_forever(host, port, list(vendors) or None, keep))
 
 
 @main.command()

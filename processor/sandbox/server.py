@@ -75,8 +75,8 @@ class SandboxServer:
             self._runner = None
 
 
-async def serve_forever(host: str, port: int, vendors: Iterable[str] | None = None) -> None:
-    server = SandboxServer(host, port, vendors=vendors)
+async def serve_forever(host: str, port: int, vendors: Iterable[str] | None = None, keep: int = 200_000) -> None:
+    server = SandboxServer(host, port, Sandbox(keep=keep), vendors=vendors)
     url = await server.start()
     logger.info("sandbox listening on %s (twins: %s)", url, ", ".join(vendors or available_twins()))
     try:
