@@ -16,7 +16,7 @@ run: install
 	$(BIN)/processor demo
 
 lint: install
-	$(BIN)/ruff check processor tests bench
+	$(BIN)/ruff check processor tests $(wildcard bench)
 
 test: install lint
 	$(BIN)/pytest -q -p no:cacheprovider
