@@ -135,6 +135,8 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
         if response.status != 200:
             return [status_outcome(response.status)] * len(request.events)
+        if b'"failed":[]' in response.body or b'"failed": []' in response.body:
+            return [DELIVERED] * len(request.events)  # the common case, without parsing the echoed events
         try:
             body = response.json()
             failed = body.get("failed") or []
