@@ -84,5 +84,12 @@ def test_events_delivered_rejects_dead_lettered_offsets_committed(broker, topics
     assert relay.metric("processor_decode_failures_total", reason="bad_framing") == 1
     assert relay.metric("processor_events_consumed_total") == total
     assert relay.metric("processor_dlq_events_total", error_class="undecodable") == 2
+    wait_for(lambda: relay.metric("processor_committed_offset") == total, 10, "committed-offset gauge")
+    assert relay.metric("processor_consumer_lag") == 0
+    from tests.integration.conftest import http_text
+
+    assert http_text(f"{relay.metrics_url}/healthz")[0] == 200
+    assert http_text(f"{relay.metrics_url}/readyz")[0] == 200
     assert relay.stop() == 0
     assert '"level": "error"' not in relay.log()
+    assert "ql-secret-key" not in relay.log()
