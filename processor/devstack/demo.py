@@ -99,6 +99,7 @@ def run_demo(rate: float = 50.0, metrics_port: int = 9400, sandbox_port: int = 8
     WORKDIR.mkdir(exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     broker = LocalBroker(log_path=WORKDIR / "broker.log")
+    producer: Producer | None = None
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -167,5 +168,6 @@ producing ~{rate:g} events/s (1 in 200 undecodable, to show the dead-letter topi
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        producer = None  # freed before the broker goes, so librdkafka has nothing to reconnect
         broker.stop()
         console.print("stopped.")

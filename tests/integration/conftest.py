@@ -137,13 +137,14 @@ def quicklizard_vendor(sandbox: SandboxProcess, **over: Any) -> dict[str, Any]:
 class RelayProcess:
     """``processor run`` as a subprocess; metrics on its own port."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, name: str = "relay") -> None:
+    def __init__(self, config: dict[str, Any], workdir: Path, name: str = "relay",
+                 env: dict[str, str] | None = None) -> None:
         self.metrics_port = free_port()
         config = {**config, "metrics": {"host": "127.0.0.1", "port": self.metrics_port}}
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"{name}.log"
-        env = {**os.environ, "QL_CLIENT_KEY": "ql-secret-key"}
+        env = {**os.environ, "QL_CLIENT_KEY": "ql-secret-key", **(env or {})}
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "processor.cli", "run", "--config", str(self.config_path)],
@@ -196,8 +197,8 @@ class RelayProcess:
 def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     started: list[RelayProcess] = []
 
-    def start(config: dict[str, Any], name: str = "relay") -> RelayProcess:
-        r = RelayProcess(config, tmp_path, f"{name}-{len(started)}")
+    def start(config: dict[str, Any], name: str = "relay", env: dict[str, str] | None = None) -> RelayProcess:
+        r = RelayProcess(config, tmp_path, f"{name}-{len(started)}", env)
         started.append(r)
         return r
 
