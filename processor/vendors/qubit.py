@@ -1,0 +1,203 @@
+"""Qubit offline conversions (vendor-docs/qubit-offline-conversions.txt, NOTES.md "Qubit").
+
+``POST {base}/events/{trackingId}`` with ``{"events": [...]}``: many QProtocol
+events a request, grouped by the site's tracking id. Every event carries
+``context.id`` (the Qubit visitor id, ``visitor.vendor_ids.qubit_visitor_id``;
+there is no fallback: another id would attribute the event to a visitor
+Qubit never saw), ``meta.type``, ``meta.ts`` (epoch ms), ``meta.url`` when
+known and ``meta.source`` (``options.source``). A product view is an
+``ecView`` of type ``product``; an order is the site's vertical's transaction
+summary (the document's table) with the amount field's ``total`` and
+``transaction.id``. Qubit rejects unknown fields, so nothing else is sent.
+
+The answer ``{results: [...]}`` has one result per event, in order: ``success``
+(warnings are counted as the ``warning`` note, not failures) or a failure with
+an ``error`` (rejected). The ``{status, message}`` shape of an unexpected error
+is classified by its status (502 retries).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import orjson
+from pydantic import Field, SecretStr, field_validator
+
+from processor.events import Event, EventKind
+from processor.vendors.base import (
+    DELIVERED,
+    Adapter,
+    BatchSettings,
+    Frozen,
+    MissingField,
+    Outcome,
+    Plan,
+    Response,
+    VendorRequest,
+    VendorSettings,
+    Verdict,
+    classify_status,
+    rejected,
+    require,
+    retryable,
+    status_outcome,
+)
+
+Vertical = Literal["ecommerce", "egaming", "publisher", "logistics", "travel", "finance"]
+
+# The document's table: vertical -> (transaction event, the object holding the amount's ``total``).
+TRANSACTIONS: dict[str, tuple[str, str]] = {
+    "ecommerce": ("ecBasketTransactionSummary", "basket"),
+    "egaming": ("egBetslipTransactionSummary", "betslip"),
+    "publisher": ("pbBasketTransactionSummary", "basket"),
+    "logistics": ("loBasketTransactionSummary", "basket"),
+    "travel": ("trPackageTransactionSummary", "package"),
+    "finance": ("fiBasketTransactionSummary", "basket"),
+}
+_NAME = re.compile(r"(?=.*[A-Za-z0-9])[A-Za-z0-9_.-]+\Z")  # one URL path segment, never "." or ".."
+_WARNED = Outcome(Verdict.DELIVERED, note="warning")
+
+
+class QubitSite(Frozen):
+    tracking_id: SecretStr = Field(description="the property's Qubit tracking id (from the CSM); the URL path")
+    endpoint: str | None = Field(None, description="per-site base URL (default: the vendor base_url)")
+    vertical: Vertical = Field("ecommerce", description="selects the order's transaction summary event")
+    namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$",
+                                  description="meta.type prefix, e.g. someco -> someco.ecView")
+
+    @field_validator("tracking_id")
+    @classmethod
+    def _tracking_id_is_a_path_segment(cls, v: SecretStr) -> SecretStr:
+        if not _NAME.match(v.get_secret_value()):
+            raise ValueError("tracking_id must be non-empty letters, digits, '_', '.' or '-'")
+        return v
+
+
+class QubitOptions(Frozen):
+    source: str = Field("event-relay@0.1.0", min_length=1, max_length=200, pattern=r"^\S+$",
+                        description="meta.source: flags the event producer, e.g. yourco@1.0.0")
+
+
+class _Route(NamedTuple):
+    """What a site's events need, computed once per site."""
+
+    url: str
+    view_type: str
+    order_type: str
+    amount_key: str
+
+
+class QubitAdapter(Adapter[QubitSite, QubitOptions]):
+    name = "qubit"
+    kinds = frozenset({EventKind.PRODUCT_VIEW, EventKind.ORDER})
+    Site = QubitSite
+    Options = QubitOptions
+    default_base_url = "https://offline-conversions.qubit.com"
+    default_batch = BatchSettings(max_events=500, max_bytes=1_000_000, max_wait_ms=1000)
+    notes = ("warning",)
+    secret_fields = ("tracking_id",)
+
+    example_env = {"QUBIT_TRACKING_ID": "demo_tracking_id"}
+
+    @classmethod
+    def example_settings(cls, sandbox_url: str) -> dict[str, Any]:
+        return {"base_url": f"{sandbox_url}/qubit",
+                "sites": {"default": {"tracking_id": "${QUBIT_TRACKING_ID}", "vertical": "ecommerce"}},
+                "options": {"source": "event-relay@0.1.0"}}
+
+    def __init__(self, settings: VendorSettings[QubitSite, QubitOptions]) -> None:
+        super().__init__(settings)
+        self._routes = {site_id: self._route(site) for site_id, site in self.settings.sites.items()}
+        self._default_route = self._routes.get("default")
+        self._headers = {"Content-Type": "application/json", "User-Agent": self.settings.user_agent}
+
+    def _route(self, site: QubitSite) -> _Route:
+        base = (site.endpoint or self.base_url).rstrip("/")
+        prefix = f"{site.namespace}." if site.namespace else ""
+        order_type, amount_key = TRANSACTIONS[site.vertical]
+        return _Route(f"{base}/events/{site.tracking_id.get_secret_value()}",
+                      f"{prefix}ecView", prefix + order_type, amount_key)
+
+    def _meta(self, event_type: str, ts: int, url: str | None) -> dict[str, Any]:
+        if url:
+            return {"type": event_type, "ts": ts, "url": url, "source": self.options.source}
+        return {"type": event_type, "ts": ts, "source": self.options.source}
+
+    def row(self, event: Event, route: _Route) -> dict[str, Any]:
+        """The QProtocol event for one canonical event (MissingField names what it lacks)."""
+        rec = event.record
+        qid = require(rec["visitor"]["vendor_ids"].get("qubit_visitor_id"), "visitor.vendor_ids.qubit_visitor_id")
+        page = rec["page"]
+        if event.kind is EventKind.PRODUCT_VIEW:
+            product = rec["product"]
+            meta = self._meta(route.view_type, rec["event_time"], page["url"] or product["url"])
+            return {"context": {"id": qid}, "meta": meta, "type": "product",
+                    "language": require(page["language"], "page.language"),
+                    "country": require(page["country"], "page.country"),
+                    "currency": require(product["currency"], "product.currency")}
+        order = rec["order"]
+        meta = self._meta(route.order_type, rec["event_time"], page["url"])
+        total = {"value": float(require(order["total"], "order.total")),
+                 "currency": require(order["currency"], "order.currency")}
+        # The document: a transaction id is required and may be generated by the producer;
+        # the event id is stable across retries, so a resend carries the same id.
+        return {"context": {"id": qid}, "meta": meta, route.amount_key: {"total": total},
+                "transaction": {"id": order["order_id"] or rec["event_id"]}}
+
+    def plan(self, events: Sequence[Event]) -> Plan:
+        plan = Plan()
+        groups: dict[str, tuple[list[Event], list[dict[str, Any]]]] = {}
+        routes, default = self._routes, self._default_route
+        for event in events:
+            route = routes.get(event.record["site_id"], default)
+            if route is None:
+                plan.rejected.append((event, self.no_site_reason(event)))
+                continue
+            try:
+                row = self.row(event, route)
+            except MissingField as exc:
+                plan.rejected.append((event, str(exc)))
+                continue
+            group = groups.get(route.url)
+            if group is None:
+                group = groups[route.url] = ([], [])
+            group[0].append(event)
+            group[1].append(row)
+        for url, (evs, rows) in groups.items():
+            plan.requests.append(VendorRequest(url=url, content=orjson.dumps({"events": rows}), events=evs,
+                                               headers=self._headers))
+        return plan
+
+    def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
+        n = len(request.events)
+        status = response.status
+        try:
+            body = response.json()
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            body = {}
+        results = body.get("results")
+        ok = 200 <= status < 300
+        if isinstance(results, list) and (ok or classify_status(status) is Verdict.REJECTED):
+            if len(results) == n:
+                return [_result_outcome(r) for r in results]
+            return [retryable(f"qubit answered {len(results)} results for {n} events")] * n
+        message = str(body.get("message") or "")[:200]
+        if not ok:
+            return [status_outcome(status, message)] * n
+        upstream = body.get("status")
+        if isinstance(upstream, int) and not isinstance(upstream, bool) and upstream >= 400:
+            return [status_outcome(upstream, message)] * n  # the error shape inside a 2xx answer
+        return [status_outcome(502, "response is not the documented results")] * n
+
+
+def _result_outcome(result: Any) -> Outcome:
+    if not isinstance(result, dict):
+        return rejected("qubit failed: malformed result")
+    if result.get("status") == "success":
+        return _WARNED if result.get("warnings") else DELIVERED
+    # The document names the failed status both "failed" and "error"; anything but success failed.
+    return rejected(f"qubit failed: {str(result.get('error') or result.get('status') or 'no reason')[:200]}")
