@@ -103,7 +103,7 @@ class Config(Frozen):
         return {n: v for n, v in self.vendors.items() if v.enabled}
 
 
-def _interpolate(node: Any, path: str, env: Mapping[str, str]) -> Any:
+def interpolate(node: Any, path: str, env: Mapping[str, str]) -> Any:
     if isinstance(node, str):
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
@@ -114,9 +114,9 @@ def _interpolate(node: Any, path: str, env: Mapping[str, str]) -> Any:
             raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
         return _VAR.sub(sub, node)
     if isinstance(node, dict):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
+        return {k: interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
+        return [interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
     return node
 
 
@@ -158,7 +158,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     _apply_overrides(raw, env)
-    data = _interpolate(raw, "", env)
+    data = interpolate(raw, "", env)
     return parse_config(data)
 
 

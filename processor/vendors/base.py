@@ -61,7 +61,7 @@ class VendorSettings(Frozen, Generic[SiteT, OptionsT]):
     base_url: str | None = Field(None, description="override the vendor's endpoint (e.g. the sandbox)")
     kinds: frozenset[EventKind] | None = Field(None, description="event kinds to send (default: all it takes)")
     batch: BatchSettings = BatchSettings()
-    concurrency: int = Field(8, ge=1, le=1024, description="concurrent requests to this vendor")
+    concurrency: int = Field(8, ge=1, le=1024, description="concurrent requests (default: the adapter's)")
     timeout: TimeoutSettings = TimeoutSettings()
     retry: RetrySettings = RetrySettings()
     user_agent: str = "event-relay/0.1"
@@ -169,6 +169,7 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
     Options: ClassVar[type[BaseModel]] = NoOptions
     default_base_url: ClassVar[str]
     default_batch: ClassVar[BatchSettings] = BatchSettings()
+    default_concurrency: ClassVar[int] = 8
     notes: ClassVar[tuple[str, ...]] = ()
     secret_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -178,6 +179,18 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         self.base_url = (settings.base_url or self.default_base_url).rstrip("/")
         self.enabled_kinds = frozenset(settings.kinds) if settings.kinds is not None else self.kinds
         self._default_site = settings.sites.get("default")
+
+    @property
+    def batch(self) -> BatchSettings:
+        """The configured batch limits, else the adapter's defaults."""
+        s = self.settings
+        return s.batch if "batch" in s.model_fields_set else self.default_batch
+
+    @property
+    def concurrency(self) -> int:
+        """The configured concurrent requests, else the adapter's default (higher for one-request-per-event APIs)."""
+        s = self.settings
+        return s.concurrency if "concurrency" in s.model_fields_set else self.default_concurrency
 
     @classmethod
     def settings_model(cls) -> type[VendorSettings[Any, Any]]:
