@@ -1,0 +1,356 @@
+"""Convert experiment tracking (vendor-docs/convert-advanced-integrations.html, NOTES.md "Convert").
+
+Two APIs, chosen per site with ``api``:
+
+* ``track`` (the document): ``POST https://{pid}.metrics.convertexperiments.com/track`` with one
+  visitor a request: ``{cid, pid, seg?, vid, ev: [{evt: viewExp|hitGoal|tr, exps, vars, goals, r, prc}]}``.
+* ``v1`` (Convert's current serving API, NOTES.md): ``POST .../v1/track/{accountId}/{projectId}`` with
+  many visitors a request: ``{accountId, projectId, enrichData?, visitors: [{visitorId, segments?,
+  events: [{eventType: bucketing|conversion, data}]}]}`` and an optional ``Authorization: Bearer``.
+
+Both are built by the same code: an event's experiments become bucketing rows (``viewExp`` / ``bucketing``,
+each experience/variation pair once per visitor and request), the site's configured goals become
+``hitGoal`` for product views and ``tr`` (revenue ``r`` = order total, ``prc`` = units ordered) for
+orders (``conversion`` with ``goalData`` amount/productsCount/transactionId in v1). An event with neither
+experiments nor a configured goal is filtered. The visitor id is ``vendor_ids["convert_visitor_id"]``,
+else ``visitor.visitor_id`` (the document asks for no format; ``visitor_id_fallback: false`` turns it off).
+
+With ``base_url`` set (the sandbox) the project id becomes a path segment: ``{base_url}/{pid}/track`` and
+``{base_url}/{pid}/v1/track/{aid}/{pid}``; a ``{project_id}`` placeholder in ``base_url`` is filled instead.
+Every request carries a User-Agent with ``ConvertAgent/1.0`` (without one the firewall answers 301; the
+SDKs send that token so the bot filter lets the traffic through). Only HTTP 200 is success. An error
+``{code, message, fields}`` whose fields name rows (``ev[2].r``, ``visitors[1].events[0].data``) rejects
+the events that produced them; the rest of the refused request is retried.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from pydantic import Field, PositiveInt, SecretStr, model_validator
+
+from processor.events import Event, EventKind
+from processor.vendors.base import (
+    DELIVERED,
+    Adapter,
+    BatchSettings,
+    Frozen,
+    MissingField,
+    NoOptions,
+    Outcome,
+    Plan,
+    Response,
+    VendorRequest,
+    VendorSettings,
+    Verdict,
+    rejected,
+    require,
+    retryable,
+    status_outcome,
+)
+
+CONVERT_AGENT = "ConvertAgent/1.0"
+BROWSERS = {"chrome": "CH", "firefox": "FF", "safari": "SF", "ie": "IE", "opera": "OP"}  # document: else OTH
+BROWSERS_V1 = {**BROWSERS, "edge": "EDG"}
+SOURCES = {"direct": "direct", "referral": "referral", "search": "Search", "campaign": "Campaign"}
+SOURCES_V1 = {k: k for k in SOURCES}
+# wire names of the segment keys that differ between the two APIs
+SEG_KEYS = {"new": "new", "ctry": "ctry", "cust": "cust"}
+SEG_KEYS_V1 = {"new": "visitorType", "ctry": "country", "cust": "customSegments"}
+_FIELD_ROW = re.compile(r"\b(?:visitors\[(\d+)\]\.events\[(\d+)\]|ev\[(\d+)\]|visitors\[(\d+)\])")
+
+
+class ConvertSite(Frozen):
+    account_id: str = Field(pattern=r"^\d+$", description="cid / accountId")
+    project_id: str = Field(pattern=r"^\d+$", description="pid / projectId (also the tracking host)")
+    api: Literal["track", "v1"] = Field("track", description="track: the documented /track; v1: /v1/track")
+    secret: SecretStr | None = Field(None, description="v1 only: sent as Authorization: Bearer")
+    enrich_data: bool = Field(False, description="v1 only: enrichData (Convert merges stored bucketing, dedupes)")
+    view_goals: list[PositiveInt] = Field(default_factory=list, description="goal ids fired for product views")
+    order_goals: list[PositiveInt] = Field(default_factory=list, description="goal ids fired (tr) for orders")
+    customer_segments: list[str] = Field(default_factory=list,
+                                         description="seg.cust audience ids sent for logged-in customers")
+    visitor_id_fallback: bool = Field(True, description="use visitor.visitor_id when convert_visitor_id is absent")
+
+    @model_validator(mode="after")
+    def _v1_only(self) -> ConvertSite:
+        if self.api == "track" and (self.secret is not None or self.enrich_data):
+            raise ValueError("secret and enrich_data are only sent with api: v1")
+        return self
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    """A site's request constants, computed once."""
+
+    v1: bool
+    url: str
+    headers: dict[str, str]
+    account_id: str
+    project_id: str
+    enrich: bool
+    view_goals: list[Any]
+    order_goals: list[Any]
+    customer_segments: list[str]
+    fallback: bool
+
+
+@dataclass(slots=True)
+class _Visitor:
+    """One visitor's rows in this batch; ``spans`` are each event's [start, end) in ``rows``."""
+
+    ep: _Endpoint
+    vid: str
+    first: dict[str, Any]
+    seen: set[tuple[str, str]] = field(default_factory=set)
+    events: list[Event] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _devices(device: str, user_agent: str | None) -> tuple[str, ...]:
+    ua = user_agent or ""
+    if device == "desktop":
+        return ("DESK",)
+    if device == "mobile":
+        return ("IPH", "ALLPH") if "iPhone" in ua else ("OTHPH", "ALLPH")
+    if device == "tablet":
+        return ("IPAD", "ALLTAB") if "iPad" in ua else ("OTHTAB", "ALLTAB")
+    return ("OTHDEV",)
+
+
+def segments(rec: dict[str, Any], ep: _Endpoint) -> dict[str, Any] | None:
+    """``seg`` (track) or ``segments`` (v1) from the page context, values as each API allows."""
+    page, v1 = rec["page"], ep.v1
+    keys = SEG_KEYS_V1 if v1 else SEG_KEYS
+    seg: dict[str, Any] = {}
+    if page["browser"]:
+        seg["browser"] = (BROWSERS_V1 if v1 else BROWSERS).get(page["browser"], "OTH")
+    if page["device"]:
+        seg["devices"] = _devices(page["device"], page["user_agent"])
+    source = (SOURCES_V1 if v1 else SOURCES).get(page["traffic_source"] or "")
+    if source:
+        seg["source"] = source
+    if page["campaign"] is not None:
+        seg["campaign"] = page["campaign"]
+    returning = page["returning_visitor"]
+    if returning is not None:
+        seg[keys["new"]] = ("returning" if returning else "new") if v1 else int(returning)
+    country = page["country"]
+    if country and len(country) == 2 and country.isascii() and country.isalpha():
+        seg[keys["ctry"]] = country.upper()
+    if ep.customer_segments and rec["visitor"]["customer_id"]:
+        seg[keys["cust"]] = ep.customer_segments
+    return seg or None
+
+
+def _order_totals(order: dict[str, Any]) -> tuple[float, int]:
+    count = 0
+    for i, item in enumerate(require(order["items"], "order.items")):
+        if item["quantity"] is None or item["quantity"] < 1:
+            raise MissingField(f"order.items[{i}].quantity")
+        count += item["quantity"]
+    return float(require(order["total"], "order.total")), count
+
+
+class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
+    name = "convert"
+    kinds = frozenset({EventKind.PRODUCT_VIEW, EventKind.ORDER})
+    Site = ConvertSite
+    default_base_url = "https://{project_id}.metrics.convertexperiments.com"
+    default_batch = BatchSettings(max_events=500, max_wait_ms=2000)  # a longer window groups more per visitor
+    default_concurrency = 32  # one request per visitor/session/event: parallelism carries the throughput
+    notes = ("firewall_301", "not_200")
+    secret_fields = ("secret",)
+
+    example_env = {"CONVERT_TRACKING_SECRET": "demo-convert-secret"}
+
+    @classmethod
+    def example_settings(cls, sandbox_url: str) -> dict[str, Any]:
+        common = {"view_goals": [100234], "order_goals": [100235], "customer_segments": ["200001"]}
+        return {"base_url": f"{sandbox_url}/convert",
+                "sites": {"default": {"account_id": "10022898", "project_id": "10023736", **common},
+                          "shop-2": {"account_id": "10022898", "project_id": "10023737", "api": "v1",
+                                     "secret": "${CONVERT_TRACKING_SECRET}", **common}},
+                "options": {}}
+
+    def __init__(self, settings: VendorSettings[ConvertSite, NoOptions]) -> None:
+        super().__init__(settings)
+        ua = settings.user_agent
+        if "user_agent" not in settings.model_fields_set or not ua.strip():
+            ua = CONVERT_AGENT
+        elif "ConvertAgent/" not in ua:
+            ua = f"{ua} {CONVERT_AGENT}"
+        self._endpoints = {id(site): self._endpoint(site, ua) for site in settings.sites.values()}
+
+    def _endpoint(self, site: ConvertSite, ua: str) -> _Endpoint:
+        pid, v1 = site.project_id, site.api == "v1"
+        base = self.base_url
+        host = base.replace("{project_id}", pid) if "{project_id}" in base else f"{base}/{pid}"
+        headers = {"Content-Type": "application/json", "User-Agent": ua}
+        if site.secret is not None:
+            headers["Authorization"] = f"Bearer {site.secret.get_secret_value()}"
+        goal_id = str if v1 else int  # v1 goalId is a string, the document's goals are numbers
+        return _Endpoint(v1, f"{host}/v1/track/{site.account_id}/{pid}" if v1 else f"{host}/track", headers,
+                         site.account_id, pid, site.enrich_data, [goal_id(g) for g in site.view_goals],
+                         [goal_id(g) for g in site.order_goals], site.customer_segments,
+                         site.visitor_id_fallback)
+
+    def rows(self, event: Event, ep: _Endpoint, seen: set[tuple[str, str]]) -> list[dict[str, Any]] | None:
+        """The event's rows in the site's API (None: nothing for Convert); marks its pairs seen."""
+        rec = event.record
+        exps, vars_ = [], []
+        for i, bucket in enumerate(rec["experiments"]):
+            exps.append(require(bucket["experience_id"], f"experiments[{i}].experience_id"))
+            vars_.append(require(bucket["variation_id"], f"experiments[{i}].variation_id"))
+        order = rec["order"] if event.kind is EventKind.ORDER else None
+        goals = ep.view_goals if order is None else ep.order_goals
+        if not exps and not goals:
+            return None
+        new = [pair for pair in dict.fromkeys(zip(exps, vars_, strict=True)) if pair not in seen]
+        if goals and order is not None:
+            amount, count = _order_totals(order)
+        rows: list[dict[str, Any]] = []
+        if ep.v1:
+            rows.extend({"eventType": "bucketing", "data": {"experienceId": e, "variationId": v}} for e, v in new)
+            if goals:
+                data: dict[str, Any] = {}
+                if order is not None:
+                    data["goalData"] = [{"key": "amount", "value": amount}, {"key": "productsCount", "value": count}]
+                    if order["order_id"]:
+                        data["goalData"].append({"key": "transactionId", "value": order["order_id"]})
+                if exps:
+                    data["bucketingData"] = dict(zip(exps, vars_, strict=True))
+                rows.extend({"eventType": "conversion", "data": {"goalId": g, **data}} for g in goals)
+        else:
+            if new:
+                rows.append({"evt": "viewExp", "vars": [v for _, v in new], "exps": [e for e, _ in new]})
+            if goals:
+                row: dict[str, Any] = {"evt": "hitGoal" if order is None else "tr", "goals": goals}
+                if exps:
+                    row["vars"], row["exps"] = vars_, exps
+                if order is not None:
+                    row["r"], row["prc"] = amount, count
+                rows.append(row)
+        seen.update(new)
+        return rows
+
+    def visitor_id(self, visitor: dict[str, Any], ep: _Endpoint) -> str:
+        vid: str | None = visitor["vendor_ids"].get("convert_visitor_id")
+        if vid:
+            return vid
+        if not ep.fallback:
+            raise MissingField("visitor.vendor_ids.convert_visitor_id")
+        fallback: str = require(visitor["visitor_id"], "visitor.visitor_id")
+        return fallback
+
+    def plan(self, events: Sequence[Event]) -> Plan:
+        plan = Plan()
+        visitors: dict[tuple[int, str], _Visitor] = {}
+        for event in events:
+            site = self.site(event)
+            if site is None:
+                plan.rejected.append((event, self.no_site_reason(event)))
+                continue
+            ep = self._endpoints[id(site)]
+            try:
+                key = (id(ep), self.visitor_id(event.record["visitor"], ep))
+                acc = visitors.get(key)
+                seen = acc.seen if acc is not None else set()
+                rows = self.rows(event, ep, seen)
+            except MissingField as exc:
+                plan.rejected.append((event, str(exc)))
+                continue
+            if rows is None:
+                plan.filtered.append(event)
+                continue
+            if acc is None:
+                acc = visitors[key] = _Visitor(ep, key[1], event.record, seen)
+            acc.events.append(event)
+            acc.spans.append((len(acc.rows), len(acc.rows) + len(rows)))
+            acc.rows.extend(rows)
+        v1_groups: dict[int, list[_Visitor]] = {}
+        for acc in visitors.values():
+            if acc.ep.v1:
+                v1_groups.setdefault(id(acc.ep), []).append(acc)
+            else:
+                plan.requests.append(self.request(acc.ep, [acc]))
+        plan.requests.extend(self.request(accs[0].ep, accs) for accs in v1_groups.values())
+        return plan
+
+    def request(self, ep: _Endpoint, accs: list[_Visitor]) -> VendorRequest:
+        """One request for these visitors; context: (visitor index, start, end) per event."""
+        events: list[Event] = []
+        spans: list[tuple[int, int, int]] = []
+        for i, acc in enumerate(accs):
+            events.extend(acc.events)
+            spans.extend((i, start, end) for start, end in acc.spans)
+        body: dict[str, Any]
+        if ep.v1:
+            body = {"accountId": ep.account_id, "projectId": ep.project_id}
+            if ep.enrich:
+                body["enrichData"] = True
+            body["visitors"] = [self._v1_visitor(acc) for acc in accs]
+        else:
+            (acc,) = accs
+            body = {"cid": ep.account_id, "pid": ep.project_id}
+            seg = segments(acc.first, ep)
+            if seg:
+                body["seg"] = seg
+            body["vid"], body["ev"] = acc.vid, acc.rows
+        return VendorRequest(url=ep.url, content=orjson.dumps(body), events=events, headers=ep.headers,
+                             context=spans)
+
+    @staticmethod
+    def _v1_visitor(acc: _Visitor) -> dict[str, Any]:
+        out: dict[str, Any] = {"visitorId": acc.vid}
+        seg = segments(acc.first, acc.ep)
+        if seg:
+            out["segments"] = seg
+        out["events"] = acc.rows
+        return out
+
+    def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
+        status, n = response.status, len(request.events)
+        if status == 200:
+            return [DELIVERED] * n
+        if 200 <= status < 300:
+            return [retryable(f"HTTP {status}: only 200 is success for Convert", note="not_200")] * n
+        if status == 301:
+            return [rejected("HTTP 301: refused by Convert's firewall (User-Agent)", note="firewall_301")] * n
+        message, fields = _error(response)
+        outcome = status_outcome(status, message)
+        if outcome.verdict is Verdict.REJECTED and fields:
+            bad = _events_named(fields, request.context)
+            if bad:
+                return [rejected(f"convert refused {bad[i]}: {message}"[:300]) if i in bad
+                        else retryable("convert refused another event in the same request") for i in range(n)]
+        return [outcome] * n
+
+
+def _error(response: Response) -> tuple[str, str]:
+    """``message`` and ``fields`` of Convert's ``{code, message, fields}`` error (empty when absent)."""
+    try:
+        body = response.json()
+    except orjson.JSONDecodeError:
+        return "", ""
+    if not isinstance(body, dict):
+        return "", ""
+    return str(body.get("message") or "")[:200], str(body.get("fields") or "")
+
+
+def _events_named(fields: str, spans: list[tuple[int, int, int]]) -> dict[int, str]:
+    """Indexes of the request's events whose rows (or visitor) the error's field paths name."""
+    bad: dict[int, str] = {}
+    for m in _FIELD_ROW.finditer(fields):
+        v1_visitor, v1_row, track_row, whole_visitor = m.groups()
+        visitor = int(v1_visitor or whole_visitor or 0)
+        row = v1_row or track_row
+        for i, (v, start, end) in enumerate(spans):
+            if v == visitor and (row is None or start <= int(row) < end):
+                bad.setdefault(i, m.group(0))
+    return bad
