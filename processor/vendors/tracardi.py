@@ -1,0 +1,266 @@
+"""Tracardi tracker API (vendor-docs/tracardi-track-api.txt, and the Tracardi part of NOTES.md).
+
+POST ``{base}/track`` with one *tracker payload* per (profile, session) of a
+batch: ``source.id`` (the site's Tracardi event source, a credential: an
+unknown one answers 401), ``session.id``, ``profile.id`` when known,
+``context``, and ``events`` of ``{id, type, properties, context[, options,
+tags]}``. A product view becomes one event (default type ``product-view``), an
+order one event (default ``purchase-order``); type names are configurable per
+vendor (``options.event_types``) and per site (``sites.<id>.event_types``).
+
+Ids. ``profile.id`` / ``session.id`` come from ``visitor.vendor_ids``
+(``tracardi_profile_id``, ``tracardi_session_id``). Without a session id we
+send a UUID derived from ``visitor.session_id`` (the document says the client
+generates it; deriving keeps one canonical visit one Tracardi session, also
+across retries). Without a profile id, by default the payload goes without
+``profile`` and Tracardi creates one (noted ``profile_created``);
+``options.without_profile: skip`` filters such events instead.
+
+Idempotency: the canonical ``event_id`` is sent as each event's ``id``, which
+Tracardi keeps as the stored event id, so a resend overwrites instead of
+duplicating: our at-least-once retries are idempotent at Tracardi.
+
+Outcomes (one payload = all its events): 200 delivered (``profile_changed``
+when Tracardi answers a different profile id than we sent); 401 unknown or
+disabled source -> rejected, a configuration error noted ``bad_source``; 406
+(event validation) and 422 (payload validation) -> rejected; 408, 429 and 5xx
+-> retryable; other statuses by the default classes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import Field, SecretStr, StringConstraints
+
+from processor.events import Event, EventKind
+from processor.vendors.base import (
+    DELIVERED,
+    Adapter,
+    BatchSettings,
+    Frozen,
+    MissingField,
+    Outcome,
+    Plan,
+    Response,
+    VendorRequest,
+    VendorSettings,
+    Verdict,
+    rejected,
+    require,
+    status_outcome,
+)
+
+SESSION_NAMESPACE = uuid.UUID("5b0c3f39-3c39-4f6e-9d43-56a1c1f0a7e2")  # uuid5 namespace of derived session ids
+DEFAULT_TYPES = {EventKind.PRODUCT_VIEW: "product-view", EventKind.ORDER: "purchase-order"}
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]  # Tracardi: a non-empty type
+
+
+class TracardiSite(Frozen):
+    source_id: SecretStr = Field(min_length=1, description="the Tracardi event source id (a UUID) of this site")
+    base_url: str | None = Field(None, description="this site's Tracardi API (default: the vendor base_url)")
+    context: dict[str, Any] = Field(default_factory=dict, description="static tracker-payload context")
+    event_types: dict[EventKind, NonEmpty] = Field(default_factory=dict, description="override options.event_types")
+    event_options: dict[str, Any] = Field(default_factory=dict, description="options sent with every event")
+    tags: list[str] = Field(default_factory=list, description="tags sent with every event")
+
+
+class TracardiOptions(Frozen):
+    event_types: dict[EventKind, NonEmpty] = Field(
+        default_factory=dict, description="Tracardi event type per canonical kind (default: product-view, "
+                                          "purchase-order)")
+    without_profile: Literal["send", "skip"] = Field(
+        "send", description="no tracardi_profile_id: send anyway (Tracardi creates a profile) or filter the event")
+
+
+@dataclass(slots=True, frozen=True)
+class _Site:
+    """A site's settings flattened once for the hot path."""
+
+    key: str
+    url: str
+    source: dict[str, str]
+    context: dict[str, Any]
+    types: dict[EventKind, str]
+    event_options: dict[str, Any]
+    tags: list[str]
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _put(out: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None and value != "":
+        out[key] = value
+
+
+class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
+    name = "tracardi"
+    kinds = frozenset({EventKind.PRODUCT_VIEW, EventKind.ORDER})
+    Site = TracardiSite
+    Options = TracardiOptions
+    default_base_url = "http://localhost:8686"  # self-hosted: set base_url (or sites.<id>.base_url)
+    # One payload per visitor session: a bigger batch costs nothing in request size and groups more.
+    default_batch = BatchSettings(max_events=1000, max_bytes=2_000_000, max_wait_ms=1000)
+    default_concurrency = 32  # one request per visitor/session/event: parallelism carries the throughput
+    notes = ("bad_source", "profile_changed", "profile_created")
+    secret_fields = ("source_id",)
+
+    example_env = {"TRACARDI_SOURCE_ID": "3ee63fc6-490a-4fd8-bfb3-bf0c8c8d3387"}  # the document's source id
+
+    @classmethod
+    def example_settings(cls, sandbox_url: str) -> dict[str, Any]:
+        return {"base_url": f"{sandbox_url}/tracardi",
+                "sites": {"default": {"source_id": "${TRACARDI_SOURCE_ID}",
+                                      "context": {"system": "event-relay"}}},
+                "options": {}}
+
+    def __init__(self, settings: VendorSettings[TracardiSite, TracardiOptions]) -> None:
+        super().__init__(settings)
+        types = {**DEFAULT_TYPES, **self.options.event_types}
+        self._sites = {key: _Site(key, f"{(s.base_url or self.base_url).rstrip('/')}/track",
+                                  {"id": s.source_id.get_secret_value()}, s.context, {**types, **s.event_types},
+                                  s.event_options, s.tags)
+                       for key, s in settings.sites.items()}
+        self._default = self._sites.get("default")
+        self._skip_anonymous = self.options.without_profile == "skip"
+        self._headers = {"Content-Type": "application/json", "User-Agent": self.settings.user_agent}
+
+    def event(self, event: Event, site: _Site) -> dict[str, Any]:
+        """The tracker-payload event for one canonical event (MissingField if it lacks what we need)."""
+        rec = event.record
+        kind = event.kind
+        out: dict[str, Any] = {"id": require(rec["event_id"], "event_id"), "type": site.types[kind]}
+        if kind is EventKind.PRODUCT_VIEW:
+            p = rec["product"]
+            props: dict[str, Any] = {"product": p["name"], "price": p["price"],
+                                     "productId": require(p["product_id"], "product.product_id"),
+                                     "currency": p["currency"], "categories": p["categories"]}
+            _put(props, "sku", p["sku"])
+            _put(props, "url", p["url"])
+            _put(props, "imageUrl", p["image_url"])
+        else:
+            o = rec["order"]
+            items = []
+            units = 0
+            for i, it in enumerate(o["items"]):
+                item = {"productId": require(it["product_id"], f"order.items[{i}].product_id"),
+                        "product": it["name"], "quantity": it["quantity"], "price": it["unit_price"],
+                        "categories": it["categories"]}
+                _put(item, "sku", it["sku"])
+                _put(item, "url", it["url"])
+                units += it["quantity"]
+                items.append(item)
+            props = {"orderId": require(o["order_id"], "order.order_id"), "total": o["total"],
+                     "currency": o["currency"], "itemCount": units, "items": items}
+        out["properties"] = props
+        page = rec["page"]
+        ctx: dict[str, Any] = {"time": _iso(rec["event_time"])}
+        where: dict[str, Any] = {}
+        _put(where, "url", page["url"])
+        _put(where, "title", page["title"])
+        _put(where, "referrer", page["referrer"])
+        if where:
+            ctx["page"] = where
+        out["context"] = ctx
+        if site.event_options:
+            out["options"] = site.event_options
+        if site.tags:
+            out["tags"] = site.tags
+        return out
+
+    @staticmethod
+    def envelope(event: Event, site: _Site, profile_id: str | None, session_id: str | None) -> dict[str, Any]:
+        """source / session / profile / context of a new payload, from its first event."""
+        payload: dict[str, Any] = {"source": site.source}
+        if session_id:
+            payload["session"] = {"id": session_id}
+        if profile_id:
+            payload["profile"] = {"id": profile_id}
+        page = event.record["page"]
+        client: dict[str, Any] = {}
+        _put(client, "browser", page["browser"])
+        _put(client, "device", page["device"])
+        _put(client, "userAgent", page["user_agent"])
+        _put(client, "language", page["language"])
+        _put(client, "country", page["country"])
+        context = {**site.context, "client": client} if client else site.context
+        if context:
+            payload["context"] = context
+        payload["events"] = []
+        return payload
+
+    def plan(self, events: Sequence[Event]) -> Plan:
+        plan = Plan()
+        groups: dict[tuple[str, str | None, str | None], tuple[_Site, list[Event], dict[str, Any]]] = {}
+        sites, default = self._sites, self._default
+        for event in events:
+            rec = event.record
+            site = sites.get(rec["site_id"], default)
+            if site is None:
+                plan.rejected.append((event, self.no_site_reason(event)))
+                continue
+            visitor = rec["visitor"]
+            ids = visitor["vendor_ids"]
+            profile_id = ids.get("tracardi_profile_id") or None
+            if profile_id is None and self._skip_anonymous:
+                plan.filtered.append(event)
+                continue
+            session_id = ids.get("tracardi_session_id") or None
+            if session_id is None and visitor["session_id"]:
+                session_id = str(uuid.uuid5(SESSION_NAMESPACE, f"{rec['site_id']}/{visitor['session_id']}"))
+            try:
+                body = self.event(event, site)
+            except MissingField as exc:
+                plan.rejected.append((event, str(exc)))
+                continue
+            key = (site.key, profile_id, session_id)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = (site, [], self.envelope(event, site, profile_id, session_id))
+            group[1].append(event)
+            group[2]["events"].append(body)
+        for (site_key, profile_id, _), (site, evs, payload) in groups.items():
+            plan.requests.append(VendorRequest(url=site.url, content=orjson.dumps(payload), events=evs,
+                                               headers=self._headers, context=(site_key, profile_id)))
+        return plan
+
+    def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
+        n = len(request.events)
+        status = response.status
+        site_key, sent_profile = request.context
+        if status == 200:
+            try:
+                got = response.json()["profile"]["id"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                got = None  # accepted all the same: the body only tells us the profile to keep
+            if not got or got == sent_profile:
+                return [DELIVERED] * n
+            return [Outcome(Verdict.DELIVERED, note="profile_changed" if sent_profile else "profile_created")] * n
+        if status == 401:
+            return [rejected(f"HTTP 401: Tracardi does not know or has disabled the event source of site "
+                             f"config {site_key!r} (check sites.{site_key}.source_id)", note="bad_source")] * n
+        if status == 406:
+            return [rejected(f"HTTP 406: Tracardi event validation failed: {_detail(response)}")] * n
+        if status == 422:
+            return [rejected(f"HTTP 422: Tracardi rejected the tracker payload: {_detail(response)}")] * n
+        return [status_outcome(status)] * n
+
+
+def _detail(response: Response) -> str:
+    """FastAPI's ``{"detail": ...}``: a message, or validation errors as ``loc: msg`` (never the input)."""
+    try:
+        detail = response.json().get("detail")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "no detail"
+    if isinstance(detail, list):
+        parts = [f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg', '')}" for d in detail[:3]
+                 if isinstance(d, dict)]
+        detail = "; ".join(parts)
+    return str(detail or "no detail")[:200]
