@@ -59,6 +59,7 @@ def visitor(n: int = 1, session: int = 1) -> dict[str, Any]:
             "tracardi_profile_id": str(uuid.UUID(int=n)),
             "tracardi_session_id": str(uuid.UUID(int=(n << 32) + session)),
             "convead_guest_uid": f"guest-{n:08d}",
+            **({"convead_visitor_uid": f"c{n:08d}"} if n % 3 == 0 else {}),
         },
     }
 

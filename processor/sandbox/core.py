@@ -74,6 +74,10 @@ class Sandbox:
     def count_rejected(self, vendor: str, n: int = 1) -> None:
         self._stats(vendor)["rejected"] += n
 
+    def count(self, vendor: str, key: str, n: int = 1) -> None:
+        """Any other per-vendor counter shown in /_sandbox/stats (e.g. events a twin silently ignores)."""
+        self._stats(vendor)[key] += n
+
     def fail_item(self, vendor: str) -> bool:
         f = self.faults.get(vendor)
         return bool(f and f.partial_failure_rate and self.rng.random() < f.partial_failure_rate)
