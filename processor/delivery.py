@@ -40,7 +40,7 @@ DeadLetter = Callable[[Event, str, str, int | None, str, int, int | None], None]
 
 def make_client(adapter: Adapter[Any, Any], transport: str = "aiohttp") -> httpx.AsyncClient:
     s = adapter.settings
-    limits = httpx.Limits(max_connections=adapter.concurrency, max_keepalive_connections=adapter.concurrency,
+    limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency,
                           keepalive_expiry=30)
     timeout = httpx.Timeout(s.timeout.total_s, connect=s.timeout.connect_s)
     if transport == "aiohttp":
@@ -78,9 +78,9 @@ class VendorPipeline:
         self.adapter = adapter
         self.name = adapter.name
         s = adapter.settings
-        self.batcher = Batcher(adapter.batch)
+        self.batcher = Batcher(s.batch)
         self.client = client
-        self.sem = asyncio.Semaphore(adapter.concurrency)
+        self.sem = asyncio.Semaphore(s.concurrency)
         self.retry = s.retry
         self.total_timeout = s.timeout.total_s
         self.metrics = metrics

@@ -18,7 +18,7 @@ from enum import IntEnum
 from typing import Any, ClassVar, Generic, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from processor.events import Event, EventKind
 
@@ -61,7 +61,7 @@ class VendorSettings(Frozen, Generic[SiteT, OptionsT]):
     base_url: str | None = Field(None, description="override the vendor's endpoint (e.g. the sandbox)")
     kinds: frozenset[EventKind] | None = Field(None, description="event kinds to send (default: all it takes)")
     batch: BatchSettings = BatchSettings()
-    concurrency: int = Field(8, ge=1, le=1024, description="concurrent requests (default: the adapter's)")
+    concurrency: int = Field(8, ge=1, le=1024, description="concurrent requests to this vendor")
     timeout: TimeoutSettings = TimeoutSettings()
     retry: RetrySettings = RetrySettings()
     user_agent: str = "event-relay/0.1"
@@ -180,21 +180,20 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         self.enabled_kinds = frozenset(settings.kinds) if settings.kinds is not None else self.kinds
         self._default_site = settings.sites.get("default")
 
-    @property
-    def batch(self) -> BatchSettings:
-        """The configured batch limits, else the adapter's defaults."""
-        s = self.settings
-        return s.batch if "batch" in s.model_fields_set else self.default_batch
-
-    @property
-    def concurrency(self) -> int:
-        """The configured concurrent requests, else the adapter's default (higher for one-request-per-event APIs)."""
-        s = self.settings
-        return s.concurrency if "concurrency" in s.model_fields_set else self.default_concurrency
-
     @classmethod
     def settings_model(cls) -> type[VendorSettings[Any, Any]]:
-        return VendorSettings[cls.Site, cls.Options]  # type: ignore[name-defined]
+        """The vendor's settings model: its site and options models, its default batch and concurrency
+        (so ``check-config`` prints the limits that really apply)."""
+        model = cls.__dict__.get("_settings_model")
+        if model is None:
+            model = create_model(
+                f"{cls.__name__}Settings", __base__=VendorSettings[cls.Site, cls.Options],  # type: ignore[name-defined]
+                batch=(BatchSettings, cls.default_batch),
+                concurrency=(int, Field(cls.default_concurrency, ge=1, le=1024,
+                                        description="concurrent requests to this vendor")),
+            )
+            cls._settings_model = model  # type: ignore[attr-defined]
+        return model  # type: ignore[no-any-return]
 
     def site(self, event: Event) -> SiteT | None:
         """The site config selected by the event's site_id, else the default, else None."""

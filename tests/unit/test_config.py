@@ -79,3 +79,19 @@ def test_check_config_cli(tmp_path):
     result = CliRunner().invoke(main, ["check-config", str(f)])
     assert result.exit_code != 0
     assert "relay.commit_interval_s" in result.output
+
+
+def test_vendor_limits_default_to_the_adapters_and_config_overrides_them(tmp_path):
+    from processor.vendors.convead import ConveadAdapter
+
+    site = {"sites": {"default": {"app_key": "${CV_KEY}"}}, "options": {}}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(minimal(vendors={"convead": site})))
+    v = load_config(f, {"CV_KEY": "k"}).vendors["convead"]
+    assert v.batch == ConveadAdapter.default_batch and v.concurrency == ConveadAdapter.default_concurrency == 32
+    shown = CliRunner().invoke(main, ["check-config", str(f)], env={"CV_KEY": "k"}).output
+    assert "concurrency: 32" in shown and "max_events: 100" in shown  # the limits that really apply
+    f.write_text(yaml.safe_dump(minimal(vendors={"convead": {**site, "concurrency": 3,
+                                                             "batch": {"max_events": 7}}})))
+    v = load_config(f, {"CV_KEY": "k"}).vendors["convead"]
+    assert (v.concurrency, v.batch.max_events) == (3, 7)
