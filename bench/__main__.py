@@ -1,0 +1,60 @@
+"""``python -m bench`` (``make bench BENCH_ARGS=...``): see bench/README.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from bench.report import print_report, write
+from bench.run import Options, run
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+@click.command()
+@click.option("--events", type=click.IntRange(1), help="Pre-loaded events per scenario  [default: 200000]")
+@click.option("--scenarios", default="a,b,c", show_default=True, help="Comma-separated: a, b, c.")
+@click.option("--backlog", type=click.IntRange(0), help="Events of the backlog run; 0 skips it  [default: 1000000]")
+@click.option("--workers", type=click.IntRange(0), help="Workers of the scaling run; <2 skips it  [default: 2]")
+@click.option("--latency-seconds", type=float,
+              help="Length of each scenario's half-load latency run; 0 skips them  [default: 15]")
+@click.option("--http-seconds", type=float, help="Length of each HTTP ceiling measurement  [default: 3]")
+@click.option("--partitions", default=6, show_default=True, type=click.IntRange(1))
+@click.option("--transport", default="aiohttp", show_default=True, type=click.Choice(["aiohttp", "httpx"]),
+              help="httpx transport, for the relay and the HTTP ceiling alike.")
+@click.option("--quick", is_flag=True, help="20k events, no backlog run, 5 s latency run, 1 s HTTP ceilings.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Configs and logs of every process (default: a new temporary directory).")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Record each scenario's relay with py-spy into this directory (collapsed stacks).")
+def main(events: int | None, scenarios: str, backlog: int | None, workers: int | None,
+         latency_seconds: float | None, http_seconds: float | None, partitions: int,
+         transport: str, quick: bool, out: Path, workdir: Path | None,
+         profile_dir: Path | None) -> None:
+    """Measure the relay against the decode and HTTP ceilings on the local stack."""
+    keys = [k.strip() for k in scenarios.split(",") if k.strip()]
+    bad = [k for k in keys if k not in ("a", "b", "c")]
+    if bad:
+        raise click.BadParameter(f"unknown scenario {', '.join(bad)}", param_hint="--scenarios")
+    base = Options(events=20_000, backlog=0, latency_seconds=5, http_seconds=1) if quick else Options()
+    opts = Options(
+        events=events if events is not None else base.events,
+        scenarios=keys,
+        backlog=backlog if backlog is not None else base.backlog,
+        workers=workers if workers is not None else base.workers,
+        latency_seconds=latency_seconds if latency_seconds is not None else base.latency_seconds,
+        http_seconds=http_seconds if http_seconds is not None else base.http_seconds,
+        partitions=partitions, transport=transport, workdir=workdir, profile_dir=profile_dir,
+    )
+    console = Console(width=max(Console().width, 180))
+    doc = run(opts, console)
+    write(doc, out)
+    print_report(doc, console)
+    console.print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

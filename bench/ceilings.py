@@ -1,0 +1,148 @@
+"""The two physical ceilings, measured on the same machine in the same run as the relay.
+
+* Decode: a bare loop with the relay's consumer settings (librdkafka, the same
+  client settings and ``consume()`` batch size) that consumes the benchmark
+  topic and decodes every value with fastavro, doing nothing else.
+* HTTP: a bare loop that sends the relay's own requests (each adapter
+  ``plan``s real batches of the benchmark's events, cut by the same batch
+  limits) to the same sandbox, through the same client (``make_client``: httpx
+  over the configured transport, the vendor's pool limits) with the vendor's
+  concurrency, doing nothing else. Measured per vendor alone, then combined
+  in the scenario's own proportions of requests (``mix_ceiling``): sending
+  every vendor flat out at once would let the big array requests crowd out
+  the small ones and measure a mix the relay never sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import yaml
+from confluent_kafka import Consumer, TopicPartition
+from fastavro import parse_schema, schemaless_reader
+
+from processor.batching import Batcher
+from processor.codec import EMBEDDED_IDS, Decoder, load_canonical_schemas
+from processor.config import load_config
+from processor.delivery import make_client
+from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS
+from processor.events import Event, Source
+from processor.vendors import adapter_class
+from processor.vendors.base import Adapter, VendorRequest
+
+
+def decode_ceiling(bootstrap: str, topic: str, events: int, consume_batch: int = 1000) -> dict[str, Any]:
+    """Events/s of consume + fastavro decode, from the first message to the last."""
+    readers = load_canonical_schemas()
+    writers = {sid: parse_schema(readers[name]) for sid, name in EMBEDDED_IDS.items()}
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-decode-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 3,
+                  **LOCAL_CONSUMER_SETTINGS})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        c.assign([TopicPartition(topic, p, 0) for p in parts])  # no group join: the clock starts at the data
+        n = 0
+        started = None
+        deadline = time.monotonic() + 600
+        while n < events and time.monotonic() < deadline:
+            msgs = c.consume(consume_batch, 0.5)
+            if not msgs:
+                continue
+            if started is None:
+                started = time.perf_counter()
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                v = m.value()
+                buf = io.BytesIO(v)
+                buf.seek(5)
+                schemaless_reader(buf, writers[int.from_bytes(v[1:5], "big")], None)
+                n += 1
+        elapsed = time.perf_counter() - (started or time.perf_counter())
+    finally:
+        c.close()
+    return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / max(elapsed, 1e-9), 1)}
+
+
+def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[tuple[bytes, bytes]],
+                     sample: int) -> tuple[dict[str, tuple[Adapter[Any, Any], list[VendorRequest]]], int]:
+    """Per vendor: the adapter (configured as the relay is) and the requests it plans for the first
+    ``sample`` benchmark events, batched by its effective batch limits; and the number of events."""
+    from bench.scenarios import relay_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(yaml.safe_dump(relay_config("127.0.0.1:9", "t", "g", vendors, 0)))
+        f.flush()
+        config = load_config(f.name, env)
+    decoder = Decoder()
+    events = []
+    for i, (key, value) in enumerate(values[:sample]):
+        kind, record = decoder.decode(value)
+        events.append(Event(kind, record, Source("bench", 0, i, record["event_time"], key, value, None)))  # type: ignore[arg-type]
+    out = {}
+    for name, settings in config.enabled_vendors().items():
+        adapter = adapter_class(name)(settings)
+        batch = settings.batch if "batch" in settings.model_fields_set else adapter.default_batch
+        batcher = Batcher(batch)
+        requests: list[VendorRequest] = []
+        closed = [b for b in (batcher.add(e) for e in events if adapter.takes(e.kind)) if b]
+        last = batcher.flush()
+        for b in [*closed, *([last] if last else [])]:
+            plan = adapter.plan(b)
+            requests += plan.requests
+        out[name] = (adapter, requests)
+    return out, len(events)
+
+
+async def _vendor_ceiling(adapter: Adapter[Any, Any], requests: list[VendorRequest], transport: str,
+                          seconds: float, warmup_s: float) -> dict[str, Any]:
+    client = make_client(adapter, transport)
+    conc = adapter.settings.concurrency
+    count = carried = bad = 0
+    measuring = False
+    stop_at = time.monotonic() + warmup_s + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal count, carried, bad
+        while time.monotonic() < stop_at:
+            req = requests[i % len(requests)]
+            i += conc
+            r = await client.request(req.method, req.url, content=req.content, headers=req.headers)
+            if measuring:
+                count += 1
+                carried += len(req.events)
+                bad += r.status_code >= 300
+
+    try:
+        tasks = [asyncio.create_task(worker(k)) for k in range(conc)]
+        await asyncio.sleep(warmup_s)
+        measuring = True
+        t0 = time.monotonic()
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - t0
+    finally:
+        await client.aclose()
+    return {"requests_per_s": round(count / elapsed, 1), "events_per_s": round(carried / elapsed, 1),
+            "concurrency": conc, "non_2xx": bad}
+
+
+def vendor_ceiling(adapter: Adapter[Any, Any], requests: list[VendorRequest], transport: str, seconds: float,
+                   warmup_s: float = 0.5) -> dict[str, Any]:
+    """Requests/s of one vendor's planned requests sent flat out, alone, with its concurrency."""
+    return asyncio.run(_vendor_ceiling(adapter, requests, transport, seconds, warmup_s))
+
+
+def mix_ceiling(per_vendor: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The ceiling for the scenario's mix of requests. Each vendor ``v`` costs ``r_v`` requests per
+    consumed event (from the planned sample) and its requests go at most ``C_v``/s alone; the vendors
+    share the same client and sandbox, so one event's HTTP takes ``sum(r_v / C_v)`` seconds of that
+    capacity: events/s = 1 / that, requests/s = sum(r_v) x events/s."""
+    cost = sum(v["requests_per_event"] / v["requests_per_s"] for v in per_vendor.values() if v["requests_per_s"])
+    events_per_s = 1 / cost if cost else 0.0
+    requests_per_s = sum(v["requests_per_event"] for v in per_vendor.values()) * events_per_s
+    return {"events_per_s": round(events_per_s, 1), "requests_per_s": round(requests_per_s, 1)}

@@ -1,0 +1,46 @@
+"""The benchmark harness end to end on a few hundred events: it runs, and its results file has every
+key the issue names with sane values. Timing is never asserted here; ``make bench`` measures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIO_KEYS = ("relay_events_per_s", "relay_requests_per_s", "vendor_deliveries_per_s", "p50_ms", "p99_ms",
+                 "peak_rss_mb", "cpu_s_per_1k", "ratio", "http_ceiling_requests_per_s")
+
+
+@pytest.mark.timeout(150)
+def test_bench_smoke_run_writes_sane_results(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    cmd = [sys.executable, "-m", "bench", "--events", "300", "--scenarios", "a,c", "--backlog", "1000",
+           "--workers", "2", "--latency-seconds", "1", "--http-seconds", "0.2", "--out", str(out),
+           "--workdir", str(tmp_path / "work")]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+
+    assert doc["events"] == 300
+    assert doc["cores"] >= 1
+    assert doc["decode_ceiling_events_per_s"] > 0
+    assert doc["http_ceiling_requests_per_s"] > 0
+    ran = {k: s for k, s in doc["scenarios"].items() if "skipped" not in s}
+    assert ran, doc["scenarios"]  # quicklizard always exists, so scenario a and c run
+    for key, sc in ran.items():
+        missing = [k for k in SCENARIO_KEYS if k not in sc]
+        assert not missing, (key, missing)
+        assert sc["relay_events_per_s"] > 0 and sc["vendor_deliveries_per_s"] > 0
+        assert sc["relay_requests_per_s"] > 0 and sc["requests"] > 0
+        assert sc["delivered"] + sc["filtered"] + sc["dead_lettered"] == 300 * len(sc["vendors"])
+        assert 0 < sc["peak_rss_mb"] < 4000
+        assert sc["cpu_s_per_1k"] > 0
+        assert 0 < sc["ratio"] == max(sc["ratio_decode"], sc["ratio_http"])
+        assert sc["p50_ms"] is not None and sc["p50_ms"] <= sc["p99_ms"]
+    assert doc["scaling"]["workers"] == 2 and doc["scaling"]["relay_events_per_s"] > 0
+    assert doc["backlog"]["events"] == 1000 and doc["backlog"]["peak_rss_mb"] > 0
+    assert set(doc["targets"]) >= {f"ratio_{k}" for k in ran} | {"scaling", "backlog_rss"}
