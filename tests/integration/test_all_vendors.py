@@ -1,46 +1,65 @@
 """All five vendors at once through the real CLI, configured exactly as ``make run`` configures them
-(each adapter's example settings against its sandbox twin): every event reaches every vendor that
-takes it, nothing is dead-lettered, the twins reject nothing, offsets are committed to the end."""
+(each adapter's example settings against its sandbox twin)."""
 
 from __future__ import annotations
 
 import itertools
 from collections import Counter
+from typing import Any
 
+from processor.deadletter import headers_dict
 from processor.devstack.demo import demo_config
 from processor.devstack.kafka_io import committed, end_offsets, produce, read_all
-from processor.devstack.samples import Workload, encode
+from processor.devstack.samples import Workload, encode, make_view, with_changes
+from processor.events import EventKind
 from processor.vendors import REGISTRY, adapter_class
 from tests.integration.conftest import wait_for
 
+OUTCOMES = ("delivered", "filtered", "dead_lettered")
 
-def test_every_vendor_receives_what_it_takes(broker, topics, sandbox, relays):
+
+def workload_messages(n: int = 400) -> tuple[list[tuple[bytes, bytes]], Counter[EventKind]]:
     workload = Workload(visitors=40, order_rate=0.3, seed=11, sites=("shop-1", "shop-2"))
-    events = list(itertools.islice(iter(workload), 400))
+    events = list(itertools.islice(iter(workload), n))
     kinds = Counter(kind for kind, _, _ in events)
     assert kinds[min(kinds)] > 20 and len(kinds) == 2  # both kinds, enough of each
-    produce(broker.bootstrap, topics.events, [(key, encode(kind, rec)) for kind, rec, key in events])
+    return [(key, encode(kind, rec)) for kind, rec, key in events], kinds
 
+
+def start_relay(broker, topics, sandbox, relays) -> tuple[Any, dict[str, str]]:
     demo, env = demo_config(broker.bootstrap, sandbox.url, 0)
     assert set(demo["vendors"]) == set(REGISTRY)  # the demo shows all five
     config = {**demo, "kafka": {**demo["kafka"], "group_id": topics.group, "topics": [topics.events]},
               "deadletter": {"topic": topics.dlq}, "relay": {"shutdown_grace_s": 10, "commit_interval_s": 0.5}}
+    for vendor in config["vendors"].values():  # fast retries, so injected failures settle quickly
+        vendor["retry"] = {"max_attempts": 8, "base_delay_ms": 20, "max_delay_ms": 200, "max_elapsed_s": 20}
     relay = relays(config, "all", env=env)
     relay.wait_ready()
+    return relay, env
 
-    def settled(vendor: str) -> float:
-        return sum(relay.metric("processor_vendor_events_total", vendor=vendor, outcome=o)
-                   for o in ("delivered", "filtered", "dead_lettered"))
 
+def wait_settled(relay, kinds: Counter[EventKind]) -> dict[str, dict[str, float]]:
+    """Wait until every vendor settled every event of the kinds it takes; its counts by outcome."""
+    out = {}
     for vendor in REGISTRY:
-        adapter = adapter_class(vendor)
-        want = sum(n for kind, n in kinds.items() if kind in adapter.kinds)
-        wait_for(lambda v=vendor, w=want: settled(v) >= w, 90, f"{vendor} to settle {want} events")
-        delivered = relay.metric("processor_vendor_events_total", vendor=vendor, outcome="delivered")
-        assert relay.metric("processor_vendor_events_total", vendor=vendor, outcome="dead_lettered") == 0, vendor
-        assert delivered > 0, vendor
-        assert settled(vendor) == want, vendor
+        want = sum(n for kind, n in kinds.items() if kind in adapter_class(vendor).kinds)
 
+        def counts(v: str = vendor) -> dict[str, float]:
+            return {o: relay.metric("processor_vendor_events_total", vendor=v, outcome=o) for o in OUTCOMES}
+
+        wait_for(lambda c=counts, w=want: sum(c().values()) >= w, 90, f"{vendor} to settle {want} events")
+        out[vendor] = counts()
+        assert sum(out[vendor].values()) == want, (vendor, out[vendor])
+    return out
+
+
+def test_every_vendor_receives_what_it_takes(broker, topics, sandbox, relays):
+    messages, kinds = workload_messages()
+    produce(broker.bootstrap, topics.events, messages)
+    relay, env = start_relay(broker, topics, sandbox, relays)
+
+    for vendor, counts in wait_settled(relay, kinds).items():
+        assert counts["dead_lettered"] == 0 and counts["delivered"] > 0, (vendor, counts)
     stats = sandbox.stats()
     for vendor in REGISTRY:
         assert stats[vendor]["accepted"] > 0, vendor
@@ -53,3 +72,36 @@ def test_every_vendor_receives_what_it_takes(broker, topics, sandbox, relays):
     assert '"level": "error"' not in log
     for secret in env.values():
         assert secret not in log
+
+
+def test_partial_failures_and_invalid_events_dead_letter_only_those_for_that_vendor(broker, topics, sandbox,
+                                                                                     relays):
+    messages, kinds = workload_messages(300)
+    # valid for every vendor but Qubit (no Qubit visitor id): dead-lettered for Qubit alone, naming the field
+    no_qubit_id = make_view(7, 7)
+    del no_qubit_id["visitor"]["vendor_ids"]["qubit_visitor_id"]
+    no_qubit_id = with_changes(no_qubit_id, "event_id", "no-qubit-id")
+    messages.insert(100, (b"no-qubit-id", encode(EventKind.PRODUCT_VIEW, no_qubit_id)))
+    kinds[EventKind.PRODUCT_VIEW] += 1
+    for vendor in REGISTRY:
+        sandbox.faults(vendor, partial_failure_rate=0.05)
+    produce(broker.bootstrap, topics.events, messages)
+    relay, _ = start_relay(broker, topics, sandbox, relays)
+
+    settled = wait_settled(relay, kinds)
+    wait_for(lambda: committed(broker.bootstrap, topics.group, topics.events)
+             == end_offsets(broker.bootstrap, topics.events), 30, "commits to the end")
+    dead = sum(c["dead_lettered"] for c in settled.values())
+    dlq = read_all(broker.bootstrap, topics.dlq, expect=int(dead))
+    assert len(dlq) == dead
+    by_vendor = Counter(headers_dict(m.headers())["relay.vendor"] for m in dlq)
+    assert by_vendor == {v: c["dead_lettered"] for v, c in settled.items() if c["dead_lettered"]}
+    # the injected failures hit every vendor; the rest of each batch was delivered all the same
+    for vendor, counts in settled.items():
+        assert counts["delivered"] > 0, (vendor, counts)
+        assert sandbox.stats()[vendor].get("rejected", 0) > 0, vendor
+    # (another vendor may dead-letter it too, by an injected failure: those are random)
+    reasons = [headers_dict(m.headers()) for m in dlq if m.key() == b"no-qubit-id"]
+    assert [(h["relay.error_class"], h["relay.reason"]) for h in reasons if h["relay.vendor"] == "qubit"] == [
+        ("rejected", "missing required field visitor.vendor_ids.qubit_visitor_id")]
+    assert relay.stop() == 0
