@@ -110,7 +110,9 @@ class Decoder:
         return lambda: load_schema(str(ref_path), _write_hint=False)  # type: ignore[call-arg]
 
     def _make_writer(self, schema: Any, named: dict[str, Any] | None = None) -> _Writer:
-        parsed = parse_schema(schema, named_schemas=named if named is not None else {}, _write_hint=False)
+        # with fastavro's parse hint (the default): schemaless_reader re-parses a schema without it on
+        # every message, which cost more than the decoding itself (bench/README.md, profile 1)
+        parsed = parse_schema(schema, named_schemas=named if named is not None else {})
         name = parsed.get("name") if isinstance(parsed, dict) else None
         kind = SCHEMA_KINDS.get(name) if name else None
         if kind is None:

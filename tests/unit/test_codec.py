@@ -118,3 +118,24 @@ def test_truncated_and_wrong_types():
     with pytest.raises(DecodeError) as info:
         Decoder().decode(good + b"\x00\x00")
     assert info.value.reason == "invalid_data"
+
+
+def test_writer_schemas_carry_the_parse_hint_so_fastavro_does_not_reparse_them(tmp_path, monkeypatch):
+    """fastavro's schemaless_reader re-parses, on every message, a schema parsed without its hint:
+    that once cost more than the decoding itself (bench/README.md)."""
+    import processor.codec as codec
+
+    writers = []
+    real = codec.schemaless_reader
+    monkeypatch.setattr(codec, "schemaless_reader", lambda fo, w, r: writers.append(w) or real(fo, w, r))
+    old = old_view_schema()
+    path = tmp_path / "view-v0.avsc"
+    path.write_text(json.dumps(old))
+    rec = make_view(1, 1)
+    del rec["experiments"], rec["customer"]
+    Decoder().decode(encode(EventKind.ORDER, make_order(1)))
+    Decoder(local_ids={7: path}).decode(confluent_frame(7, body(old, rec)))
+    Decoder(registry=FakeRegistry({42: VIEW})).decode(confluent_frame(42, body(VIEW, make_view(1, 1))))
+    Decoder().decode(single_object_frame(VIEW, body(VIEW, make_view(1, 1))))
+    assert len(writers) == 4
+    assert all("__fastavro_parsed" in w for w in writers)
