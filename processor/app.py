@@ -15,7 +15,7 @@ from typing import Any
 from processor.codec import Decoder
 from processor.config import Config
 from processor.deadletter import DeadLetterWriter
-from processor.delivery import VendorPipeline, make_client
+from processor.delivery import VendorPipeline, make_sender
 from processor.events import Event, EventKind
 from processor.health import HealthServer
 from processor.metrics import Metrics
@@ -60,14 +60,17 @@ class Relay:
                                     self.config.deadletter.retry_delay_s)
         for name, settings in self.config.enabled_vendors().items():
             adapter = adapter_class(name)(settings)
-            client = make_client(adapter, self.config.relay.http_transport)
-            pipe = VendorPipeline(adapter, client, self.metrics, self._settle, self._dead_letter)
+            client = make_sender(adapter, self.config.relay.http_transport)
+            pipe = VendorPipeline(adapter, client, self.metrics, self._settle, self._dead_letter, self._settle_many)
             self.pipelines[name] = pipe
             for kind in EventKind:
                 (self.routes[kind] if adapter.takes(kind) else self.filtered_by[kind]).append(pipe)  # type: ignore[arg-type]
 
     def _settle(self, event: Event) -> None:
         self.tracker.settle(event.slot)
+
+    def _settle_many(self, events: list[Event]) -> None:
+        self.tracker.settle_many([ev.slot for ev in events])
 
     def _dead_letter(self, event: Event, vendor: str, error_class: str, status: int | None, reason: str,
                      attempts: int, first_ms: int | None) -> None:
@@ -76,37 +79,42 @@ class Relay:
                        lambda: self.tracker.settle(event.slot))
 
     # -- intake ---------------------------------------------------------------
-    def _route(self, batch: list[Decoded]) -> None:
+    def _route(self, batch: list[Event | Decoded]) -> None:
         consumed: Counter[str] = Counter()
         filtered: Counter[tuple[str, str]] = Counter()
-        tracker = self.tracker
+        register = self.tracker.register
         routes = self.routes
+        filtered_by = self.filtered_by
         for d in batch:
             src = d.source
             consumed[src.topic] += 1
-            kind = d.kind
-            if d.error is not None or kind is None:
-                handle = tracker.register(src.topic, src.partition, src.offset, 1)
-                if d.error is not None:
-                    self.metrics.decode_failures.labels(src.topic, d.error.reason).inc()
-                    error_class, reason = "undecodable", str(d.error)
-                else:
-                    error_class, reason = "unroutable", "a valid Avro record of a schema the relay does not route"
-                logger.warning("dead-lettering %s: %s (%s)", src.where(), error_class, reason)
-                self.dlq.write(src, None, error_class, None, reason, 0, None,
-                               lambda h=handle: tracker.settle(h))  # type: ignore[misc]
+            if not isinstance(d, Event):
+                self._undeliverable(d)
                 continue
+            kind = d.kind
             targets = routes[kind]
-            event = Event(kind, d.record, src)  # type: ignore[arg-type]
-            event.slot = tracker.register(src.topic, src.partition, src.offset, len(targets))
+            d.slot = register(src.topic, src.partition, src.offset, len(targets))
             for pipe in targets:
-                pipe.submit(event)
-            for pipe in self.filtered_by[kind]:
+                pipe.submit(d)
+            for pipe in filtered_by[kind]:
                 filtered[(pipe.name, kind.value)] += 1
         for topic, n in consumed.items():
             self.metrics.events_consumed.labels(topic).inc(n)
         for (vendor, kind_name), n in filtered.items():
             self.metrics.vendor_events.labels(vendor, kind_name, "filtered").inc(n)
+
+    def _undeliverable(self, d: Decoded) -> None:
+        """Undecodable or unroutable: straight to the dead-letter topic, settled when Kafka acknowledges it."""
+        src = d.source
+        tracker = self.tracker
+        handle = tracker.register(src.topic, src.partition, src.offset, 1)
+        if d.error is not None:
+            self.metrics.decode_failures.labels(src.topic, d.error.reason).inc()
+            error_class, reason = "undecodable", str(d.error)
+        else:
+            error_class, reason = "unroutable", "a valid Avro record of a schema the relay does not route"
+        logger.warning("dead-lettering %s: %s (%s)", src.where(), error_class, reason)
+        self.dlq.write(src, None, error_class, None, reason, 0, None, lambda: tracker.settle(handle))
 
     # -- rebalance ------------------------------------------------------------
     async def _on_assign(self, parts: Partitions) -> None:

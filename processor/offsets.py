@@ -69,6 +69,17 @@ class OffsetTracker:
         if slot[1] <= 0 and track.active:
             self.inflight -= 1
 
+    def settle_many(self, handles: list[tuple[PartitionTrack, list[int]]]) -> None:
+        """``settle(handle)`` for each handle (one vendor settled each), in one call."""
+        done = 0
+        for track, slot in handles:
+            if slot[1] <= 0:
+                continue
+            slot[1] -= 1
+            if slot[1] <= 0 and track.active:
+                done += 1
+        self.inflight -= done
+
     def commit_positions(self, only_changed: bool = True) -> dict[tuple[str, int], int]:
         out = {}
         for key, track in self.tracks.items():

@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from processor.codec import Decoder
 from processor.config import KafkaConfig
 from processor.errors import DecodeError
-from processor.events import EventKind, Source
+from processor.events import Event, EventKind, Source
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ Partitions = list[tuple[str, int]]
 
 @dataclass(slots=True)
 class Decoded:
+    """A message that is not an event to route: undecodable (``error``) or of a schema the relay does
+    not route (``kind`` None). Routable records come out of ``decode_all`` as Events directly."""
+
     source: Source
     kind: EventKind | None = None
     record: dict[str, Any] | None = None
@@ -59,6 +62,9 @@ class KafkaSource:
         self._on_revoke = on_revoke
         conf = {
             "auto.offset.reset": "earliest",
+            # librdkafka prefetches up to 64 MB by default, on top of the relay's own in-flight bound;
+            # 32 MB still keeps a decode-bound relay fed, 16 MB starves it (bench/README.md)
+            "queued.max.messages.kbytes": 32768,
             **cfg.client,
             "bootstrap.servers": cfg.bootstrap_servers,
             "group.id": cfg.group_id,
@@ -140,10 +146,12 @@ class KafkaSource:
         out.raw = msgs
         return out
 
-    def decode_all(self, msgs: list[Any]) -> list[Decoded]:
-        out: list[Decoded] = []
+    def decode_all(self, msgs: list[Any]) -> list[Event | Decoded]:
+        """In consume order: an Event per routable record, a Decoded (error, or kind None) otherwise."""
+        out: list[Event | Decoded] = []
         decode = self.decoder.decode
         append = out.append
+        from_message = Source.from_message
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -151,13 +159,13 @@ class KafkaSource:
                     raise KafkaException(err)
                 logger.warning("consumer error: %s", err.str())
                 continue
-            source = Source.from_message(msg)
+            source = from_message(msg)
             try:
                 kind, record = decode(source.value)
             except DecodeError as exc:
                 append(Decoded(source, error=exc))
                 continue
-            append(Decoded(source, kind, record))
+            append(Event(kind, record, source) if kind is not None else Decoded(source, None, record))
         return out
 
     async def poll(self, max_messages: int, timeout: float, pause: bool | None = None,

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from processor.delivery import VendorPipeline, backoff_delay, parse_retry_after
+from processor.delivery import Sender, VendorPipeline, backoff_delay, parse_retry_after
 from processor.devstack.samples import as_event, make_view
 from processor.events import Event, EventKind
 from processor.metrics import Metrics
@@ -69,7 +69,7 @@ class Harness:
                **settings}
         self.adapter = FakeAdapter(FakeAdapter.settings_model().model_validate(cfg))
         self.metrics = Metrics()
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        client = Sender(httpx.MockTransport(handler))
         self.pipe = VendorPipeline(self.adapter, client, self.metrics, lambda e: self.settled.append(e.source.offset),
                                    self._dead)
 
@@ -181,7 +181,7 @@ async def test_concurrency_is_bounded():
             return answer(["ok"] * len(orjson.loads(request.content)))
 
     h = Harness(lambda c, o: answer([]), concurrency=2, batch={"max_events": 1})
-    h.pipe.client = httpx.AsyncClient(transport=Slow())
+    h.pipe.client = Sender(Slow())
     await h.run(10)
     assert peak == 2 and len(h.settled) == 10
 
@@ -200,3 +200,34 @@ def test_parse_retry_after():
     assert parse_retry_after(None) is None
     assert parse_retry_after("garbage") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+class PerEventAdapter(FakeAdapter):
+    """One request per event, like Convead: the case where planning ahead would build every body."""
+
+    def plan(self, events: Sequence[Event]) -> Plan:
+        self.planned = getattr(self, "planned", 0) + len(events)
+        return Plan(requests=[VendorRequest(self.base_url, orjson.dumps([e.source.offset]), [e]) for e in events])
+
+
+async def test_planned_requests_are_bounded_and_every_event_still_settles_in_bulk():
+    planned_ahead = 0
+
+    class Slow(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request):
+            nonlocal planned_ahead
+            planned_ahead = max(planned_ahead, h.pipe.unsent)
+            await asyncio.sleep(0.001)
+            return answer(["ok"] * len(orjson.loads(request.content)))
+
+    h = Harness(lambda c, o: answer([]), concurrency=2, batch={"max_events": 5})
+    h.adapter = h.pipe.adapter = PerEventAdapter(h.adapter.settings)
+    h.pipe.client = Sender(Slow())
+    settled_in_bulk: list[list[int]] = []
+    h.pipe.settle_many = lambda evs: settled_in_bulk.append([e.source.offset for e in evs])
+    await h.run(60)
+    assert planned_ahead <= 2 * 2 + 5  # 2 x concurrency, checked before a batch (5 requests) is planned
+    assert sorted(o for batch in settled_in_bulk for o in batch) == list(range(60))
+    assert h.pipe.unsent == 0 and h.pipe.inflight == 0
+    assert h.count("delivered") == 60
+    assert h.metrics.registry.get_sample_value("processor_delivery_latency_seconds_count", {"vendor": "fake"}) == 60

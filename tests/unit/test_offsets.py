@@ -51,3 +51,23 @@ def test_revoked_partitions_ignore_late_settlements():
     assert t.commit_positions() == {}
     t.assign("t", 0)
     assert t.commit_positions() == {}
+
+
+def test_settle_many_is_settle_once_per_handle_and_never_commits_past_a_pending_vendor():
+    t = OffsetTracker()
+    t.assign("t", 0)
+    t.assign("t", 1)
+    a = [t.register("t", 0, off, 2) for off in range(5)]  # two vendors each
+    b = [t.register("t", 1, off, 1) for off in range(3)]
+    t.settle_many(a[1:] + b[:2])  # vendor 1 of offsets 1-4 on t[0]; t[1] 0-1 fully
+    assert t.inflight == 5 + 1
+    assert t.commit_positions() == {("t", 0): 0, ("t", 1): 2}
+    t.settle_many([*a, b[2], b[2]])  # vendor 2 everywhere on t[0]; t[1]@2 twice (harmless)
+    assert t.commit_positions() == {("t", 0): 0, ("t", 1): 3}  # offset 0 still owes vendor 1
+    assert t.inflight == 1
+    t.settle_many([a[0]])
+    assert t.commit_positions() == {("t", 0): 5, ("t", 1): 3}
+    assert t.inflight == 0
+    t.revoke("t", 0)
+    t.settle_many([a[0]])  # late settlements after a revoke change nothing
+    assert t.inflight == 0
