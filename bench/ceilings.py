@@ -5,7 +5,7 @@
   topic and decodes every value with fastavro, doing nothing else.
 * HTTP: a bare loop that sends the relay's own requests (each adapter
   ``plan``s real batches of the benchmark's events, cut by the same batch
-  limits) to the same sandbox, through the same client (``make_client``: httpx
+  limits) to the same sandbox, through the same sender (``make_sender``: httpx
   over the configured transport, the vendor's pool limits) with the vendor's
   concurrency, doing nothing else. Measured per vendor alone, then combined
   in the scenario's own proportions of requests (``mix_ceiling``): sending
@@ -29,7 +29,7 @@ from fastavro import parse_schema, schemaless_reader
 from processor.batching import Batcher
 from processor.codec import EMBEDDED_IDS, Decoder, load_canonical_schemas
 from processor.config import load_config
-from processor.delivery import make_client
+from processor.delivery import make_sender
 from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS
 from processor.events import Event, Source
 from processor.vendors import adapter_class
@@ -87,8 +87,7 @@ def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[
     out = {}
     for name, settings in config.enabled_vendors().items():
         adapter = adapter_class(name)(settings)
-        batch = settings.batch if "batch" in settings.model_fields_set else adapter.default_batch
-        batcher = Batcher(batch)
+        batcher = Batcher(settings.batch)  # the vendor's default batch limits unless configured
         requests: list[VendorRequest] = []
         closed = [b for b in (batcher.add(e) for e in events if adapter.takes(e.kind)) if b]
         last = batcher.flush()
@@ -101,7 +100,7 @@ def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[
 
 async def _vendor_ceiling(adapter: Adapter[Any, Any], requests: list[VendorRequest], transport: str,
                           seconds: float, warmup_s: float) -> dict[str, Any]:
-    client = make_client(adapter, transport)
+    client = make_sender(adapter, transport)
     conc = adapter.settings.concurrency
     count = carried = bad = 0
     measuring = False

@@ -21,7 +21,7 @@ def _f(v: Any, digits: int = 0) -> str:
 def table(doc: dict[str, Any]) -> Table:
     t = Table(title=f"event relay benchmark: {doc['events']:,} events, {doc['cores']} cores, "
                     f"decode ceiling {_f(doc.get('decode_ceiling_events_per_s'))} events/s")
-    cols = ("run", "vendors", "events/s", "deliveries/s", "requests/s", "HTTP ceiling req/s", "ratio",
+    cols = ("run", "vendors", "events/s", "steady ev/s", "deliveries/s", "requests/s", "HTTP ceiling req/s", "ratio",
             "p50 ms", "p95 ms", "p99 ms", "peak RSS MB", "CPU s/1k")
     for c in cols:
         t.add_column(c, justify="left" if c in ("run", "vendors") else "right")
@@ -30,20 +30,23 @@ def table(doc: dict[str, Any]) -> Table:
             t.add_row(f"scenario {key}", "-", "skipped", *[""] * (len(cols) - 3))
             continue
         t.add_row(f"scenario {key}", ", ".join(sc["vendors"]), _f(sc["relay_events_per_s"]),
+                  _f(sc["steady_events_per_s"]),
                   _f(sc["vendor_deliveries_per_s"]), _f(sc["relay_requests_per_s"]),
                   _f(sc["http_ceiling_requests_per_s"]), f"{sc['ratio']:.2f} ({sc['binding']})",
                   _f(sc["p50_ms"]), _f(sc["p95_ms"]), _f(sc["p99_ms"]), _f(sc["peak_rss_mb"]),
                   _f(sc["cpu_s_per_1k"], 3))
     if "scaling" in doc:
         r = doc["scaling"]
-        t.add_row(f"--workers {r['workers']} ({r['scenario']})", f"{r['speedup']}x one worker",
-                  _f(r["relay_events_per_s"]), _f(r["vendor_deliveries_per_s"]), _f(r["relay_requests_per_s"]),
+        t.add_row(f"--workers {r['workers']} ({r['scenario']})", f"{r['speedup']}x one worker (steady)",
+                  _f(r["relay_events_per_s"]), _f(r["steady_events_per_s"]), _f(r["vendor_deliveries_per_s"]),
+                  _f(r["relay_requests_per_s"]),
                   "", "", _f(r["p50_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["peak_rss_mb"]),
                   _f(r["cpu_s_per_1k"], 3))
     if "backlog" in doc:
         r = doc["backlog"]
         t.add_row(f"backlog {r['events']:,} ({r['scenario']})", f"in-flight limit {r['max_inflight_events']:,}",
-                  _f(r["relay_events_per_s"]), _f(r["vendor_deliveries_per_s"]), _f(r["relay_requests_per_s"]),
+                  _f(r["relay_events_per_s"]), _f(r["steady_events_per_s"]), _f(r["vendor_deliveries_per_s"]),
+                  _f(r["relay_requests_per_s"]),
                   "", "", _f(r["p50_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["peak_rss_mb"]),
                   _f(r["cpu_s_per_1k"], 3))
     return t
@@ -51,6 +54,8 @@ def table(doc: dict[str, Any]) -> Table:
 
 def print_report(doc: dict[str, Any], console: Console) -> None:
     console.print(table(doc))
+    console.print("events/s: every pre-loaded event settled by every vendor, from the group join on; steady: "
+                  "10% -> 90% settled (no start-up, no last batch window), what ratio and scaling use.")
     console.print("scenario latency: a run of its own at half the scenario's measured rate (Kafka timestamp -> "
                   "vendor ack, the relay's histogram); in the --workers and backlog rows it includes the wait in "
                   "the pre-loaded backlog.")
@@ -62,3 +67,39 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
 def write(doc: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The table as Markdown, for the READMEs: ``python -m bench.report bench/results/latest.json``."""
+    head = ("run", "vendors", "events/s", "steady ev/s", "deliveries/s", "requests/s", "HTTP ceiling req/s", "ratio",
+            "p50 ms", "p95 ms", "p99 ms", "peak RSS MB", "CPU s/1k")
+    rows = [head, tuple("---" if c in ("run", "vendors", "ratio") else "---:" for c in head)]
+
+    def row(name: str, vendors: str, r: dict[str, Any], ceiling: str = "", ratio: str = "",
+            latency: bool = True) -> tuple[str, ...]:
+        lat = [_f(r[k]) for k in ("p50_ms", "p95_ms", "p99_ms")] if latency else ["(backlog)", "", ""]
+        return (name, vendors, _f(r["relay_events_per_s"]), _f(r["steady_events_per_s"]),
+                _f(r["vendor_deliveries_per_s"]), _f(r["relay_requests_per_s"]), ceiling, ratio, *lat,
+                _f(r["peak_rss_mb"]), _f(r["cpu_s_per_1k"], 3))
+
+    for key, sc in doc["scenarios"].items():
+        if "skipped" not in sc:
+            rows.append(row(f"scenario {key}", ", ".join(sc["vendors"]), sc, _f(sc["http_ceiling_requests_per_s"]),
+                            f"{sc['ratio']:.2f} ({sc['binding']})"))
+    if "scaling" in doc:
+        r = doc["scaling"]
+        rows.append(row(f"`--workers {r['workers']}` ({r['scenario']})", f"{r['speedup']}x one worker (steady)", r,
+                        latency=False))
+    if "backlog" in doc:
+        r = doc["backlog"]
+        rows.append(row(f"backlog {r['events']:,} ({r['scenario']})",
+                        f"in-flight limit {r['max_inflight_events']:,}", r, latency=False))
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import orjson as _orjson
+
+    print(markdown(_orjson.loads(Path(sys.argv[1]).read_bytes())))

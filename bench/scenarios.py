@@ -150,12 +150,25 @@ class RunResult:
     latency_ms: dict[str, float | None]
     per_vendor: dict[str, dict[str, float]]
     log: str
+    stack_cpu_s: dict[str, float] = field(default_factory=dict)  # the sandbox's and the broker's
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (seconds, events settled)
+
+    def steady_rate(self) -> float | None:
+        """Events/s between 10% and 90% settled: the rate without start-up and the last batch window.
+        None when that stretch is under 2 s: settlements come a batch at a time, too lumpy to time shorter."""
+        lo = next(((t, n) for t, n in self.timeline if n >= 0.1 * self.events), None)
+        hi = next(((t, n) for t, n in self.timeline if n >= 0.9 * self.events), None)
+        if lo is None or hi is None or hi[0] - lo[0] < 2.0:
+            return None
+        return (hi[1] - lo[1]) / (hi[0] - lo[0])
 
     def as_dict(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
         return {
             "seconds": round(self.seconds, 3),
+            "events_measured": self.events,
             "relay_events_per_s": round(self.events / s, 1),
+            "steady_events_per_s": None if (r := self.steady_rate()) is None else round(r, 1),
             "relay_requests_per_s": round(self.requests / s, 1),
             "vendor_deliveries_per_s": round(self.delivered / s, 1),
             "p50_ms": _r(self.latency_ms["p50"]),
@@ -163,12 +176,16 @@ class RunResult:
             "p99_ms": _r(self.latency_ms["p99"]),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "cpu_s_per_1k": round(self.cpu_s / max(self.events, 1) * 1000, 4),
+            # cores busy during the run: the relay's, and what the sandbox and the broker took beside it
+            "cores_used": {"relay": round(self.cpu_s / s, 2),
+                           **{k: round(v / s, 2) for k, v in self.stack_cpu_s.items()}},
             "requests": int(self.requests),
             "error_requests": int(self.error_requests),
             "delivered": int(self.delivered),
             "filtered": int(self.filtered),
             "dead_lettered": int(self.dead_lettered),
             "per_vendor": self.per_vendor,
+            "timeline": [(round(t, 2), int(n)) for t, n in self.timeline[:: max(1, len(self.timeline) // 60)]],
             "log": self.log,
         }
 
@@ -244,7 +261,8 @@ class RelayRun:
             raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         out = self.profile_dir / f"{self.name}.txt"
-        cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--output", str(out)]
+        cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--output", str(out),
+               *os.environ.get("BENCH_PYSPY_ARGS", "").split()]
         if self.workers > 1:
             cmd.append("--subprocesses")
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -264,27 +282,32 @@ class RelayRun:
         from bench.stack import wait_until
 
         wait_until(ready, 90, f"relay {self.name} to join the group", 0.02)
+        others = {name: ProcWatch(pid) for name, pid in self.stack.pids().items()}
         t0 = time.monotonic()
         cpu0 = watch.cpu_seconds()
+        others0 = {name: w.cpu_seconds() for name, w in others.items()}
         before = scrape(self.ports)  # a worker may have started before the others joined
         settled0 = self._settled(before)
         profiler = self._profile(proc.pid)
         if self.pacer is not None:
             self.pacer.start()
         deadline = t0 + timeout_s
+        timeline: list[tuple[float, float]] = []
         while True:
             self._alive(proc)
             if self.pacer is not None and self.pacer.error is not None:
                 raise RuntimeError(f"the load producer failed: {self.pacer.error}")
             settled = self._settled(scrape(self.ports, ("processor_vendor_events_total",)))
+            timeline.append((time.monotonic() - t0, settled - settled0))
             if settled >= self.events:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"relay {self.name}: {settled:.0f} of {self.events} events settled after "
                                    f"{timeout_s:.0f}s; see {self.log_path}")
-            time.sleep(0.05)
+            time.sleep(0.1)  # each scrape costs the relay ~2 ms (generate_latest): 10 Hz is ~2% of a core
         t1 = time.monotonic()
         cpu1 = watch.cpu_seconds()
+        stack_cpu = {name: w.cpu_seconds() - others0[name] for name, w in others.items()}
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             profiler.wait(60)
@@ -317,4 +340,6 @@ class RelayRun:
                                                                                strict=True)},
             per_vendor=per_vendor,
             log=str(self.log_path),
+            stack_cpu_s=stack_cpu,
+            timeline=timeline,
         )

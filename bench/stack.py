@@ -155,6 +155,14 @@ class Stack:
                 self.sandbox.kill()
         self.broker.stop()
 
+    def pids(self) -> dict[str, int]:
+        out = {}
+        if self.sandbox is not None:
+            out["sandbox"] = self.sandbox.pid
+        if self.broker.proc is not None:
+            out["broker"] = self.broker.proc.pid
+        return out
+
     def reset_sandbox(self) -> None:
         req = urllib.request.Request(f"{self.sandbox_url}/_sandbox/reset", data=b"{}", method="POST")
         with urllib.request.urlopen(req, timeout=5):
