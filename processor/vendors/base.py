@@ -157,7 +157,7 @@ class MissingField(Exception):
 
 def require(value: Any, field_path: str) -> Any:
     """``value`` if present (not None, not empty), else MissingField naming the canonical field."""
-    if value is None or value == "" or value == []:
+    if not value and (value is None or value == "" or value == []):  # a truthy value is present: one test
         raise MissingField(field_path)
     return value
 

@@ -83,9 +83,9 @@ class ConvertSite(Frozen):
         return self
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Endpoint:
-    """A site's request constants, computed once."""
+    """A site's request constants, computed once (hashed by identity: a key of the batch's groups)."""
 
     v1: bool
     url: str
@@ -97,54 +97,63 @@ class _Endpoint:
     order_goals: list[Any]
     customer_segments: list[str]
     fallback: bool
+    # the API's segment vocabulary
+    browsers: dict[str, str]
+    sources: dict[str, str]
+    seg_new: str
+    seg_ctry: str
+    seg_cust: str
 
 
 @dataclass(slots=True)
 class _Visitor:
-    """One visitor's rows in this batch; ``spans`` are each event's [start, end) in ``rows``."""
+    """One visitor's rows in this batch; ``index`` is the visitor's place in its request and
+    ``spans`` are each event's (index, start, end) of its rows, the request's context."""
 
     ep: _Endpoint
     vid: str
     first: dict[str, Any]
-    seen: set[tuple[str, str]] = field(default_factory=set)
+    seen: set[tuple[str, str]]
+    index: int
     events: list[Event] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
-    spans: list[tuple[int, int]] = field(default_factory=list)
+    spans: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def _devices(device: str, user_agent: str | None) -> tuple[str, ...]:
-    ua = user_agent or ""
     if device == "desktop":
         return ("DESK",)
     if device == "mobile":
-        return ("IPH", "ALLPH") if "iPhone" in ua else ("OTHPH", "ALLPH")
+        return ("IPH", "ALLPH") if "iPhone" in (user_agent or "") else ("OTHPH", "ALLPH")
     if device == "tablet":
-        return ("IPAD", "ALLTAB") if "iPad" in ua else ("OTHTAB", "ALLTAB")
+        return ("IPAD", "ALLTAB") if "iPad" in (user_agent or "") else ("OTHTAB", "ALLTAB")
     return ("OTHDEV",)
 
 
 def segments(rec: dict[str, Any], ep: _Endpoint) -> dict[str, Any] | None:
     """``seg`` (track) or ``segments`` (v1) from the page context, values as each API allows."""
-    page, v1 = rec["page"], ep.v1
-    keys = SEG_KEYS_V1 if v1 else SEG_KEYS
+    page = rec["page"]
     seg: dict[str, Any] = {}
-    if page["browser"]:
-        seg["browser"] = (BROWSERS_V1 if v1 else BROWSERS).get(page["browser"], "OTH")
-    if page["device"]:
-        seg["devices"] = _devices(page["device"], page["user_agent"])
-    source = (SOURCES_V1 if v1 else SOURCES).get(page["traffic_source"] or "")
+    browser = page["browser"]
+    if browser:
+        seg["browser"] = ep.browsers.get(browser, "OTH")
+    device = page["device"]
+    if device:
+        seg["devices"] = _devices(device, page["user_agent"])
+    source = ep.sources.get(page["traffic_source"] or "")
     if source:
         seg["source"] = source
-    if page["campaign"] is not None:
-        seg["campaign"] = page["campaign"]
+    campaign = page["campaign"]
+    if campaign is not None:
+        seg["campaign"] = campaign
     returning = page["returning_visitor"]
     if returning is not None:
-        seg[keys["new"]] = ("returning" if returning else "new") if v1 else int(returning)
+        seg[ep.seg_new] = ("returning" if returning else "new") if ep.v1 else int(returning)
     country = page["country"]
     if country and len(country) == 2 and country.isascii() and country.isalpha():
-        seg[keys["ctry"]] = country.upper()
+        seg[ep.seg_ctry] = country.upper()
     if ep.customer_segments and rec["visitor"]["customer_id"]:
-        seg[keys["cust"]] = ep.customer_segments
+        seg[ep.seg_cust] = ep.customer_segments
     return seg or None
 
 
@@ -185,7 +194,8 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
             ua = CONVERT_AGENT
         elif "ConvertAgent/" not in ua:
             ua = f"{ua} {CONVERT_AGENT}"
-        self._endpoints = {id(site): self._endpoint(site, ua) for site in settings.sites.values()}
+        self._endpoints = {site_id: self._endpoint(site, ua) for site_id, site in settings.sites.items()}
+        self._default_endpoint = self._endpoints.get("default")
 
     def _endpoint(self, site: ConvertSite, ua: str) -> _Endpoint:
         pid, v1 = site.project_id, site.api == "v1"
@@ -195,54 +205,65 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
         if site.secret is not None:
             headers["Authorization"] = f"Bearer {site.secret.get_secret_value()}"
         goal_id = str if v1 else int  # v1 goalId is a string, the document's goals are numbers
+        keys = SEG_KEYS_V1 if v1 else SEG_KEYS
         return _Endpoint(v1, f"{host}/v1/track/{site.account_id}/{pid}" if v1 else f"{host}/track", headers,
                          site.account_id, pid, site.enrich_data, [goal_id(g) for g in site.view_goals],
                          [goal_id(g) for g in site.order_goals], site.customer_segments,
-                         site.visitor_id_fallback)
+                         site.visitor_id_fallback, BROWSERS_V1 if v1 else BROWSERS, SOURCES_V1 if v1 else SOURCES,
+                         keys["new"], keys["ctry"], keys["cust"])
 
     def rows(self, event: Event, ep: _Endpoint, seen: set[tuple[str, str]]) -> list[dict[str, Any]] | None:
         """The event's rows in the site's API (None: nothing for Convert); marks its pairs seen."""
         rec = event.record
-        exps, vars_ = [], []
+        pairs: list[tuple[str, str]] = []  # (experience, variation) in the event's order
         for i, bucket in enumerate(rec["experiments"]):
-            exps.append(require(bucket["experience_id"], f"experiments[{i}].experience_id"))
-            vars_.append(require(bucket["variation_id"], f"experiments[{i}].variation_id"))
+            exp, var = bucket["experience_id"], bucket["variation_id"]
+            if not (exp and var):  # rare: let require name the missing field
+                require(exp, f"experiments[{i}].experience_id")
+                require(var, f"experiments[{i}].variation_id")
+            pairs.append((exp, var))
         order = rec["order"] if event.kind is EventKind.ORDER else None
         goals = ep.view_goals if order is None else ep.order_goals
-        if not exps and not goals:
+        if not pairs and not goals:
             return None
-        new = [pair for pair in dict.fromkeys(zip(exps, vars_, strict=True)) if pair not in seen]
+        unique = dict.fromkeys(pairs) if len(pairs) > 1 else pairs  # each pair once, in order
+        new = [pair for pair in unique if pair not in seen]
         if goals and order is not None:
             amount, count = _order_totals(order)
         rows: list[dict[str, Any]] = []
         if ep.v1:
-            rows.extend({"eventType": "bucketing", "data": {"experienceId": e, "variationId": v}} for e, v in new)
+            for e, v in new:
+                rows.append({"eventType": "bucketing", "data": {"experienceId": e, "variationId": v}})
             if goals:
-                data: dict[str, Any] = {}
+                goal_data: list[dict[str, Any]] | None = None
                 if order is not None:
-                    data["goalData"] = [{"key": "amount", "value": amount}, {"key": "productsCount", "value": count}]
+                    goal_data = [{"key": "amount", "value": amount}, {"key": "productsCount", "value": count}]
                     if order["order_id"]:
-                        data["goalData"].append({"key": "transactionId", "value": order["order_id"]})
-                if exps:
-                    data["bucketingData"] = dict(zip(exps, vars_, strict=True))
-                rows.extend({"eventType": "conversion", "data": {"goalId": g, **data}} for g in goals)
+                        goal_data.append({"key": "transactionId", "value": order["order_id"]})
+                bucketing = dict(pairs) if pairs else None
+                for g in goals:
+                    data: dict[str, Any] = {"goalId": g}
+                    if goal_data is not None:
+                        data["goalData"] = goal_data
+                    if bucketing is not None:
+                        data["bucketingData"] = bucketing
+                    rows.append({"eventType": "conversion", "data": data})
         else:
             if new:
                 rows.append({"evt": "viewExp", "vars": [v for _, v in new], "exps": [e for e, _ in new]})
             if goals:
                 row: dict[str, Any] = {"evt": "hitGoal" if order is None else "tr", "goals": goals}
-                if exps:
-                    row["vars"], row["exps"] = vars_, exps
+                if pairs:
+                    row["vars"], row["exps"] = [v for _, v in pairs], [e for e, _ in pairs]
                 if order is not None:
                     row["r"], row["prc"] = amount, count
                 rows.append(row)
-        seen.update(new)
+        if new:
+            seen.update(new)
         return rows
 
-    def visitor_id(self, visitor: dict[str, Any], ep: _Endpoint) -> str:
-        vid: str | None = visitor["vendor_ids"].get("convert_visitor_id")
-        if vid:
-            return vid
+    def _fallback_visitor_id(self, visitor: dict[str, Any], ep: _Endpoint) -> str:
+        """``visitor.visitor_id`` for a visitor without ``convert_visitor_id``, if the site allows it."""
         if not ep.fallback:
             raise MissingField("visitor.vendor_ids.convert_visitor_id")
         fallback: str = require(visitor["visitor_id"], "visitor.visitor_id")
@@ -250,15 +271,19 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
 
     def plan(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
-        visitors: dict[tuple[int, str], _Visitor] = {}
+        visitors: dict[tuple[_Endpoint, str], _Visitor] = {}
+        v1_groups: dict[_Endpoint, list[_Visitor]] = {}  # one request per v1 endpoint, visitors in order
+        endpoints, default = self._endpoints, self._default_endpoint
         for event in events:
-            site = self.site(event)
-            if site is None:
+            rec = event.record
+            ep = endpoints.get(rec["site_id"], default)
+            if ep is None:
                 plan.rejected.append((event, self.no_site_reason(event)))
                 continue
-            ep = self._endpoints[id(site)]
             try:
-                key = (id(ep), self.visitor_id(event.record["visitor"], ep))
+                visitor = rec["visitor"]
+                key = (ep, visitor["vendor_ids"].get("convert_visitor_id")
+                       or self._fallback_visitor_id(visitor, ep))
                 acc = visitors.get(key)
                 seen = acc.seen if acc is not None else set()
                 rows = self.rows(event, ep, seen)
@@ -269,34 +294,39 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
                 plan.filtered.append(event)
                 continue
             if acc is None:
-                acc = visitors[key] = _Visitor(ep, key[1], event.record, seen)
+                if ep.v1:
+                    group = v1_groups.setdefault(ep, [])
+                    acc = _Visitor(ep, key[1], rec, seen, len(group))
+                    group.append(acc)
+                else:
+                    acc = _Visitor(ep, key[1], rec, seen, 0)
+                visitors[key] = acc
+            start = len(acc.rows)
             acc.events.append(event)
-            acc.spans.append((len(acc.rows), len(acc.rows) + len(rows)))
+            acc.spans.append((acc.index, start, start + len(rows)))
             acc.rows.extend(rows)
-        v1_groups: dict[int, list[_Visitor]] = {}
         for acc in visitors.values():
-            if acc.ep.v1:
-                v1_groups.setdefault(id(acc.ep), []).append(acc)
-            else:
+            if not acc.ep.v1:
                 plan.requests.append(self.request(acc.ep, [acc]))
-        plan.requests.extend(self.request(accs[0].ep, accs) for accs in v1_groups.values())
+        plan.requests.extend(self.request(ep, accs) for ep, accs in v1_groups.items())
         return plan
 
     def request(self, ep: _Endpoint, accs: list[_Visitor]) -> VendorRequest:
         """One request for these visitors; context: (visitor index, start, end) per event."""
-        events: list[Event] = []
-        spans: list[tuple[int, int, int]] = []
-        for i, acc in enumerate(accs):
-            events.extend(acc.events)
-            spans.extend((i, start, end) for start, end in acc.spans)
         body: dict[str, Any]
         if ep.v1:
+            events: list[Event] = []
+            spans: list[tuple[int, int, int]] = []
+            for acc in accs:
+                events.extend(acc.events)
+                spans.extend(acc.spans)
             body = {"accountId": ep.account_id, "projectId": ep.project_id}
             if ep.enrich:
                 body["enrichData"] = True
             body["visitors"] = [self._v1_visitor(acc) for acc in accs]
         else:
             (acc,) = accs
+            events, spans = acc.events, acc.spans
             body = {"cid": ep.account_id, "pid": ep.project_id}
             seg = segments(acc.first, ep)
             if seg:

@@ -11,6 +11,7 @@ canonical event is rejected when any of its rows is in ``failed``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from processor.vendors.base import (
     Plan,
     Response,
     VendorRequest,
+    VendorSettings,
     rejected,
     require,
     status_outcome,
@@ -39,6 +41,17 @@ class QuickLizardSite(Frozen):
     tags: list[str] = Field(default_factory=list, description="tags added to every event")
     channel: str | None = Field(None, description="pricing channel (conversions carry at most one)")
     send_vid: bool = Field(True, description="send the anonymous visitor id as vid")
+
+
+@dataclass(slots=True, frozen=True)
+class _Route:
+    """A site's per-row constants, computed once."""
+
+    url: str
+    client_key: str
+    send_vid: bool
+    tags: list[str] | None
+    channels: list[str] | None
 
 
 def _row_key(row: dict[str, Any]) -> bytes:
@@ -59,26 +72,32 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
                 "sites": {"default": {"client_key": "${QUICKLIZARD_CLIENT_KEY}", "channel": "online"}},
                 "options": {}}
 
-    def rows(self, event: Event, site: QuickLizardSite) -> list[dict[str, Any]]:
+    def __init__(self, settings: VendorSettings[QuickLizardSite, NoOptions]) -> None:
+        super().__init__(settings)
+        self._routes = {site_id: self._route(site) for site_id, site in settings.sites.items()}
+        self._default_route = self._routes.get("default")
+        self._headers = {"Content-Type": "application/json", "User-Agent": settings.user_agent}
+
+    def _route(self, site: QuickLizardSite) -> _Route:
+        return _Route(site.endpoint or self.base_url, site.client_key.get_secret_value(), site.send_vid,
+                      site.tags or None, [site.channel] if site.channel else None)
+
+    def rows(self, event: Event, route: _Route) -> list[dict[str, Any]]:
         rec = event.record
-        visitor = rec["visitor"]
-        common: dict[str, Any] = {"client_key": site.client_key.get_secret_value()}
-        vid = visitor["vendor_ids"].get("quicklizard_vid") or visitor["visitor_id"]
+        vid: str | None = None
+        if route.send_vid:
+            visitor = rec["visitor"]
+            vid = visitor["vendor_ids"].get("quicklizard_vid") or visitor["visitor_id"]
         if event.kind is EventKind.PRODUCT_VIEW:
             product = rec["product"]
             row = {
-                **common,
+                "client_key": route.client_key,
                 "price": float(require(product["price"], "product.price")),
                 "product_id": require(product["product_id"], "product.product_id"),
                 "event": "view",
                 "permalink": require(product["url"] or rec["page"]["url"], "product.url"),
             }
-            if site.send_vid and vid:
-                row["vid"] = vid
-            if site.tags:
-                row["tags"] = site.tags
-            if site.channel:
-                row["channels"] = [site.channel]
+            self._extras(row, vid, route)
             return [row]
         items = require(rec["order"]["items"], "order.items")
         out = []
@@ -87,49 +106,50 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
             if units is None or units < 1:
                 raise MissingField(f"order.items[{i}].quantity")
             row = {
-                **common,
+                "client_key": route.client_key,
                 "price": round(float(require(item["unit_price"], f"order.items[{i}].unit_price")) * units, 2),
                 "product_id": require(item["product_id"], f"order.items[{i}].product_id"),
                 "event": "conversion",
             }
-            if site.send_vid and vid:
-                row["vid"] = vid
-            if site.tags:
-                row["tags"] = site.tags
-            if site.channel:
-                row["channels"] = [site.channel]
+            self._extras(row, vid, route)
             row["units"] = units
             out.append(row)
         return out
 
+    @staticmethod
+    def _extras(row: dict[str, Any], vid: str | None, route: _Route) -> None:
+        """The optional fields every row ends with (before a conversion's units)."""
+        if vid:
+            row["vid"] = vid
+        if route.tags:
+            row["tags"] = route.tags
+        if route.channels:
+            row["channels"] = route.channels
+
     def plan(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         by_url: dict[str, tuple[list[Event], list[dict[str, Any]], list[int]]] = {}
+        routes, default = self._routes, self._default_route
         for event in events:
-            site = self.site(event)
-            if site is None:
+            route = routes.get(event.record["site_id"], default)
+            if route is None:
                 plan.rejected.append((event, self.no_site_reason(event)))
                 continue
             try:
-                rows = self.rows(event, site)
+                rows = self.rows(event, route)
             except MissingField as exc:
                 plan.rejected.append((event, str(exc)))
                 continue
-            url = site.endpoint or self.base_url
-            evs, all_rows, counts = by_url.setdefault(url, ([], [], []))
+            group = by_url.get(route.url)
+            if group is None:
+                group = by_url[route.url] = ([], [], [])
+            evs, all_rows, counts = group
             evs.append(event)
             all_rows.extend(rows)
             counts.append(len(rows))
         for url, (evs, all_rows, counts) in by_url.items():
-            plan.requests.append(
-                VendorRequest(
-                    url=url,
-                    content=orjson.dumps(all_rows),
-                    events=evs,
-                    headers={"Content-Type": "application/json", "User-Agent": self.settings.user_agent},
-                    context=(all_rows, counts),
-                )
-            )
+            plan.requests.append(VendorRequest(url=url, content=orjson.dumps(all_rows), events=evs,
+                                               headers=self._headers, context=(all_rows, counts)))
         return plan
 
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
