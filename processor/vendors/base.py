@@ -178,7 +178,9 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         self.options: OptionsT = settings.options
         self.base_url = (settings.base_url or self.default_base_url).rstrip("/")
         self.enabled_kinds = frozenset(settings.kinds) if settings.kinds is not None else self.kinds
-        self._default_site = settings.sites.get("default")
+        # per site_id, what ``plan`` needs of the site, prepared once; ``default_route`` serves other sites
+        self.routes: dict[str, Any] = {sid: self.prepare_site(sid, site) for sid, site in settings.sites.items()}
+        self.default_route: Any = self.routes.get("default")
 
     @classmethod
     def settings_model(cls) -> type[VendorSettings[Any, Any]]:
@@ -195,9 +197,11 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
             cls._settings_model = model  # type: ignore[attr-defined]
         return model  # type: ignore[no-any-return]
 
-    def site(self, event: Event) -> SiteT | None:
-        """The site config selected by the event's site_id, else the default, else None."""
-        return self.settings.sites.get(event.record["site_id"], self._default_site)
+    def prepare_site(self, site_id: str, site: SiteT) -> Any:
+        """What ``plan`` needs of one site (URLs, secrets, lookup maps), computed once at start so the
+        per-event path only does ``self.routes.get(record["site_id"], self.default_route)``.
+        Called from ``Adapter.__init__``: use only ``self.settings``, ``options`` and ``base_url``."""
+        return site
 
     def takes(self, kind: EventKind) -> bool:
         return kind in self.enabled_kinds

@@ -161,14 +161,12 @@ class ConveadAdapter(Adapter[ConveadSite, NoOptions]):
 
     def __init__(self, settings: VendorSettings[ConveadSite, NoOptions]) -> None:
         super().__init__(settings)
-        self._sites = {
-            site_id: _Site(b"app_key=" + form_quote(site.app_key.get_secret_value().encode()),
-                           site.domain.lower() if site.domain else None, site.send_visitor_info)
-            for site_id, site in settings.sites.items()
-        }
-        self._default = self._sites.get("default")
         self._headers = {"Content-Type": "application/x-www-form-urlencoded",
                          "User-Agent": self.settings.user_agent}
+
+    def prepare_site(self, site_id: str, site: ConveadSite) -> _Site:
+        return _Site(b"app_key=" + form_quote(site.app_key.get_secret_value().encode()),
+                     site.domain.lower() if site.domain else None, site.send_visitor_info)
 
     def body(self, event: Event, site: _Site) -> tuple[bytes, bool]:
         """The form body of one event, and whether an invalid visitor_uid was dropped."""
@@ -215,7 +213,7 @@ class ConveadAdapter(Adapter[ConveadSite, NoOptions]):
     def plan(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         for event in events:
-            site = self._sites.get(event.record["site_id"], self._default)
+            site = self.routes.get(event.record["site_id"], self.default_route)
             if site is None:
                 plan.rejected.append((event, self.no_site_reason(event)))
                 continue

@@ -45,7 +45,6 @@ from processor.vendors.base import (
     Plan,
     Response,
     VendorRequest,
-    VendorSettings,
     Verdict,
     rejected,
     require,
@@ -187,18 +186,14 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
                                      "secret": "${CONVERT_TRACKING_SECRET}", **common}},
                 "options": {}}
 
-    def __init__(self, settings: VendorSettings[ConvertSite, NoOptions]) -> None:
-        super().__init__(settings)
-        ua = settings.user_agent
-        if "user_agent" not in settings.model_fields_set or not ua.strip():
-            ua = CONVERT_AGENT
-        elif "ConvertAgent/" not in ua:
-            ua = f"{ua} {CONVERT_AGENT}"
-        self._endpoints = {site_id: self._endpoint(site, ua) for site_id, site in settings.sites.items()}
-        self._default_endpoint = self._endpoints.get("default")
+    def _user_agent(self) -> str:
+        ua = self.settings.user_agent
+        if "user_agent" not in self.settings.model_fields_set or not ua.strip():
+            return CONVERT_AGENT
+        return ua if "ConvertAgent/" in ua else f"{ua} {CONVERT_AGENT}"
 
-    def _endpoint(self, site: ConvertSite, ua: str) -> _Endpoint:
-        pid, v1 = site.project_id, site.api == "v1"
+    def prepare_site(self, site_id: str, site: ConvertSite) -> _Endpoint:
+        pid, v1, ua = site.project_id, site.api == "v1", self._user_agent()
         base = self.base_url
         host = base.replace("{project_id}", pid) if "{project_id}" in base else f"{base}/{pid}"
         headers = {"Content-Type": "application/json", "User-Agent": ua}
@@ -273,7 +268,7 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
         plan = Plan()
         visitors: dict[tuple[_Endpoint, str], _Visitor] = {}
         v1_groups: dict[_Endpoint, list[_Visitor]] = {}  # one request per v1 endpoint, visitors in order
-        endpoints, default = self._endpoints, self._default_endpoint
+        endpoints, default = self.routes, self.default_route
         for event in events:
             rec = event.record
             ep = endpoints.get(rec["site_id"], default)

@@ -110,11 +110,9 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
 
     def __init__(self, settings: VendorSettings[QubitSite, QubitOptions]) -> None:
         super().__init__(settings)
-        self._routes = {site_id: self._route(site) for site_id, site in self.settings.sites.items()}
-        self._default_route = self._routes.get("default")
         self._headers = {"Content-Type": "application/json", "User-Agent": self.settings.user_agent}
 
-    def _route(self, site: QubitSite) -> _Route:
+    def prepare_site(self, site_id: str, site: QubitSite) -> _Route:
         base = (site.endpoint or self.base_url).rstrip("/")
         prefix = f"{site.namespace}." if site.namespace else ""
         order_type, amount_key = TRANSACTIONS[site.vertical]
@@ -151,7 +149,7 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
     def plan(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         groups: dict[str, tuple[list[Event], list[dict[str, Any]]]] = {}
-        routes, default = self._routes, self._default_route
+        routes, default = self.routes, self.default_route
         for event in events:
             route = routes.get(event.record["site_id"], default)
             if route is None:

@@ -74,11 +74,9 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
 
     def __init__(self, settings: VendorSettings[QuickLizardSite, NoOptions]) -> None:
         super().__init__(settings)
-        self._routes = {site_id: self._route(site) for site_id, site in settings.sites.items()}
-        self._default_route = self._routes.get("default")
         self._headers = {"Content-Type": "application/json", "User-Agent": settings.user_agent}
 
-    def _route(self, site: QuickLizardSite) -> _Route:
+    def prepare_site(self, site_id: str, site: QuickLizardSite) -> _Route:
         return _Route(site.endpoint or self.base_url, site.client_key.get_secret_value(), site.send_vid,
                       site.tags or None, [site.channel] if site.channel else None)
 
@@ -129,7 +127,7 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
     def plan(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         by_url: dict[str, tuple[list[Event], list[dict[str, Any]], list[int]]] = {}
-        routes, default = self._routes, self._default_route
+        routes, default = self.routes, self.default_route
         for event in events:
             route = routes.get(event.record["site_id"], default)
             if route is None:

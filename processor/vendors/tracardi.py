@@ -123,14 +123,13 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
 
     def __init__(self, settings: VendorSettings[TracardiSite, TracardiOptions]) -> None:
         super().__init__(settings)
-        types = {**DEFAULT_TYPES, **self.options.event_types}
-        self._sites = {key: _Site(key, f"{(s.base_url or self.base_url).rstrip('/')}/track",
-                                  {"id": s.source_id.get_secret_value()}, s.context, {**types, **s.event_types},
-                                  s.event_options, s.tags)
-                       for key, s in settings.sites.items()}
-        self._default = self._sites.get("default")
         self._skip_anonymous = self.options.without_profile == "skip"
         self._headers = {"Content-Type": "application/json", "User-Agent": self.settings.user_agent}
+
+    def prepare_site(self, site_id: str, site: TracardiSite) -> _Site:
+        types = {**DEFAULT_TYPES, **self.options.event_types, **site.event_types}
+        return _Site(site_id, f"{(site.base_url or self.base_url).rstrip('/')}/track",
+                     {"id": site.source_id.get_secret_value()}, site.context, types, site.event_options, site.tags)
 
     def event(self, event: Event, site: _Site) -> dict[str, Any]:
         """The tracker-payload event for one canonical event (MissingField if it lacks what we need)."""
@@ -199,7 +198,7 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
     def plan(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         groups: dict[tuple[str, str | None, str | None], tuple[_Site, list[Event], dict[str, Any]]] = {}
-        sites, default = self._sites, self._default
+        sites, default = self.routes, self.default_route
         for event in events:
             rec = event.record
             site = sites.get(rec["site_id"], default)
