@@ -35,20 +35,18 @@ def table(doc: dict[str, Any]) -> Table:
                   _f(sc["http_ceiling_requests_per_s"]), f"{sc['ratio']:.2f} ({sc['binding']})",
                   _f(sc["p50_ms"]), _f(sc["p95_ms"]), _f(sc["p99_ms"]), _f(sc["peak_rss_mb"]),
                   _f(sc["cpu_s_per_1k"], 3))
-    if "scaling" in doc:
-        r = doc["scaling"]
-        t.add_row(f"--workers {r['workers']} ({r['scenario']})", f"{r['speedup']}x one worker (steady)",
-                  _f(r["relay_events_per_s"]), _f(r["steady_events_per_s"]), _f(r["vendor_deliveries_per_s"]),
-                  _f(r["relay_requests_per_s"]),
-                  "", "", _f(r["p50_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["peak_rss_mb"]),
-                  _f(r["cpu_s_per_1k"], 3))
-    if "backlog" in doc:
-        r = doc["backlog"]
-        t.add_row(f"backlog {r['events']:,} ({r['scenario']})", f"in-flight limit {r['max_inflight_events']:,}",
-                  _f(r["relay_events_per_s"]), _f(r["steady_events_per_s"]), _f(r["vendor_deliveries_per_s"]),
-                  _f(r["relay_requests_per_s"]),
-                  "", "", _f(r["p50_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["peak_rss_mb"]),
-                  _f(r["cpu_s_per_1k"], 3))
+    extra_runs = {
+        "scaling": lambda r: (f"--workers {r['workers']} ({r['scenario']})", f"{r['speedup']}x one worker (steady)"),
+        "backlog": lambda r: (f"backlog {r['events']:,} ({r['scenario']})",
+                              f"in-flight limit {r['max_inflight_events']:,}"),
+    }
+    for key, labels in extra_runs.items():
+        if key in doc:
+            r = doc[key]
+            t.add_row(*labels(r), _f(r["relay_events_per_s"]), _f(r["steady_events_per_s"]),
+                      _f(r["vendor_deliveries_per_s"]), _f(r["relay_requests_per_s"]), "", "",
+                      _f(r["p50_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["peak_rss_mb"]),
+                      _f(r["cpu_s_per_1k"], 3))
     return t
 
 

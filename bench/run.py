@@ -58,9 +58,9 @@ def run(opts: Options, console: Console) -> dict[str, Any]:
     with Stack(workdir) as stack:
         bootstrap = stack.broker.bootstrap
         stack.broker.create_topics({TOPIC: opts.partitions, DLQ: 1})
-        values: list[tuple[bytes, bytes]] = []
         t = time.perf_counter()
-        produce_all(bootstrap, TOPIC, workload_messages(opts.events), keep=values)
+        values = list(workload_messages(opts.events))
+        produce_all(bootstrap, TOPIC, values)
         doc["preload_seconds"] = round(time.perf_counter() - t, 2)
         doc["event_bytes_avg"] = round(sum(len(v) for _, v in values) / max(len(values), 1), 1)
         console.print(f"pre-loaded {opts.events} events into {TOPIC} ({opts.partitions} partitions) "

@@ -31,6 +31,7 @@ from bench.stack import (
     total,
 )
 from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS
+from processor.devstack.waiting import wait_for
 from processor.sandbox.server import available_twins
 from processor.vendors import adapter_class
 
@@ -279,9 +280,7 @@ class RelayRun:
             return len(self.ports) == self.workers and all(
                 http_get(f"http://127.0.0.1:{p}/readyz", 2)[0] == 200 for p in self.ports)
 
-        from bench.stack import wait_until
-
-        wait_until(ready, 90, f"relay {self.name} to join the group", 0.02)
+        wait_for(ready, 90, f"relay {self.name} to join the group", 0.02)
         others = {name: ProcWatch(pid) for name, pid in self.stack.pids().items()}
         t0 = time.monotonic()
         cpu0 = watch.cpu_seconds()

@@ -12,29 +12,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import Producer
 
 from processor.devstack.broker import LocalBroker, free_port
+from processor.devstack.kafka_io import produce
 from processor.devstack.samples import Workload, encode
+from processor.devstack.waiting import wait_for
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def wait_until(cond: Callable[[], Any], timeout_s: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(step)
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -68,29 +58,17 @@ def workload_messages(n: int, seed: int = 7) -> Iterator[tuple[bytes, bytes]]:
         yield key, encode(kind, rec)
 
 
-def produce_all(bootstrap: str, topic: str, messages: Iterator[tuple[bytes, bytes]],
-                keep: list[tuple[bytes, bytes]] | None = None) -> int:
-    """Produce every message (keyed: a visitor's events stay in one partition); returns the count."""
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "batch.size": 1_000_000,
-                  "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1_048_576,
-                  "enable.idempotence": True, "log_level": 3})
-    n = 0
-    for key, value in messages:
-        if keep is not None:
-            keep.append((key, value))
-        while True:
-            try:
-                p.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                p.poll(0.05)
-        n += 1
-        if n % 5000 == 0:
-            p.poll(0)
-    left = p.flush(120)
-    if left:
-        raise RuntimeError(f"{left} messages not acknowledged by the broker")
-    return n
+def produce_all(bootstrap: str, topic: str, messages: Iterable[tuple[bytes, bytes]]) -> int:
+    """Produce every message (keyed: a visitor's events stay in one partition) in large batches, for a
+    fast pre-load. Returns the count."""
+    return produce(bootstrap, topic, messages, settings={
+        "linger.ms": 50, "batch.size": 1_000_000, "queue.buffering.max.kbytes": 1_048_576})
+
+
+def _kept(messages: Iterator[tuple[bytes, bytes]], keep: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+    for m in messages:
+        keep.append(m)
+        yield m
 
 
 class Pacer(threading.Thread):
@@ -143,7 +121,7 @@ class Stack:
             self.sandbox = subprocess.Popen(
                 [sys.executable, "-m", "processor.cli", "sandbox", "--port", str(self.sandbox_port), "--keep", "0"],
                 stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: http_get(f"{self.sandbox_url}/_sandbox/stats")[0] == 200, 30, "the sandbox")
+        wait_for(lambda: http_get(f"{self.sandbox_url}/_sandbox/stats")[0] == 200, 30, "the sandbox")
         return self
 
     def __exit__(self, *exc: object) -> None:

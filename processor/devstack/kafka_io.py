@@ -12,9 +12,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 
 def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]],
-            headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> int:
+            headers: list[tuple[str, bytes]] | None = None, partition: int | None = None,
+            settings: dict[str, Any] | None = None) -> int:
+    """Produce every message and wait until the broker acknowledged all; ``settings`` tune the producer."""
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
-                  "queue.buffering.max.messages": 1_000_000, "log_level": 3})
+                  "queue.buffering.max.messages": 1_000_000, "log_level": 3, **(settings or {})})
     n = 0
     for key, value in messages:
         kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers}

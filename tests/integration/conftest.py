@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,19 +18,9 @@ import pytest
 import yaml
 
 from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS, LocalBroker, free_port
+from processor.devstack.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition", step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(step)
 
 
 def http_json(url: str, method: str = "GET", body: Any = None) -> Any:
