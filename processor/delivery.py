@@ -34,7 +34,6 @@ from processor.vendors.base import DELIVERED, Adapter, Outcome, Response, Vendor
 
 logger = logging.getLogger(__name__)
 
-OUTCOME_LABELS = {Verdict.DELIVERED: "delivered"}
 Settle = Callable[[Event], None]
 SettleMany = Callable[[list[Event]], None]
 _kind = attrgetter("kind")
@@ -231,8 +230,7 @@ class VendorPipeline:
 
     def _delivered(self, events: list[Event], now_s: float, counts: Counter[tuple[str, str]]) -> None:
         """Every event of one request delivered: latency, counts and settlement per request, not per event."""
-        self._latency.observe_many([max(0.0, now_s - ts / 1000) for ts in
-                                    [ev.source.timestamp_ms for ev in events] if ts])
+        self._latency.observe_many([max(0.0, now_s - ts / 1000) for ev in events if (ts := ev.source.timestamp_ms)])
         for kind, n in Counter(map(_kind, events)).items():
             counts[(kind.value, "delivered")] += n
         self.inflight -= len(events)
