@@ -10,6 +10,7 @@ import logging
 import signal
 import time
 from collections import Counter
+from operator import attrgetter
 from typing import Any
 
 from processor.codec import Decoder
@@ -24,6 +25,8 @@ from processor.source import Decoded, KafkaSource, Partitions
 from processor.vendors import adapter_class
 
 logger = logging.getLogger(__name__)
+_topic = attrgetter("source.topic")
+_kind = attrgetter("kind")
 
 
 def build_decoder(config: Config) -> Decoder:
@@ -43,8 +46,10 @@ class Relay:
         self.tracker = OffsetTracker()
         self.stopping = asyncio.Event()
         self.pipelines: dict[str, VendorPipeline] = {}
-        self.routes: dict[EventKind, list[VendorPipeline]] = {k: [] for k in EventKind}
-        self.filtered_by: dict[EventKind, list[str]] = {k: [] for k in EventKind}
+        self.routes: list[tuple[VendorPipeline, frozenset[EventKind] | None]] = []  # None: every kind
+        # how many must settle a message of each kind: its vendors; the dead-letter topic for no kind
+        self.targets: dict[EventKind | None, int] = {None: 1, **dict.fromkeys(EventKind, 0)}
+        self.filtered_by: dict[EventKind, list[VendorPipeline]] = {k: [] for k in EventKind}
         self.source: KafkaSource | None = None
         self.health: HealthServer | None = None
         self._pause = False
@@ -61,16 +66,19 @@ class Relay:
         for name, settings in self.config.enabled_vendors().items():
             adapter = adapter_class(name)(settings)
             client = make_sender(adapter, self.config.relay.http_transport)
-            pipe = VendorPipeline(adapter, client, self.metrics, self._settle, self._dead_letter, self._settle_many)
+            pipe = VendorPipeline(adapter, client, self.metrics, self._settle, self._dead_letter,
+                                  self.tracker.settle_items)
             self.pipelines[name] = pipe
+            kinds = frozenset(k for k in EventKind if adapter.takes(k))
+            self.routes.append((pipe, None if len(kinds) == len(EventKind) else kinds))
             for kind in EventKind:
-                (self.routes[kind] if adapter.takes(kind) else self.filtered_by[kind]).append(pipe)  # type: ignore[arg-type]
+                if kind in kinds:
+                    self.targets[kind] += 1
+                else:
+                    self.filtered_by[kind].append(pipe)
 
     def _settle(self, event: Event) -> None:
         self.tracker.settle(event.slot)
-
-    def _settle_many(self, events: list[Event]) -> None:
-        self.tracker.settle_many([ev.slot for ev in events])
 
     def _dead_letter(self, event: Event, vendor: str, error_class: str, status: int | None, reason: str,
                      attempts: int, first_ms: int | None) -> None:
@@ -80,41 +88,36 @@ class Relay:
 
     # -- intake ---------------------------------------------------------------
     def _route(self, batch: list[Event | Decoded]) -> None:
-        consumed: Counter[str] = Counter()
-        filtered: Counter[tuple[str, str]] = Counter()
-        register = self.tracker.register
-        routes = self.routes
-        filtered_by = self.filtered_by
-        for d in batch:
-            src = d.source
-            consumed[src.topic] += 1
-            if not isinstance(d, Event):
-                self._undeliverable(d)
-                continue
-            kind = d.kind
-            targets = routes[kind]
-            d.slot = register(src.topic, src.partition, src.offset, len(targets))
-            for pipe in targets:
-                pipe.submit(d)
-            for pipe in filtered_by[kind]:
-                filtered[(pipe.name, kind.value)] += 1
-        for topic, n in consumed.items():
+        """Register a poll's messages with the tracker in consume order, then hand each vendor its
+        events as one list (per poll, not per event)."""
+        kinds = list(map(_kind, batch))  # None: undecodable or unroutable
+        self.tracker.register_many(batch, map(self.targets.__getitem__, kinds))
+        for topic, n in Counter(map(_topic, batch)).items():
             self.metrics.events_consumed.labels(topic).inc(n)
-        for (vendor, kind_name), n in filtered.items():
-            self.metrics.vendor_events.labels(vendor, kind_name, "filtered").inc(n)
+        events: list[Event] = batch  # type: ignore[assignment]
+        if None in kinds:
+            for d in batch:
+                if d.kind is None:
+                    self._undeliverable(d)  # type: ignore[arg-type]
+            events = [d for d in batch if d.kind is not None]  # type: ignore[misc]
+        for pipe, only in self.routes:
+            pipe.submit_many(events if only is None else [ev for ev in events if ev.kind in only])
+        if any(self.filtered_by.values()):
+            for kind, n in Counter(map(_kind, events)).items():
+                for pipe in self.filtered_by[kind]:
+                    self.metrics.vendor_events.labels(pipe.name, kind.value, "filtered").inc(n)
 
     def _undeliverable(self, d: Decoded) -> None:
         """Undecodable or unroutable: straight to the dead-letter topic, settled when Kafka acknowledges it."""
         src = d.source
         tracker = self.tracker
-        handle = tracker.register(src.topic, src.partition, src.offset, 1)
         if d.error is not None:
             self.metrics.decode_failures.labels(src.topic, d.error.reason).inc()
             error_class, reason = "undecodable", str(d.error)
         else:
             error_class, reason = "unroutable", "a valid Avro record of a schema the relay does not route"
         logger.warning("dead-lettering %s: %s (%s)", src.where(), error_class, reason)
-        self.dlq.write(src, None, error_class, None, reason, 0, None, lambda: tracker.settle(handle))
+        self.dlq.write(src, None, error_class, None, reason, 0, None, lambda: tracker.settle(d.slot))
 
     # -- rebalance ------------------------------------------------------------
     async def _on_assign(self, parts: Partitions) -> None:

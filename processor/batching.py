@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from operator import attrgetter
 
 from processor.events import Event
 from processor.vendors.base import BatchSettings
+
+_size = attrgetter("size")
 
 
 class Batch:
@@ -46,6 +49,31 @@ class Batcher:
             self.current = None
             return cur.events
         return None
+
+    def add_many(self, events: list[Event]) -> list[list[Event]]:
+        """``add`` for each event, in order: the batches that closed. Runs that fit the open batch
+        without reaching its byte limit are added as a slice, not one by one."""
+        closed: list[list[Event]] = []
+        i, n = 0, len(events)
+        while i < n:
+            cur = self.current
+            if cur is None:
+                cur = self.current = Batch(self.clock() + self.max_wait)
+            chunk = events[i:i + self.max_events - len(cur.events)]
+            i += len(chunk)
+            size = sum(map(_size, chunk))
+            if cur.bytes + size < self.max_bytes:
+                cur.events += chunk
+                cur.bytes += size
+                if len(cur.events) >= self.max_events:
+                    self.current = None
+                    closed.append(cur.events)
+                continue
+            for event in chunk:  # the byte limit falls inside this run
+                batch = self.add(event)
+                if batch is not None:
+                    closed.append(batch)
+        return closed
 
     def deadline(self) -> float | None:
         return self.current.deadline if self.current else None

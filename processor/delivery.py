@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 Settle = Callable[[Event], None]
 SettleMany = Callable[[list[Event]], None]
 _kind = attrgetter("kind")
+_timestamp = attrgetter("source.timestamp_ms")
 DeadLetter = Callable[[Event, str, str, int | None, str, int, int | None], None]
 
 
@@ -142,6 +143,12 @@ class VendorPipeline:
         if batch is not None:
             self._dispatch(batch)
 
+    def submit_many(self, events: list[Event]) -> None:
+        """``submit`` for each event, in order."""
+        self.inflight += len(events)
+        for batch in self.batcher.add_many(events):
+            self._dispatch(batch)
+
     def tick(self, now: float) -> None:
         batch = self.batcher.due(now)
         if batch is not None:
@@ -230,7 +237,7 @@ class VendorPipeline:
 
     def _delivered(self, events: list[Event], now_s: float, counts: Counter[tuple[str, str]]) -> None:
         """Every event of one request delivered: latency, counts and settlement per request, not per event."""
-        self._latency.observe_many([max(0.0, now_s - ts / 1000) for ev in events if (ts := ev.source.timestamp_ms)])
+        self._latency.observe_since(now_s, map(_timestamp, events))
         for kind, n in Counter(map(_kind, events)).items():
             counts[(kind.value, "delivered")] += n
         self.inflight -= len(events)

@@ -8,7 +8,7 @@ these names.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -74,13 +74,23 @@ class BulkHistogramChild:
         self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
         self.sum += value
 
-    def observe_many(self, values: Iterable[float]) -> None:
-        counts, bounds = self.counts, self.bounds
-        total = 0.0
-        for v in values:
-            counts[bisect_left(bounds, v)] += 1
-            total += v
-        self.sum += total
+    def observe_since(self, now_s: float, timestamps_ms: Iterable[int | None]) -> None:
+        """``observe(max(0, now_s - ts / 1000))`` for every timestamp (missing ones skipped), with no
+        Python work per value: the timestamps are sorted once and each bucket bound is one bisection
+        (an age <= bound is a timestamp >= now - bound)."""
+        ts = sorted(filter(None, timestamps_ms))  # type: ignore[arg-type]
+        n = len(ts)
+        if not n:
+            return
+        now_ms = now_s * 1000
+        past = bisect_right(ts, now_ms)  # later timestamps (clock skew) count as age 0
+        self.sum += (past * now_ms - sum(ts[:past] if past < n else ts)) / 1000
+        counts, below = self.counts, 0
+        last = len(counts) - 1
+        for i, bound in enumerate(self.bounds):
+            at_most = n if i == last else n - bisect_left(ts, now_ms - bound * 1000)
+            counts[i] += at_most - below
+            below = at_most
 
 
 class Metrics:

@@ -1,6 +1,6 @@
 """Commit tracking: an offset is committable only when every vendor it was routed to settled it.
 
-Per partition, a FIFO of slots ``[offset, pending]`` in consume order. Settling
+Per partition, a FIFO of slots ``[offset, pending, track]`` in consume order. Settling
 decrements ``pending``; the committable position is the offset of the first
 slot still pending (or one past the last slot when all are settled). A slot
 belongs to one assignment generation: after a revoke, late settlements of
@@ -11,6 +11,10 @@ longer own.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+Slot = list[Any]  # [offset, pending, PartitionTrack]: small, so a settled message's event can be freed
 
 
 class PartitionTrack:
@@ -18,7 +22,7 @@ class PartitionTrack:
 
     def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
-        self.slots: deque[list[int]] = deque()
+        self.slots: deque[Slot] = deque()
         self.active = True
         self.committed: int | None = None  # the last position we committed
         self.last_seen: int | None = None
@@ -49,34 +53,59 @@ class OffsetTracker:
             track.active = False
             self.inflight -= sum(1 for s in track.slots if s[1] > 0)
 
-    def register(self, topic: str, partition: int, offset: int, pending: int) -> tuple[PartitionTrack, list[int]]:
-        """Record a consumed message that ``pending`` vendors (or the DLQ) must settle."""
+    def _track(self, topic: str, partition: int) -> PartitionTrack:
         track = self.tracks.get((topic, partition))
         if track is None:  # consumed before the assign callback ran: cannot happen with librdkafka, be safe
             track = self.tracks[(topic, partition)] = PartitionTrack((topic, partition))
-        slot = [offset, pending]
+        return track
+
+    def register(self, topic: str, partition: int, offset: int, pending: int) -> Slot:
+        """Record a consumed message that ``pending`` vendors (or the DLQ) must settle; its slot."""
+        track = self._track(topic, partition)
+        slot = [offset, pending, track]
         if pending > 0:
             track.slots.append(slot)
             self.inflight += 1
         track.last_seen = offset
-        return track, slot
+        return slot
 
-    def settle(self, handle: tuple[PartitionTrack, list[int]], n: int = 1) -> None:
-        track, slot = handle
+    def register_many(self, items: Sequence[Any], pending: Iterable[int]) -> None:
+        """``register`` for each message of a poll, in consume order: ``item.source`` says where it came
+        from, ``pending`` how many must settle it; each item gets its ``slot``."""
+        topic: str | None = None
+        part = -1
+        track: PartitionTrack | None = None
+        added = 0
+        for item, n in zip(items, pending, strict=True):
+            src = item.source
+            if src.partition != part or src.topic != topic:  # consume() returns runs of one partition
+                topic, part = src.topic, src.partition
+                track = self._track(topic, part)
+            offset = src.offset
+            item.slot = slot = [offset, n, track]
+            if n > 0:
+                track.slots.append(slot)  # type: ignore[union-attr]
+                added += 1
+            track.last_seen = offset  # type: ignore[union-attr]
+        self.inflight += added
+
+    def settle(self, slot: Slot, n: int = 1) -> None:
         if slot[1] <= 0:
             return
         slot[1] -= n
-        if slot[1] <= 0 and track.active:
+        if slot[1] <= 0 and slot[2].active:
             self.inflight -= 1
 
-    def settle_many(self, handles: list[tuple[PartitionTrack, list[int]]]) -> None:
-        """``settle(handle)`` for each handle (one vendor settled each), in one call."""
+    def settle_items(self, items: Iterable[Any]) -> None:
+        """``settle(item.slot)`` for each item (one vendor settled each), in one call."""
         done = 0
-        for track, slot in handles:
-            if slot[1] <= 0:
+        for item in items:
+            slot = item.slot
+            pending = slot[1]
+            if pending <= 0:
                 continue
-            slot[1] -= 1
-            if slot[1] <= 0 and track.active:
+            slot[1] = pending - 1
+            if pending == 1 and slot[2].active:
                 done += 1
         self.inflight -= done
 

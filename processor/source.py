@@ -39,6 +39,7 @@ class Decoded:
     kind: EventKind | None = None
     record: dict[str, Any] | None = None
     error: DecodeError | None = None
+    slot: Any = None  # its offset tracker slot, as an Event's (settled once the dead-letter topic has it)
 
 
 @dataclass

@@ -53,3 +53,27 @@ def test_flush_returns_the_open_batch_once():
     b.add(ev(1))
     assert len(b.flush()) == 1
     assert b.flush() is None
+
+
+def test_add_many_closes_exactly_the_batches_add_would():
+    import random
+
+    rng = random.Random(7)
+    pool = [ev(i) for i in range(400)]
+    for trial in range(60):
+        size = pool[0].size
+        settings = BatchSettings(max_events=rng.choice([1, 3, 50, 500]),
+                                 max_bytes=rng.choice([size, size * 2 + 1, size * 40, 10**9]), max_wait_ms=1000)
+        one, many = Batcher(settings, Clock()), Batcher(settings, Clock())
+        for event in pool[:5]:  # an open batch to start from
+            one.add(event)
+            many.add(event)
+        want = [b for b in map(one.add, pool[5:]) if b is not None]
+        runs, i = [], 5
+        while i < len(pool):
+            n = rng.randint(1, 120)
+            runs.append(pool[i:i + n])
+            i += n
+        got = [b for run in runs for b in many.add_many(run)]
+        assert [[e.source.offset for e in b] for b in got] == [[e.source.offset for e in b] for b in want], trial
+        assert [e.source.offset for e in many.flush() or []] == [e.source.offset for e in one.flush() or []]

@@ -53,21 +53,49 @@ def test_revoked_partitions_ignore_late_settlements():
     assert t.commit_positions() == {}
 
 
-def test_settle_many_is_settle_once_per_handle_and_never_commits_past_a_pending_vendor():
+class Held:
+    """What the relay settles in bulk: an event holding its slot."""
+
+    def __init__(self, slot):
+        self.slot = slot
+
+
+def test_settle_items_is_settle_once_per_item_and_never_commits_past_a_pending_vendor():
     t = OffsetTracker()
     t.assign("t", 0)
     t.assign("t", 1)
-    a = [t.register("t", 0, off, 2) for off in range(5)]  # two vendors each
-    b = [t.register("t", 1, off, 1) for off in range(3)]
-    t.settle_many(a[1:] + b[:2])  # vendor 1 of offsets 1-4 on t[0]; t[1] 0-1 fully
+    a = [Held(t.register("t", 0, off, 2)) for off in range(5)]  # two vendors each
+    b = [Held(t.register("t", 1, off, 1)) for off in range(3)]
+    t.settle_items(a[1:] + b[:2])  # vendor 1 of offsets 1-4 on t[0]; t[1] 0-1 fully
     assert t.inflight == 5 + 1
     assert t.commit_positions() == {("t", 0): 0, ("t", 1): 2}
-    t.settle_many([*a, b[2], b[2]])  # vendor 2 everywhere on t[0]; t[1]@2 twice (harmless)
+    t.settle_items([*a, b[2], b[2]])  # vendor 2 everywhere on t[0]; t[1]@2 twice (harmless)
     assert t.commit_positions() == {("t", 0): 0, ("t", 1): 3}  # offset 0 still owes vendor 1
     assert t.inflight == 1
-    t.settle_many([a[0]])
+    t.settle_items([a[0]])
     assert t.commit_positions() == {("t", 0): 5, ("t", 1): 3}
     assert t.inflight == 0
     t.revoke("t", 0)
-    t.settle_many([a[0]])  # late settlements after a revoke change nothing
+    t.settle_items([a[0]])  # late settlements after a revoke change nothing
+    assert t.inflight == 0
+
+
+def test_register_many_tracks_each_partition_in_consume_order():
+    from processor.devstack.samples import as_event, make_view
+    from processor.events import EventKind
+
+    t = OffsetTracker()
+    t.assign("shop.events", 0)
+    t.assign("shop.events", 1)
+    events = [as_event(EventKind.PRODUCT_VIEW, make_view(i, i), off, partition=p)
+              for i, (p, off) in enumerate([(0, 10), (0, 11), (1, 3), (0, 12), (1, 4), (1, 5)])]
+    t.register_many(events, [2, 2, 2, 2, 2, 0])  # the last: a kind no vendor takes, committable at once
+    assert t.inflight == 5
+    assert t.commit_positions() == {("shop.events", 0): 10, ("shop.events", 1): 3}
+    t.settle_items(events)
+    t.settle_items(events[:3])
+    assert t.inflight == 2
+    assert t.commit_positions() == {("shop.events", 0): 12, ("shop.events", 1): 4}
+    t.settle_items(events)
+    assert t.commit_positions() == {("shop.events", 0): 13, ("shop.events", 1): 6}
     assert t.inflight == 0
