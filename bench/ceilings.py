@@ -83,7 +83,7 @@ def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[
     events = []
     for i, (key, value) in enumerate(values[:sample]):
         kind, record = decoder.decode(value)
-        events.append(Event(kind, record, Source("bench", 0, i, record["event_time"], key, value, None)))  # type: ignore[arg-type]
+        events.append(Event.of(kind, record, Source("bench", 0, i, record["event_time"], key, value, None)))  # type: ignore[arg-type]
     out = {}
     for name, settings in config.enabled_vendors().items():
         adapter = adapter_class(name)(settings)

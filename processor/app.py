@@ -25,7 +25,7 @@ from processor.source import Decoded, KafkaSource, Partitions
 from processor.vendors import adapter_class
 
 logger = logging.getLogger(__name__)
-_topic = attrgetter("source.topic")
+_topic = attrgetter("topic")
 _kind = attrgetter("kind")
 
 

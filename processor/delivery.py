@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 Settle = Callable[[Event], None]
 SettleMany = Callable[[list[Event]], None]
 _kind = attrgetter("kind")
-_timestamp = attrgetter("source.timestamp_ms")
+_timestamp = attrgetter("timestamp_ms")
 DeadLetter = Callable[[Event, str, str, int | None, str, int, int | None], None]
 
 
@@ -203,7 +203,7 @@ class VendorPipeline:
                         if out.note:
                             self.metrics.notes.labels(self.name, out.note).inc()
                         if out.verdict is Verdict.DELIVERED:
-                            ts = ev.source.timestamp_ms
+                            ts = ev.timestamp_ms
                             if ts:
                                 self._latency.observe(max(0.0, now_s - ts / 1000))
                             self._settled(ev, "delivered", counts)

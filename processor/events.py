@@ -59,20 +59,34 @@ class Source:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
-class Event:
-    """One decoded event on its way to the vendors.
+class Event(Source):
+    """One decoded event on its way to the vendors: its message's fields (an Event is its own
+    ``Source``: one object a message, not two) plus the decoded record.
 
-    ``slot`` is the offset tracker's handle: settling the event for a vendor
+    ``slot`` is the offset tracker's slot: settling the event for a vendor
     decrements it; the offset is committable once every vendor settled."""
 
-    __slots__ = ("kind", "record", "size", "slot", "source")
+    __slots__ = ("kind", "record", "size", "slot")
 
-    def __init__(self, kind: EventKind, record: dict[str, Any], source: Source, slot: Any = None) -> None:
+    def __init__(self, kind: EventKind, record: dict[str, Any], topic: str, partition: int, offset: int,
+                 timestamp_ms: int | None, key: bytes | None, value: bytes,
+                 headers: list[tuple[str, bytes]] | None) -> None:
+        Source.__init__(self, topic, partition, offset, timestamp_ms, key, value, headers)
         self.kind = kind
         self.record = record
-        self.source = source
-        self.size = len(source.value)
-        self.slot = slot
+        self.size = len(value)
+        self.slot: Any = None
+
+    @classmethod
+    def of(cls, kind: EventKind, record: dict[str, Any], source: Source) -> Event:
+        """The event of ``record`` decoded from ``source`` (tests and tools; the relay builds Events
+        from messages directly)."""
+        return cls(kind, record, source.topic, source.partition, source.offset, source.timestamp_ms,
+                   source.key, source.value, source.headers)
+
+    @property
+    def source(self) -> Source:
+        return self
 
     @property
     def site_id(self) -> str:
@@ -83,4 +97,4 @@ class Event:
         return self.record["event_id"]
 
     def __repr__(self) -> str:
-        return f"Event({self.kind}, {self.source.where()})"
+        return f"Event({self.kind}, {self.where()})"

@@ -70,18 +70,17 @@ class OffsetTracker:
         return slot
 
     def register_many(self, items: Sequence[Any], pending: Iterable[int]) -> None:
-        """``register`` for each message of a poll, in consume order: ``item.source`` says where it came
-        from, ``pending`` how many must settle it; each item gets its ``slot``."""
+        """``register`` for each message of a poll, in consume order: each item's ``topic``, ``partition``
+        and ``offset`` say where it came from, ``pending`` how many must settle it; each gets its ``slot``."""
         topic: str | None = None
         part = -1
         track: PartitionTrack | None = None
         added = 0
         for item, n in zip(items, pending, strict=True):
-            src = item.source
-            if src.partition != part or src.topic != topic:  # consume() returns runs of one partition
-                topic, part = src.topic, src.partition
+            if item.partition != part or item.topic != topic:  # consume() returns runs of one partition
+                topic, part = item.topic, item.partition
                 track = self._track(topic, part)
-            offset = src.offset
+            offset = item.offset
             item.slot = slot = [offset, n, track]
             if n > 0:
                 track.slots.append(slot)  # type: ignore[union-attr]

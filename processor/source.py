@@ -41,6 +41,18 @@ class Decoded:
     error: DecodeError | None = None
     slot: Any = None  # its offset tracker slot, as an Event's (settled once the dead-letter topic has it)
 
+    @property
+    def topic(self) -> str:
+        return self.source.topic
+
+    @property
+    def partition(self) -> int:
+        return self.source.partition
+
+    @property
+    def offset(self) -> int:
+        return self.source.offset
+
 
 @dataclass
 class Poll:
@@ -160,13 +172,18 @@ class KafkaSource:
                     raise KafkaException(err)
                 logger.warning("consumer error: %s", err.str())
                 continue
-            source = from_message(msg)
+            value = msg.value() or b""
             try:
-                kind, record = decode(source.value)
+                kind, record = decode(value)
             except DecodeError as exc:
-                append(Decoded(source, error=exc))
+                append(Decoded(from_message(msg), error=exc))
                 continue
-            append(Event(kind, record, source) if kind is not None else Decoded(source, None, record))
+            if kind is None:
+                append(Decoded(from_message(msg), None, record))
+                continue
+            ts_type, ts = msg.timestamp()
+            append(Event(kind, record, msg.topic(), msg.partition(), msg.offset(), ts if ts_type else None,
+                         msg.key(), value, msg.headers()))
         return out
 
     async def poll(self, max_messages: int, timeout: float, pause: bool | None = None,

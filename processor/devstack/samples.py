@@ -195,4 +195,4 @@ def as_event(kind: EventKind, record: dict[str, Any], offset: int = 0, topic: st
     from processor.events import Event, Source
 
     value = encode(kind, record)
-    return Event(kind, record, Source(topic, partition, offset, record["event_time"], b"k", value, None))
+    return Event.of(kind, record, Source(topic, partition, offset, record["event_time"], b"k", value, None))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -104,19 +104,29 @@ class _Endpoint:
     seg_cust: str
 
 
-@dataclass(slots=True)
 class _Visitor:
     """One visitor's rows in this batch; ``index`` is the visitor's place in its request and
-    ``spans`` are each event's (index, start, end) of its rows, the request's context."""
+    ``spans`` are each event's (index, start, end) of its rows, the request's context.
+    Made with its first event's rows (most visitors have one event in a batch)."""
 
-    ep: _Endpoint
-    vid: str
-    first: dict[str, Any]
-    seen: set[tuple[str, str]]
-    index: int
-    events: list[Event] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    spans: list[tuple[int, int, int]] = field(default_factory=list)
+    __slots__ = ("ep", "events", "first", "index", "rows", "seen", "spans", "vid")
+
+    def __init__(self, ep: _Endpoint, vid: str, event: Event, seen: set[tuple[str, str]], index: int,
+                 rows: list[dict[str, Any]]) -> None:
+        self.ep = ep
+        self.vid = vid
+        self.first: dict[str, Any] = event.record
+        self.seen = seen
+        self.index = index
+        self.events = [event]
+        self.rows = rows
+        self.spans = [(index, 0, len(rows))]
+
+    def add(self, event: Event, rows: list[dict[str, Any]]) -> None:
+        start = len(self.rows)
+        self.events.append(event)
+        self.spans.append((self.index, start, start + len(rows)))
+        self.rows += rows
 
 
 def _devices(device: str, user_agent: str | None) -> tuple[str, ...]:
@@ -288,18 +298,14 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
             if rows is None:
                 plan.filtered.append(event)
                 continue
-            if acc is None:
-                if ep.v1:
-                    group = v1_groups.setdefault(ep, [])
-                    acc = _Visitor(ep, key[1], rec, seen, len(group))
-                    group.append(acc)
-                else:
-                    acc = _Visitor(ep, key[1], rec, seen, 0)
-                visitors[key] = acc
-            start = len(acc.rows)
-            acc.events.append(event)
-            acc.spans.append((acc.index, start, start + len(rows)))
-            acc.rows.extend(rows)
+            if acc is not None:
+                acc.add(event, rows)
+            elif ep.v1:
+                group = v1_groups.setdefault(ep, [])
+                acc = visitors[key] = _Visitor(ep, key[1], event, seen, len(group), rows)
+                group.append(acc)
+            else:
+                visitors[key] = _Visitor(ep, key[1], event, seen, 0, rows)
         for acc in visitors.values():
             if not acc.ep.v1:
                 plan.requests.append(self.request(acc.ep, [acc]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from operator import methodcaller
 from typing import Any, Literal, NamedTuple
 
 import orjson
@@ -58,6 +59,8 @@ TRANSACTIONS: dict[str, tuple[str, str]] = {
 }
 _NAME = re.compile(r"(?=.*[A-Za-z0-9])[A-Za-z0-9_.-]+\Z")  # one URL path segment, never "." or ".."
 _WARNED = Outcome(Verdict.DELIVERED, note="warning")
+_status = methodcaller("get", "status")
+_warnings = methodcaller("get", "warnings")
 
 
 class QubitSite(Frozen):
@@ -128,15 +131,22 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
     def row(self, event: Event, route: _Route) -> dict[str, Any]:
         """The QProtocol event for one canonical event (MissingField names what it lacks)."""
         rec = event.record
-        qid = require(rec["visitor"]["vendor_ids"].get("qubit_visitor_id"), "visitor.vendor_ids.qubit_visitor_id")
+        qid = rec["visitor"]["vendor_ids"].get("qubit_visitor_id")
+        if not qid:
+            raise MissingField("visitor.vendor_ids.qubit_visitor_id")
         page = rec["page"]
-        if event.kind is EventKind.PRODUCT_VIEW:
+        if event.kind is EventKind.PRODUCT_VIEW:  # nearly every event: checked and built inline
             product = rec["product"]
-            meta = self._meta(route.view_type, rec["event_time"], page["url"] or product["url"], route.source)
-            return {"context": {"id": qid}, "meta": meta, "type": "product",
-                    "language": require(page["language"], "page.language"),
-                    "country": require(page["country"], "page.country"),
-                    "currency": require(product["currency"], "product.currency")}
+            language, country, currency = page["language"], page["country"], product["currency"]
+            if not (language and country and currency):
+                require(language, "page.language")
+                require(country, "page.country")
+                require(currency, "product.currency")
+            url = page["url"] or product["url"]
+            meta = ({"type": route.view_type, "ts": rec["event_time"], "url": url, "source": route.source} if url
+                    else {"type": route.view_type, "ts": rec["event_time"], "source": route.source})
+            return {"context": {"id": qid}, "meta": meta, "type": "product", "language": language,
+                    "country": country, "currency": currency}
         order = rec["order"]
         meta = self._meta(route.order_type, rec["event_time"], page["url"], route.source)
         total = {"value": float(require(order["total"], "order.total")),
@@ -184,6 +194,11 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
         ok = 200 <= status < 300
         if isinstance(results, list) and (ok or classify_status(status) is Verdict.REJECTED):
             if len(results) == n:
+                try:  # the common case without Python work per result: every one a success, no warnings
+                    if list(map(_status, results)).count("success") == n and not any(map(_warnings, results)):
+                        return [DELIVERED] * n
+                except AttributeError:  # a result that is not an object: classified one by one below
+                    pass
                 return [_result_outcome(r) for r in results]
             return [retryable(f"qubit answered {len(results)} results for {n} events")] * n
         message = str(body.get("message") or "")[:200]

@@ -50,8 +50,7 @@ class _Route:
     url: str
     client_key: str
     send_vid: bool
-    tags: list[str] | None
-    channels: list[str] | None
+    extras: dict[str, list[str]]  # tags and channels: the same for every row, after the row's vid
 
 
 def _row_key(row: dict[str, Any]) -> bytes:
@@ -77,8 +76,12 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
         self._headers = {"Content-Type": "application/json", "User-Agent": settings.user_agent}
 
     def prepare_site(self, site_id: str, site: QuickLizardSite) -> _Route:
-        return _Route(site.endpoint or self.base_url, site.client_key.get_secret_value(), site.send_vid,
-                      site.tags or None, [site.channel] if site.channel else None)
+        extras: dict[str, list[str]] = {}
+        if site.tags:
+            extras["tags"] = site.tags
+        if site.channel:
+            extras["channels"] = [site.channel]
+        return _Route(site.endpoint or self.base_url, site.client_key.get_secret_value(), site.send_vid, extras)
 
     def rows(self, event: Event, route: _Route) -> list[dict[str, Any]]:
         rec = event.record
@@ -86,16 +89,20 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
         if route.send_vid:
             visitor = rec["visitor"]
             vid = visitor["vendor_ids"].get("quicklizard_vid") or visitor["visitor_id"]
-        if event.kind is EventKind.PRODUCT_VIEW:
+        if event.kind is EventKind.PRODUCT_VIEW:  # nearly every event: checked and built inline
             product = rec["product"]
-            row = {
-                "client_key": route.client_key,
-                "price": float(require(product["price"], "product.price")),
-                "product_id": require(product["product_id"], "product.product_id"),
-                "event": "view",
-                "permalink": require(product["url"] or rec["page"]["url"], "product.url"),
-            }
-            self._extras(row, vid, route)
+            price, product_id = product["price"], product["product_id"]
+            permalink = product["url"] or rec["page"]["url"]
+            if price is None or not product_id or not permalink:
+                require(price, "product.price")
+                require(product_id, "product.product_id")
+                require(permalink, "product.url")
+            row = {"client_key": route.client_key, "price": float(price), "product_id": product_id,
+                   "event": "view", "permalink": permalink}
+            if vid:
+                row["vid"] = vid
+            if route.extras:
+                row.update(route.extras)
             return [row]
         items = require(rec["order"]["items"], "order.items")
         out = []
@@ -109,20 +116,13 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
                 "product_id": require(item["product_id"], f"order.items[{i}].product_id"),
                 "event": "conversion",
             }
-            self._extras(row, vid, route)
+            if vid:
+                row["vid"] = vid
+            if route.extras:
+                row.update(route.extras)
             row["units"] = units
             out.append(row)
         return out
-
-    @staticmethod
-    def _extras(row: dict[str, Any], vid: str | None, route: _Route) -> None:
-        """The optional fields every row ends with (before a conversion's units)."""
-        if vid:
-            row["vid"] = vid
-        if route.tags:
-            row["tags"] = route.tags
-        if route.channels:
-            row["channels"] = route.channels
 
     def plan(self, events: Sequence[Event]) -> Plan:
         plan = Plan()

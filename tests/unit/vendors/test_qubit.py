@@ -10,7 +10,7 @@ from processor.devstack.samples import as_event, make_order, make_view, with_cha
 from processor.events import EventKind
 from processor.sandbox import Faults
 from processor.sandbox.qubit import validate_event
-from processor.vendors.base import Response, Verdict
+from processor.vendors.base import DELIVERED, Outcome, Response, Verdict, rejected
 from processor.vendors.qubit import TRANSACTIONS, QubitAdapter
 from tests.unit.vendors.conftest import exchange
 
@@ -171,6 +171,22 @@ def test_partial_failure_rejects_only_the_failed_events():
                                              Verdict.DELIVERED]
     assert outcomes[0].note is None
     assert outcomes[2].reason == "qubit failed: Invalid meta.ts"
+
+
+@pytest.mark.parametrize(("results", "want"), [
+    ([{"status": "success"}] * 3, [DELIVERED] * 3),  # every one a success: the bulk path
+    ([{"status": "success"}, {"status": "success", "warnings": []}, {"status": "success"}], [DELIVERED] * 3),
+    ([{"status": "success"}, ["success"], {"status": "success"}],
+     [DELIVERED, rejected("qubit failed: malformed result"), DELIVERED]),
+    ([{"status": "success"}, "success", {"status": "success", "warnings": ["w"]}],
+     [DELIVERED, rejected("qubit failed: malformed result"), Outcome(Verdict.DELIVERED, note="warning")]),
+    ([{"status": "success"}, {"status": "Success"}, {}],
+     [DELIVERED, rejected("qubit failed: Success"), rejected("qubit failed: no reason")]),
+])
+def test_every_result_is_classified_on_the_bulk_path_and_off_it(results, want):
+    a = adapter()
+    (req,) = a.plan([as_event(VIEW, make_view(i, i), i) for i in range(3)]).requests
+    assert a.interpret(req, Response(200, {}, orjson.dumps({"results": results}))) == want
 
 
 @pytest.mark.parametrize(("status", "body", "verdict"), [
