@@ -10,6 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 
+def scaling_label(r: dict[str, Any]) -> str:
+    """The speedup, and what each core the workers got did against one worker's core."""
+    label = f"{r['speedup']}x one worker (steady)"
+    if r.get("per_core_efficiency") is not None:
+        label += f"; {r['per_core_efficiency']}x per relay core"
+    return label
+
+
 def _f(v: Any, digits: int = 0) -> str:
     if v is None:
         return "-"
@@ -36,7 +44,7 @@ def table(doc: dict[str, Any]) -> Table:
                   _f(sc["p50_ms"]), _f(sc["p95_ms"]), _f(sc["p99_ms"]), _f(sc["peak_rss_mb"]),
                   _f(sc["cpu_s_per_1k"], 3))
     extra_runs = {
-        "scaling": lambda r: (f"--workers {r['workers']} ({r['scenario']})", f"{r['speedup']}x one worker (steady)"),
+        "scaling": lambda r: (f"--workers {r['workers']} ({r['scenario']})", scaling_label(r)),
         "backlog": lambda r: (f"backlog {r['events']:,} ({r['scenario']})",
                               f"in-flight limit {r['max_inflight_events']:,}"),
     }
@@ -86,8 +94,7 @@ def markdown(doc: dict[str, Any]) -> str:
                             f"{sc['ratio']:.2f} ({sc['binding']})"))
     if "scaling" in doc:
         r = doc["scaling"]
-        rows.append(row(f"`--workers {r['workers']}` ({r['scenario']})", f"{r['speedup']}x one worker (steady)", r,
-                        latency=False))
+        rows.append(row(f"`--workers {r['workers']}` ({r['scenario']})", scaling_label(r), r, latency=False))
     if "backlog" in doc:
         r = doc["backlog"]
         rows.append(row(f"backlog {r['events']:,} ({r['scenario']})",

@@ -131,8 +131,16 @@ def run(opts: Options, console: Console) -> dict[str, Any]:
                 **res,
                 "speedup": round(_steady(res) / max(_steady(one), 1e-9), 2),
                 "speedup_end_to_end": round(res["relay_events_per_s"] / max(one["relay_events_per_s"], 1e-9), 2)}
+            per_core = [_per_relay_core(r) for r in (one, res)]
+            if None not in per_core:  # what each core the relays got did: is the machine or the relay the limit?
+                doc["scaling"]["steady_events_per_relay_core"] = {"one_worker": per_core[0], "workers": per_core[1]}
+                doc["scaling"]["per_core_efficiency"] = round(per_core[1] / per_core[0], 2)  # type: ignore[operator]
             console.print(f"  {_steady(res):.0f} events/s steady = {doc['scaling']['speedup']}x one worker "
                           f"({doc['scaling']['speedup_end_to_end']}x end to end)")
+            for label, run in (("one worker", one), (f"{opts.workers} workers", res)):
+                if run.get("steady_cores_used"):
+                    console.print(f"  cores used, steady, {label}: " + ", ".join(
+                        f"{k} {v}" for k, v in run["steady_cores_used"].items()) + f" (of {doc['cores']})")
         if opts.backlog > 0 and scale_key is not None:
             doc["backlog"] = _backlog_run(stack, workdir, runs[scale_key], opts, relay_opts, console)
     doc["duration_s"] = round(time.monotonic() - started, 1)
@@ -152,6 +160,13 @@ def _http_ceiling(sc: Scenario, values: list[tuple[bytes, bytes]], opts: Options
                 "non_2xx": 0}
         per_vendor[name] = {**cache[tag], "requests_per_event": round(len(requests) / max(sampled, 1), 4)}
     return {**mix_ceiling(per_vendor), "sampled_events": sampled, "per_vendor": per_vendor}
+
+
+def _per_relay_core(res: dict[str, Any]) -> float | None:
+    """Steady events/s per core the relay used in that stretch."""
+    cores = res.get("steady_cores_used") or {}
+    rate = res.get("steady_events_per_s")
+    return round(rate / cores["relay"], 1) if rate and cores.get("relay") else None
 
 
 def _steady(res: dict[str, Any]) -> float:

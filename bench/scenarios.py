@@ -153,15 +153,36 @@ class RunResult:
     log: str
     stack_cpu_s: dict[str, float] = field(default_factory=dict)  # the sandbox's and the broker's
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (seconds, events settled)
+    cpu_marks: list[dict[str, float]] = field(default_factory=list)  # CPU seconds at each timeline point
+
+    def _steady_span(self) -> tuple[int, int] | None:
+        """Timeline indexes of 10% and 90% settled; None when that stretch is under 2 s: settlements come
+        a batch at a time, too lumpy to time shorter."""
+        lo = next((i for i, (_, n) in enumerate(self.timeline) if n >= 0.1 * self.events), None)
+        hi = next((i for i, (_, n) in enumerate(self.timeline) if n >= 0.9 * self.events), None)
+        if lo is None or hi is None or self.timeline[hi][0] - self.timeline[lo][0] < 2.0:
+            return None
+        return lo, hi
 
     def steady_rate(self) -> float | None:
-        """Events/s between 10% and 90% settled: the rate without start-up and the last batch window.
-        None when that stretch is under 2 s: settlements come a batch at a time, too lumpy to time shorter."""
-        lo = next(((t, n) for t, n in self.timeline if n >= 0.1 * self.events), None)
-        hi = next(((t, n) for t, n in self.timeline if n >= 0.9 * self.events), None)
-        if lo is None or hi is None or hi[0] - lo[0] < 2.0:
+        """Events/s between 10% and 90% settled: the rate without start-up and the last batch window."""
+        span = self._steady_span()
+        if span is None:
             return None
-        return (hi[1] - lo[1]) / (hi[0] - lo[0])
+        (t0, n0), (t1, n1) = self.timeline[span[0]], self.timeline[span[1]]
+        return (n1 - n0) / (t1 - t0)
+
+    def steady_cores(self) -> dict[str, float] | None:
+        """Cores the relay (all workers), the sandbox and the broker used between 10% and 90% settled,
+        and their total: how much of the machine the steady stretch had."""
+        span = self._steady_span()
+        if span is None or len(self.cpu_marks) != len(self.timeline):
+            return None
+        dt = self.timeline[span[1]][0] - self.timeline[span[0]][0]
+        a, b = self.cpu_marks[span[0]], self.cpu_marks[span[1]]
+        cores = {k: round((b[k] - a[k]) / dt, 2) for k in b}
+        cores["total"] = round(sum(cores.values()), 2)
+        return cores
 
     def as_dict(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
@@ -180,6 +201,7 @@ class RunResult:
             # cores busy during the run: the relay's, and what the sandbox and the broker took beside it
             "cores_used": {"relay": round(self.cpu_s / s, 2),
                            **{k: round(v / s, 2) for k, v in self.stack_cpu_s.items()}},
+            "steady_cores_used": self.steady_cores(),
             "requests": int(self.requests),
             "error_requests": int(self.error_requests),
             "delivered": int(self.delivered),
@@ -292,12 +314,14 @@ class RelayRun:
             self.pacer.start()
         deadline = t0 + timeout_s
         timeline: list[tuple[float, float]] = []
+        cpu_marks: list[dict[str, float]] = []
         while True:
             self._alive(proc)
             if self.pacer is not None and self.pacer.error is not None:
                 raise RuntimeError(f"the load producer failed: {self.pacer.error}")
             settled = self._settled(scrape(self.ports, ("processor_vendor_events_total",)))
             timeline.append((time.monotonic() - t0, settled - settled0))
+            cpu_marks.append({"relay": watch.cpu_seconds(), **{k: w.cpu_seconds() for k, w in others.items()}})
             if settled >= self.events:
                 break
             if time.monotonic() > deadline:
@@ -341,4 +365,5 @@ class RelayRun:
             log=str(self.log_path),
             stack_cpu_s=stack_cpu,
             timeline=timeline,
+            cpu_marks=cpu_marks,
         )
