@@ -22,3 +22,14 @@ def test_a_stretch_under_two_seconds_has_no_steady_numbers():
     r = run(timeline, [{"relay": 0.0}] * 3)
     assert r.steady_rate() is None and r.steady_cores() is None
     assert run(timeline, []).steady_cores() is None
+
+
+def test_the_instruction_count_plans_decoded_workload_events_as_the_benchmark_configures_them():
+    from bench.instructions import EVENTS, adapter_and_batches
+
+    adapter, batches = adapter_and_batches("convert:batched")
+    assert sum(map(len, batches)) == EVENTS and max(map(len, batches)) == 500
+    assert all(ep.v1 for ep in adapter.routes.values())  # the batched mode, as scenario a runs it
+    plan = adapter.plan(batches[0])
+    assert plan.requests and not plan.rejected
+    assert sum(len(r.events) for r in plan.requests) + len(plan.filtered) == 500
