@@ -59,19 +59,10 @@ class OffsetTracker:
             track = self.tracks[(topic, partition)] = PartitionTrack((topic, partition))
         return track
 
-    def register(self, topic: str, partition: int, offset: int, pending: int) -> Slot:
-        """Record a consumed message that ``pending`` vendors (or the DLQ) must settle; its slot."""
-        track = self._track(topic, partition)
-        slot = [offset, pending, track]
-        if pending > 0:
-            track.slots.append(slot)
-            self.inflight += 1
-        track.last_seen = offset
-        return slot
-
     def register_many(self, items: Sequence[Any], pending: Iterable[int]) -> None:
-        """``register`` for each message of a poll, in consume order: each item's ``topic``, ``partition``
-        and ``offset`` say where it came from, ``pending`` how many must settle it; each gets its ``slot``."""
+        """Record a poll's consumed messages, in consume order: each item's ``topic``, ``partition`` and
+        ``offset`` say where it came from, ``pending`` how many (vendors, or the dead-letter topic) must
+        settle it; each item gets its ``slot``."""
         topic: str | None = None
         part = -1
         track: PartitionTrack | None = None

@@ -1,10 +1,24 @@
 from processor.offsets import OffsetTracker
 
 
+class Msg:
+    """A consumed message as the tracker sees it."""
+
+    def __init__(self, topic, partition, offset):
+        self.topic, self.partition, self.offset, self.slot = topic, partition, offset, None
+
+
+def register(t, topic, partition, offset, pending):
+    """One message registered alone: its slot."""
+    m = Msg(topic, partition, offset)
+    t.register_many([m], [pending])
+    return m.slot
+
+
 def test_commit_stops_at_the_first_unsettled_offset():
     t = OffsetTracker()
     t.assign("t", 0)
-    handles = [t.register("t", 0, off, 2) for off in range(10, 15)]
+    handles = [register(t, "t", 0, off, 2) for off in range(10, 15)]
     assert t.inflight == 5
     assert t.commit_positions() == {("t", 0): 10}
     for h in handles[1:]:
@@ -20,7 +34,7 @@ def test_commit_stops_at_the_first_unsettled_offset():
 def test_settling_twice_is_harmless_and_unchanged_positions_are_not_repeated():
     t = OffsetTracker()
     t.assign("t", 1)
-    h = t.register("t", 1, 0, 1)
+    h = register(t, "t", 1, 0, 1)
     t.settle(h)
     t.settle(h)
     assert t.inflight == 0
@@ -34,8 +48,8 @@ def test_settling_twice_is_harmless_and_unchanged_positions_are_not_repeated():
 def test_messages_with_nothing_to_settle_commit_at_once():
     t = OffsetTracker()
     t.assign("t", 0)
-    t.register("t", 0, 0, 1)
-    t.register("t", 0, 1, 0)
+    register(t, "t", 0, 0, 1)
+    register(t, "t", 0, 1, 0)
     assert t.commit_positions() == {("t", 0): 0}
     assert t.inflight == 1
 
@@ -43,7 +57,7 @@ def test_messages_with_nothing_to_settle_commit_at_once():
 def test_revoked_partitions_ignore_late_settlements():
     t = OffsetTracker()
     t.assign("t", 0)
-    h = t.register("t", 0, 5, 1)
+    h = register(t, "t", 0, 5, 1)
     t.revoke("t", 0)
     assert t.inflight == 0
     t.settle(h)
@@ -53,19 +67,14 @@ def test_revoked_partitions_ignore_late_settlements():
     assert t.commit_positions() == {}
 
 
-class Held:
-    """What the relay settles in bulk: an event holding its slot."""
-
-    def __init__(self, slot):
-        self.slot = slot
-
-
 def test_settle_items_is_settle_once_per_item_and_never_commits_past_a_pending_vendor():
     t = OffsetTracker()
     t.assign("t", 0)
     t.assign("t", 1)
-    a = [Held(t.register("t", 0, off, 2)) for off in range(5)]  # two vendors each
-    b = [Held(t.register("t", 1, off, 1)) for off in range(3)]
+    a = [Msg("t", 0, off) for off in range(5)]
+    b = [Msg("t", 1, off) for off in range(3)]
+    t.register_many(a, [2] * 5)  # two vendors each
+    t.register_many(b, [1] * 3)
     t.settle_items(a[1:] + b[:2])  # vendor 1 of offsets 1-4 on t[0]; t[1] 0-1 fully
     assert t.inflight == 5 + 1
     assert t.commit_positions() == {("t", 0): 0, ("t", 1): 2}
