@@ -69,6 +69,16 @@ def decode_ceiling(bootstrap: str, topic: str, events: int, consume_batch: int =
     return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / max(elapsed, 1e-9), 1)}
 
 
+def decoded_events(values: list[tuple[bytes, bytes]]) -> list[Event]:
+    """The benchmark's (key, value) messages as the relay holds them after decoding, offsets in order."""
+    decoder = Decoder()
+    events = []
+    for i, (key, value) in enumerate(values):
+        kind, record = decoder.decode(value)
+        events.append(Event.of(kind, record, Source("bench", 0, i, record["event_time"], key, value, None)))  # type: ignore[arg-type]
+    return events
+
+
 def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[tuple[bytes, bytes]],
                      sample: int) -> tuple[dict[str, tuple[Adapter[Any, Any], list[VendorRequest]]], int]:
     """Per vendor: the adapter (configured as the relay is) and the requests it plans for the first
@@ -79,11 +89,7 @@ def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[
         f.write(yaml.safe_dump(relay_config("127.0.0.1:9", "t", "g", vendors, 0)))
         f.flush()
         config = load_config(f.name, env)
-    decoder = Decoder()
-    events = []
-    for i, (key, value) in enumerate(values[:sample]):
-        kind, record = decoder.decode(value)
-        events.append(Event.of(kind, record, Source("bench", 0, i, record["event_time"], key, value, None)))  # type: ignore[arg-type]
+    events = decoded_events(values[:sample])
     out = {}
     for name, settings in config.enabled_vendors().items():
         adapter = adapter_class(name)(settings)

@@ -15,7 +15,6 @@ fixed: with random ones, dict and set probing alone moves the count by up to ±1
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shutil
@@ -29,11 +28,10 @@ DEFAULT = ("qubit", "quicklizard", "convert:batched")
 
 def adapter_and_batches(spec: str) -> tuple[Any, list[list[Any]]]:
     """The vendor's adapter as the benchmark configures it, and batches of decoded workload events."""
+    from bench.ceilings import decoded_events
     from bench.scenarios import vendor_settings
-    from processor.codec import Decoder
+    from bench.stack import workload_messages
     from processor.config import interpolate
-    from processor.devstack.samples import Workload, encode
-    from processor.events import Event, Source
     from processor.vendors import adapter_class
 
     got = vendor_settings(spec, "http://127.0.0.1:9")
@@ -42,13 +40,7 @@ def adapter_and_batches(spec: str) -> tuple[Any, list[list[Any]]]:
     name, settings, env = got
     cls = adapter_class(name)
     adapter = cls(cls.settings_model().model_validate(interpolate(settings, "", env)))
-    decoder = Decoder()
-    events = []
-    for i, (kind, record, key) in enumerate(itertools.islice(iter(Workload(visitors=50_000)), EVENTS)):
-        if adapter.takes(kind):
-            value = encode(kind, record)
-            _, decoded = decoder.decode(value)  # the record as the relay holds it
-            events.append(Event.of(kind, decoded, Source("bench", 0, i, record["event_time"], key, value, None)))
+    events = [e for e in decoded_events(list(workload_messages(EVENTS))) if adapter.takes(e.kind)]
     return adapter, [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
 
 

@@ -103,8 +103,8 @@ class Relay:
         for pipe, only in self.routes:
             pipe.submit_many(events if only is None else [ev for ev in events if ev.kind in only])
         if any(self.filtered_by.values()):
-            for kind, n in Counter(map(_kind, events)).items():
-                for pipe in self.filtered_by[kind]:
+            for kind, n in Counter(kinds).items():
+                for pipe in self.filtered_by.get(kind, ()):  # type: ignore[call-overload]
                     self.metrics.vendor_events.labels(pipe.name, kind.value, "filtered").inc(n)
 
     def _undeliverable(self, d: Decoded) -> None:

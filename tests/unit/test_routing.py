@@ -1,0 +1,55 @@
+"""The relay's intake: a poll's messages registered in order, each vendor handed the kinds it takes."""
+
+from processor.app import Relay
+from processor.config import interpolate, parse_config
+from processor.devstack.samples import as_event, make_order, make_view
+from processor.events import EventKind
+from processor.source import Decoded
+from processor.vendors.qubit import QubitAdapter
+from processor.vendors.quicklizard import QuickLizardAdapter
+
+
+def relay() -> Relay:
+    vendors = {}
+    for cls, kinds in ((QubitAdapter, None), (QuickLizardAdapter, ["order"])):
+        settings = interpolate(cls.example_settings("http://127.0.0.1:9"), "", cls.example_env)
+        if kinds:
+            settings["kinds"] = kinds
+        settings["batch"] = {"max_events": 1000}  # nothing closes: the batches are looked at, not sent
+        vendors[cls.name] = settings
+    r = Relay(parse_config({"kafka": {"bootstrap_servers": "127.0.0.1:9", "group_id": "g", "topics": ["t"]},
+                            "deadletter": {"topic": "t.dlq", "producer": {"log_level": 0}}, "vendors": vendors}))
+    r._build_pipelines()
+    return r
+
+
+def test_each_vendor_gets_its_kinds_in_order_and_the_others_count_as_filtered():
+    r = relay()
+    r.tracker.assign("t", 0)
+    events = [as_event(EventKind.ORDER if i % 3 == 0 else EventKind.PRODUCT_VIEW,
+                       make_order(i) if i % 3 == 0 else make_view(i, i), i, topic="t") for i in range(9)]
+    r._route(events)
+    assert [e.offset for e in r.pipelines["qubit"].batcher.current.events] == list(range(9))
+    assert [e.offset for e in r.pipelines["quicklizard"].batcher.current.events] == [0, 3, 6]
+    assert [e.slot[1] for e in events] == [2, 1, 1, 2, 1, 1, 2, 1, 1]  # vendors still to settle each
+    assert r.tracker.inflight == 9
+    filtered = r.metrics.vendor_events.labels("quicklizard", "product_view", "filtered")._value.get()
+    assert filtered == 6
+    assert r.metrics.events_consumed.labels("t")._value.get() == 9
+
+
+def test_an_undecodable_message_is_registered_in_its_place_for_the_dead_letter_topic():
+    r = relay()
+    r.tracker.assign("t", 0)
+    written = []
+    r.dlq.write = lambda src, vendor, error_class, *rest: written.append((src.offset, error_class, rest[-1]))
+    bad = Decoded(as_event(EventKind.PRODUCT_VIEW, make_view(1, 1), 1, topic="t").source, None, {"x": 1})
+    events = [as_event(EventKind.PRODUCT_VIEW, make_view(0, 0), 0, topic="t"), bad,
+              as_event(EventKind.PRODUCT_VIEW, make_view(2, 2), 2, topic="t")]
+    r._route(events)
+    assert [(o, c) for o, c, _ in written] == [(1, "unroutable")]
+    assert [e.offset for e in r.pipelines["qubit"].batcher.current.events] == [0, 2]
+    assert r.tracker.commit_positions() == {("t", 0): 0}
+    written[0][2]()  # Kafka acknowledged the dead letter
+    r.tracker.settle(events[0].slot)  # and qubit delivered offset 0 (the only vendor for views)
+    assert r.tracker.commit_positions() == {("t", 0): 2}
