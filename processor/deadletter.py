@@ -1,7 +1,8 @@
 """Dead-letter records: format and the acknowledged producer.
 
 Value: the original message bytes, untouched. Key: the original key.
-Headers: the original headers (minus any earlier ``relay.*`` ones) plus:
+Headers: the original headers (earlier ``relay.*`` headers of ours replaced; foreign or
+unparsable ``relay.*`` values kept as they were, beside the fresh ones) plus:
 
 ====================================  ==============================================
 relay.vendor                          the vendor this record is for ("none" when undecodable/unroutable)
@@ -41,6 +42,10 @@ _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _LONG_NUMBER = re.compile(r"\+?\d[\d\s-]{6,}\d")
 _SECRETISH = re.compile(r"(?i)(bearer|key|secret|token|password)([=: ]+)\S+")
 REASON_MAX = 240
+_NUMERIC = frozenset({"relay.http_status", "relay.attempts", "relay.first_failure_ms", "relay.last_failure_ms",
+                      "relay.original_partition", "relay.original_offset", "relay.original_timestamp_ms",
+                      "relay.replay_count", "relay.next_attempt_ms"})
+RELAY_HEADERS = _NUMERIC | {"relay.vendor", "relay.error_class", "relay.reason", "relay.original_topic"}
 
 
 def redact(reason: str) -> str:
@@ -51,16 +56,46 @@ def redact(reason: str) -> str:
     return reason[:REASON_MAX]
 
 
+def prior_replay_count(headers: list[tuple[str, bytes]] | None) -> int | None:
+    """The ``relay.replay_count`` an input message carries (the last one, if several), or None when it
+    has none or none that parses as a non-negative integer."""
+    count = None
+    for name, value in headers or ():
+        if name == "relay.replay_count" and value is not None:
+            try:
+                n = int(value)
+            except ValueError:
+                continue
+            if n >= 0:
+                count = n
+    return count
+
+
+def _parses(name: str, value: bytes | None) -> bool:
+    """Whether an input's ``relay.*`` header is one of ours with a value we could have written.
+    A foreign or garbled one (``relay.replay_count: x``, a non-UTF-8 value) is data: it is kept."""
+    if name not in RELAY_HEADERS or value is None:
+        return False
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return False
+    return not text or name not in _NUMERIC or text.lstrip("-").isdigit()
+
+
 def dlq_headers(source: Source, vendor: str | None, error_class: str, status: int | None, reason: str,
-                attempts: int, first_ms: int, last_ms: int) -> list[tuple[str, bytes]]:
-    replay_count = 0
-    headers: list[tuple[str, bytes]] = []
-    for name, value in source.headers or ():
-        if name.startswith(HEADER_PREFIX):
-            if name == "relay.replay_count" and value:
-                replay_count = int(value)
-            continue
-        headers.append((name, value))
+                attempts: int, first_ms: int, last_ms: int, replay_count: int | None = None,
+                extra: list[tuple[str, bytes]] | None = None) -> list[tuple[str, bytes]]:
+    """The headers of a dead-letter (or parked) record for ``source``. The input's own headers are kept,
+    except earlier ``relay.*`` headers of ours, which the fresh ones replace; ``relay.*`` headers that do
+    not parse as ours are kept as they were, beside the fresh values. ``replay_count`` defaults to the
+    input's own count (0 when it has none)."""
+    if replay_count is None:
+        replay_count = prior_replay_count(source.headers) or 0
+    headers: list[tuple[str, bytes]] = [
+        (name, value) for name, value in source.headers or ()
+        if not (name.startswith(HEADER_PREFIX) and _parses(name, value))
+    ]
     headers += [
         ("relay.vendor", (vendor or "none").encode()),
         ("relay.error_class", error_class.encode()),
@@ -74,13 +109,16 @@ def dlq_headers(source: Source, vendor: str | None, error_class: str, status: in
         ("relay.original_offset", str(source.offset).encode()),
         ("relay.original_timestamp_ms", str(source.timestamp_ms or "").encode()),
         ("relay.replay_count", str(replay_count).encode()),
+        *(extra or ()),
     ]
     return headers
 
 
 def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
-    """Decoded relay.* headers of a dead-letter record (operators, replay, tests)."""
-    return {k: v.decode() for k, v in headers or () if k.startswith(HEADER_PREFIX) and v is not None}
+    """Decoded relay.* headers of a dead-letter record (operators, replay, tests); where a name repeats
+    (a foreign value kept beside ours) the last, ours, wins; undecodable bytes are shown replaced."""
+    return {k: v.decode(errors="replace") for k, v in headers or ()
+            if k.startswith(HEADER_PREFIX) and v is not None}
 
 
 class DeadLetterWriter:

@@ -16,7 +16,8 @@ boundary, ``processor.delivery``.
 Dead-letter error classes (the ``error-class`` header and metric label):
 rejected (the vendor or our own validation refused it), exhausted (retries
 ran out), undecodable (bytes that are not a known Avro event), unroutable
-(decoded, but no event kind the relay knows).
+(decoded, but no event kind the relay knows), internal (the relay itself failed on it:
+the reason names the exception type).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DECODE_REASONS = (
     "truncated",
     "invalid_data",
 )
-ERROR_CLASSES = ("rejected", "exhausted", "undecodable", "unroutable")
+ERROR_CLASSES = ("rejected", "exhausted", "undecodable", "unroutable", "internal")
 
 
 class RelayError(Exception):

@@ -2,8 +2,7 @@
 
 Labels come from small fixed sets only (vendor, event kind, outcome, status
 class, error class, topic, partition, decode reason, note): never a visitor,
-order or URL. The Grafana dashboard and alert rules in deploy/ use exactly
-these names.
+order or URL.
 """
 
 from __future__ import annotations
@@ -138,3 +137,30 @@ class Metrics:
             "processor_commit_failures", "Offset commits that failed", registry=r)
         self.rebalances = Counter(
             "processor_rebalances", "Partition assignment changes", ["kind"], registry=r)
+        self.oldest_unsettled = Gauge(
+            "processor_oldest_unsettled_seconds", "Age of the oldest consumed message not yet settled",
+            ["topic", "partition"], registry=r)
+        self.schema_registry_up = Gauge(
+            "processor_schema_registry_up", "1 while the schema registry answers (or none is configured)",
+            registry=r)
+        # vendor isolation: breaker, adaptive concurrency, parking and redrive
+        self.breaker_state = Gauge(
+            "processor_vendor_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", ["vendor"],
+            registry=r)
+        self.breaker_transitions = Counter(
+            "processor_vendor_breaker_transitions", "Circuit breaker state changes", ["vendor", "state"],
+            registry=r)
+        self.concurrency_limit = Gauge(
+            "processor_vendor_concurrency_limit", "Current adaptive limit of concurrent requests", ["vendor"],
+            registry=r)
+        self.parked = Counter(
+            "processor_parked", "Events parked on the vendor's retry topic (acknowledged by Kafka)",
+            ["vendor", "reason"], registry=r)
+        self.parked_backlog = Gauge(
+            "processor_parked_events", "Parked events on the vendor's retry topic not yet redriven",
+            ["vendor"], registry=r)
+        self.redriven = Counter(
+            "processor_redriven_events", "Parked events taken from the retry topic and settled",
+            ["vendor", "outcome"], registry=r)
+        self.park_failures = Counter(
+            "processor_park_produce_failures", "Retry-topic writes not acknowledged (retried)", registry=r)
