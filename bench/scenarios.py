@@ -44,6 +44,7 @@ SCENARIOS: dict[str, tuple[str, tuple[str, ...]]] = {
     "c": ("all five vendors", ALL),
 }
 DLQ = "bench.dlq"
+RETRY_PREFIX = "bench.retry"  # parking: one retry topic per vendor, bench.retry.<vendor>
 
 
 def _batched_choice(model: type[Any]) -> tuple[str, Any] | None:
@@ -121,6 +122,7 @@ def relay_config(bootstrap: str, topic: str, group: str, vendors: dict[str, Any]
         "kafka": {"bootstrap_servers": bootstrap, "group_id": group, "topics": [topic],
                   "client": dict(LOCAL_CONSUMER_SETTINGS)},
         "deadletter": {"topic": DLQ},
+        "parking": {"topic_prefix": RETRY_PREFIX},
         "relay": {"shutdown_grace_s": 20, **relay},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "logging": {"level": "INFO", "format": "json"},

@@ -1,5 +1,5 @@
-"""The relay: wires source -> codec -> routing -> per-vendor pipelines -> vendors / dead letters,
-and commits each partition up to the first event some vendor has not settled."""
+"""The relay: wires source -> codec -> routing -> per-vendor pipelines -> vendors, parking and dead
+letters, and commits each partition up to the first event some vendor has not settled."""
 
 from __future__ import annotations
 
@@ -9,24 +9,23 @@ import gc
 import logging
 import signal
 import time
-from collections import Counter
-from operator import attrgetter
 from typing import Any
+
+from confluent_kafka import KafkaException
 
 from processor.codec import Decoder
 from processor.config import Config
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline, make_sender
-from processor.events import Event, EventKind
 from processor.health import HealthServer
 from processor.metrics import Metrics
-from processor.offsets import OffsetTracker
-from processor.source import Decoded, KafkaSource, Partitions
+from processor.offsets import OffsetTracker, Settlement
+from processor.routing import Router
+from processor.source import KafkaSource, Partitions
 from processor.vendors import adapter_class
 
 logger = logging.getLogger(__name__)
-_topic = attrgetter("topic")
-_kind = attrgetter("kind")
+SUMMARY_EVERY_S = 5.0
 
 
 def build_decoder(config: Config) -> Decoder:
@@ -46,78 +45,30 @@ class Relay:
         self.tracker = OffsetTracker()
         self.stopping = asyncio.Event()
         self.pipelines: dict[str, VendorPipeline] = {}
-        self.routes: list[tuple[VendorPipeline, frozenset[EventKind] | None]] = []  # None: every kind
-        # how many must settle a message of each kind: its vendors; the dead-letter topic for no kind
-        self.targets: dict[EventKind | None, int] = {None: 1, **dict.fromkeys(EventKind, 0)}
-        self.filtered_by: dict[EventKind, list[VendorPipeline]] = {k: [] for k in EventKind}
         self.source: KafkaSource | None = None
         self.health: HealthServer | None = None
-        self._pause = False
+        self._over_limit = False  # back-pressure hysteresis: above the limit until below resume_ratio of it
         self._commit_due = 0.0
-        self._draining = False
+        self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
+        self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
 
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
-        producer_conf = {k: v for k, v in self.config.kafka.client.items() if _is_shared_client_key(k)}
-        producer_conf.update(self.config.deadletter.producer)
-        producer_conf["bootstrap.servers"] = self.config.kafka.bootstrap_servers
-        self.dlq = DeadLetterWriter(self.config.deadletter.topic, producer_conf, self.metrics,
-                                    self.config.deadletter.retry_delay_s)
-        for name, settings in self.config.enabled_vendors().items():
+        cfg = self.config
+        producer_conf = {k: v for k, v in cfg.kafka.client.items() if _is_shared_client_key(k)}
+        producer_conf.update(cfg.deadletter.producer)
+        producer_conf["bootstrap.servers"] = cfg.kafka.bootstrap_servers
+        self.dlq = DeadLetterWriter(cfg.deadletter.topic, producer_conf, self.metrics, cfg.deadletter.retry_delay_s,
+                                    cfg.retry_topic_prefix())
+        self.settlement = Settlement(self.tracker, self.dlq)
+        self.router = Router(self.tracker, self.settlement, self.metrics)
+        parks = cfg.retry_topics()
+        for name, settings in cfg.enabled_vendors().items():
             adapter = adapter_class(name)(settings)
-            client = make_sender(adapter, self.config.relay.http_transport)
-            pipe = VendorPipeline(adapter, client, self.metrics, self._settle, self._dead_letter,
-                                  self.tracker.settle_items)
+            pipe = VendorPipeline(adapter, make_sender(adapter, cfg.relay.http_transport), self.metrics,
+                                  self.settlement, cfg.vendor_budget(name), name in parks)
             self.pipelines[name] = pipe
-            kinds = frozenset(k for k in EventKind if adapter.takes(k))
-            self.routes.append((pipe, None if len(kinds) == len(EventKind) else kinds))
-            for kind in EventKind:
-                if kind in kinds:
-                    self.targets[kind] += 1
-                else:
-                    self.filtered_by[kind].append(pipe)
-
-    def _settle(self, event: Event) -> None:
-        self.tracker.settle(event.slot)
-
-    def _dead_letter(self, event: Event, vendor: str, error_class: str, status: int | None, reason: str,
-                     attempts: int, first_ms: int | None) -> None:
-        logger.info("dead-lettering %s for %s: %s (%s)", event.source.where(), vendor, error_class, reason)
-        self.dlq.write(event.source, vendor, error_class, status, reason, attempts, first_ms,
-                       lambda: self.tracker.settle(event.slot))
-
-    # -- intake ---------------------------------------------------------------
-    def _route(self, batch: list[Event | Decoded]) -> None:
-        """Register a poll's messages with the tracker in consume order, then hand each vendor its
-        events as one list (per poll, not per event)."""
-        kinds = list(map(_kind, batch))  # None: undecodable or unroutable
-        self.tracker.register_many(batch, map(self.targets.__getitem__, kinds))
-        for topic, n in Counter(map(_topic, batch)).items():
-            self.metrics.events_consumed.labels(topic).inc(n)
-        events: list[Event] = batch  # type: ignore[assignment]
-        if None in kinds:
-            for d in batch:
-                if d.kind is None:
-                    self._undeliverable(d)  # type: ignore[arg-type]
-            events = [d for d in batch if d.kind is not None]  # type: ignore[misc]
-        for pipe, only in self.routes:
-            pipe.submit_many(events if only is None else [ev for ev in events if ev.kind in only])
-        if any(self.filtered_by.values()):
-            for kind, n in Counter(kinds).items():
-                for pipe in self.filtered_by.get(kind, ()):  # type: ignore[call-overload]
-                    self.metrics.vendor_events.labels(pipe.name, kind.value, "filtered").inc(n)
-
-    def _undeliverable(self, d: Decoded) -> None:
-        """Undecodable or unroutable: straight to the dead-letter topic, settled when Kafka acknowledges it."""
-        src = d.source
-        tracker = self.tracker
-        if d.error is not None:
-            self.metrics.decode_failures.labels(src.topic, d.error.reason).inc()
-            error_class, reason = "undecodable", str(d.error)
-        else:
-            error_class, reason = "unroutable", "a valid Avro record of a schema the relay does not route"
-        logger.warning("dead-lettering %s: %s (%s)", src.where(), error_class, reason)
-        self.dlq.write(src, None, error_class, None, reason, 0, None, lambda: tracker.settle(d.slot))
+            self.router.add(pipe)
 
     # -- rebalance ------------------------------------------------------------
     async def _on_assign(self, parts: Partitions) -> None:
@@ -126,14 +77,18 @@ class Relay:
         self.metrics.rebalances.labels("assign").inc()
 
     async def _on_revoke(self, parts: Partitions, lost: bool) -> dict[tuple[str, int], int]:
+        """Drain (bounded), then hand back what is settled to commit. Work still holding the revoked
+        partitions' events is dropped by the pipelines, never dead-lettered: the new owner redelivers it."""
         self.metrics.rebalances.labels("lost" if lost else "revoke").inc()
-        if not lost:
+        if not lost and not self._drained:
             await self._drain(self.config.relay.shutdown_grace_s)
-        positions = {k: v for k, v in self.tracker.commit_positions(only_changed=False).items() if k in set(parts)}
+        mine = set(parts)
+        positions = {k: v for k, v in self.tracker.commit_positions(only_changed=False).items() if k in mine}
         for t, p in parts:
             self.tracker.revoke(t, p)
-            with contextlib.suppress(KeyError):
-                self.metrics.consumer_lag.remove(t, str(p))
+            for gauge in (self.metrics.consumer_lag, self.metrics.oldest_unsettled):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(t, str(p))
         return positions
 
     async def _drain(self, grace_s: float) -> None:
@@ -145,10 +100,25 @@ class Relay:
             logger.warning("%d messages not settled after the grace time; they will be redelivered",
                            self.tracker.inflight)
 
-    # -- main loop ------------------------------------------------------------
-    def ready(self) -> bool:
-        return bool(self.source and self.source.had_assignment and not self.stopping.is_set())
+    # -- health -----------------------------------------------------------------
+    def not_ready(self) -> str | None:
+        """Why the relay cannot do its work now (None: ready)."""
+        if self.source is None or not self.source.had_assignment:
+            return "not assigned any partition yet"
+        if self.stopping.is_set():
+            return "stopping"
+        if self.dlq.failing:
+            return "dead-letter or retry-topic writes are not acknowledged"
+        return self.stalled()
 
+    def stalled(self) -> str | None:
+        """Why liveness should fail although the loop turns: a message unsettled past the bound."""
+        oldest = max(self.tracker.oldest_unsettled().values(), default=0.0)
+        if oldest > self.config.relay.stall_after_s:
+            return f"a message has been unsettled for {oldest:.0f}s (relay.stall_after_s)"
+        return None
+
+    # -- main loop ------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -156,10 +126,19 @@ class Relay:
         self._build_pipelines()
         tune_gc()
         self.health = HealthServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
-                                   self.ready)
+                                   self.not_ready, self.stalled)
         await self.health.start()
         logger.info("metrics on http://%s:%d/metrics, vendors: %s", self.config.metrics.host, self.health.port,
                     ", ".join(self.pipelines) or "none")
+        missing = await self._missing_topics()
+        if missing:
+            logger.error("topics missing: %s. Create them (the dead-letter topic, and one retry topic per vendor "
+                         "that parks), or set parking.enabled: false", ", ".join(missing))
+            await self.health.stop()
+            return 2
+        if self.stopping.is_set():
+            await self.health.stop()
+            return 0
         self.source = KafkaSource(self.config.kafka, build_decoder(self.config), loop, self._on_assign,
                                   self._on_revoke)
         await self.source.start()
@@ -171,10 +150,29 @@ class Relay:
             await self._shutdown(dlq_task, tick_task)
         return 0
 
+    async def _missing_topics(self) -> list[str]:
+        """The dead-letter and retry topics the broker does not have; waits (not ready, logging) while
+        the broker cannot be reached, until it answers or the relay is stopped."""
+        want = [self.config.deadletter.topic, *self.config.retry_topics().values()]
+        loop = asyncio.get_running_loop()
+        delay = 1.0
+        while not self.stopping.is_set():
+            try:
+                md = await loop.run_in_executor(None, lambda: self.dlq.producer.list_topics(timeout=5))
+            except KafkaException as exc:
+                logger.warning("broker not reachable (%s); retrying in %.0fs", exc.args[0].str() if exc.args else exc,
+                               delay)
+            else:
+                return [t for t in want if t not in md.topics]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            delay = min(delay * 2, 30.0)
+        return []
+
     def request_stop(self) -> None:
         if self.stopping.is_set():
             logger.warning("second stop signal: not waiting for in-flight work")
-            self._draining = True
+            self.abandon = True
             for p in self.pipelines.values():
                 for t in list(p.tasks):
                     t.cancel()
@@ -183,31 +181,33 @@ class Relay:
                     self.config.relay.shutdown_grace_s)
         self.stopping.set()
 
+    def _want_pause(self) -> bool:
+        """Fetching waits while the relay holds too many unsettled messages, or a vendor that may not
+        park is at its budget (``on_outage: block``)."""
+        cfg = self.config.relay
+        inflight = self.tracker.inflight
+        if not self._over_limit and inflight >= cfg.max_inflight_events:
+            self._over_limit = True
+        elif self._over_limit and inflight <= int(cfg.max_inflight_events * cfg.resume_ratio):
+            self._over_limit = False
+        return self._over_limit or any(p.full for p in self.pipelines.values())
+
     async def _consume_loop(self) -> None:
         cfg = self.config
-        limit = cfg.relay.max_inflight_events
-        resume_at = int(limit * cfg.relay.resume_ratio)
         assert self.source is not None
         while not self.stopping.is_set():
-            inflight = self.tracker.inflight
-            if not self._pause and inflight >= limit:
-                self._pause = True
-            elif self._pause and inflight <= resume_at:
-                self._pause = False
-            if self.source.paused and not self._pause and not self.source.assigned:
-                self.source.paused = False
+            pause = self._want_pause()
             commit = None
             now = time.monotonic()
             if now >= self._commit_due:
                 self._commit_due = now + cfg.relay.commit_interval_s
                 commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll(cfg.kafka.consume_batch, 0.05 if self._pause else 0.2,
-                                          self._pause, commit)
+            poll = await self.source.poll(cfg.kafka.consume_batch, 0.05 if pause else 0.2, pause, commit)
             self._after_commit(poll.committed, poll.lag, poll.commit_failed)
             self.metrics.paused.set(1 if self.source.paused else 0)
             self.metrics.inflight_messages.set(self.tracker.inflight)
             if poll.raw:
-                self._route(self.source.decode_all(poll.raw))
+                self.router.route(self.source.decode_all(poll.raw))
 
     def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
                       failed: bool) -> None:
@@ -223,18 +223,29 @@ class Relay:
     async def _ticker(self) -> None:
         waits = [p.batcher.max_wait for p in self.pipelines.values()]
         step = min([0.05, *(w / 4 for w in waits)])
+        summary_due = second_due = 0.0
         while True:
             now = time.monotonic()
             for p in self.pipelines.values():
                 p.tick(now)
+            if now >= second_due:
+                second_due = now + 1.0
+                for (t, part), age in self.tracker.oldest_unsettled(now).items():
+                    self.metrics.oldest_unsettled.labels(t, str(part)).set(age)
+                for p in self.pipelines.values():
+                    p.breaker.state  # noqa: B018 (an open breaker turns half-open when looked at after its cooldown)
+            if now >= summary_due:
+                summary_due = now + SUMMARY_EVERY_S
+                self.settlement.log_summary()
             if self.health is not None:
                 self.health.beat()
             await asyncio.sleep(step)
 
     async def _shutdown(self, dlq_task: asyncio.Task[Any], tick_task: asyncio.Task[Any]) -> None:
         self.stopping.set()
-        if not self._draining:
+        if not self.abandon:
             await self._drain(self.config.relay.shutdown_grace_s)
+        self._drained = True  # once: closing the consumer revokes, and that revoke must not wait again
         assert self.source is not None
         positions = self.tracker.commit_positions()
         if positions:
@@ -243,11 +254,10 @@ class Relay:
             logger.info("committed %s", ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items())))
         for p in self.pipelines.values():
             await p.cancel()
-        # settled work is committed; close leaves the group at once (its revoke callback finds nothing left)
-        self._draining = True
         await self.source.close()
         tick_task.cancel()
         await self.dlq.drain(1.0)
+        self.settlement.log_summary()
         dlq_task.cancel()
         await asyncio.gather(dlq_task, tick_task, return_exceptions=True)
         for p in self.pipelines.values():

@@ -59,8 +59,19 @@ class DeadLetterConfig(Frozen):
     retry_delay_s: float = Field(1.0, gt=0, description="wait before re-producing an unacknowledged record")
 
 
+class ParkingConfig(Frozen):
+    """Each vendor with ``on_outage: park`` parks what it cannot deliver now on its own retry topic,
+    ``<topic_prefix>.<vendor>``, and the relay redrives it from there (its own consumer group)."""
+
+    enabled: bool = Field(True, description="false: every vendor blocks (on_outage: block)")
+    topic_prefix: str | None = Field(None, description="default: the first input topic + '.retry'")
+    group_id: str | None = Field(None, description="redrive consumer group (default: kafka.group_id + '.redrive')")
+
+
 class RelayConfig(Frozen):
     max_inflight_events: int = Field(20_000, ge=1, description="pause fetching above this many unsettled")
+    stall_after_s: float = Field(
+        900.0, gt=0, description="not ready (and not healthy) while a message stays unsettled longer than this")
     resume_ratio: float = Field(0.5, gt=0, lt=1, description="resume when in-flight falls below limit x this")
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM/rebalance, wait this long for in-flight")
     commit_interval_s: float = Field(1.0, gt=0)
@@ -81,6 +92,7 @@ class Config(Frozen):
     kafka: KafkaConfig
     schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
     deadletter: DeadLetterConfig
+    parking: ParkingConfig = ParkingConfig()
     relay: RelayConfig = RelayConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -101,6 +113,24 @@ class Config(Frozen):
 
     def enabled_vendors(self) -> dict[str, VendorSettings[Any, Any]]:
         return {n: v for n, v in self.vendors.items() if v.enabled}
+
+    def retry_topic_prefix(self) -> str | None:
+        """None when parking is off."""
+        if not self.parking.enabled:
+            return None
+        return self.parking.topic_prefix or f"{self.kafka.topics[0]}.retry"
+
+    def retry_topics(self) -> dict[str, str]:
+        """vendor -> its retry topic, for the enabled vendors that park."""
+        prefix = self.retry_topic_prefix()
+        if prefix is None:
+            return {}
+        return {n: f"{prefix}.{n}" for n, v in self.enabled_vendors().items() if v.on_outage == "park"}
+
+    def vendor_budget(self, name: str) -> int:
+        """Unsettled events vendor ``name`` may hold: its own setting, or an equal share of the relay's."""
+        own = self.vendors[name].max_inflight_events
+        return own or max(1, self.relay.max_inflight_events // max(1, len(self.enabled_vendors())))
 
 
 def interpolate(node: Any, path: str, env: Mapping[str, str]) -> Any:

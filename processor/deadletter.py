@@ -6,7 +6,8 @@ unparsable ``relay.*`` values kept as they were, beside the fresh ones) plus:
 
 ====================================  ==============================================
 relay.vendor                          the vendor this record is for ("none" when undecodable/unroutable)
-relay.error_class                     rejected | exhausted | undecodable | unroutable
+relay.error_class                     rejected | exhausted | undecodable | unroutable | internal
+                                      (``parked`` on a vendor's retry topic)
 relay.http_status                     last HTTP status ("" when there was none)
 relay.reason                          short, redacted reason
 relay.attempts                        delivery attempts made
@@ -14,6 +15,7 @@ relay.first_failure_ms                epoch ms of the first failure
 relay.last_failure_ms                 epoch ms of the last failure
 relay.original_topic / _partition / _offset / _timestamp_ms   where the message came from
 relay.replay_count                    times this record was replayed before (0 for a first failure)
+relay.next_attempt_ms                 parked records only: epoch ms after which redrive may try again
 ====================================  ==============================================
 
 Produced with acks=all and idempotence. A record settles its event only when
@@ -45,6 +47,8 @@ REASON_MAX = 240
 _NUMERIC = frozenset({"relay.http_status", "relay.attempts", "relay.first_failure_ms", "relay.last_failure_ms",
                       "relay.original_partition", "relay.original_offset", "relay.original_timestamp_ms",
                       "relay.replay_count", "relay.next_attempt_ms"})
+_ORIGIN = ("relay.original_topic", "relay.original_partition", "relay.original_offset",
+           "relay.original_timestamp_ms")
 RELAY_HEADERS = _NUMERIC | {"relay.vendor", "relay.error_class", "relay.reason", "relay.original_topic"}
 
 
@@ -83,15 +87,36 @@ def _parses(name: str, value: bytes | None) -> bool:
     return not text or name not in _NUMERIC or text.lstrip("-").isdigit()
 
 
+def _ours(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    """The parsable relay.* headers of ours on an input (the last of each name)."""
+    return {name: value.decode() for name, value in headers or ()
+            if name.startswith(HEADER_PREFIX) and _parses(name, value)}  # type: ignore[union-attr]
+
+
 def dlq_headers(source: Source, vendor: str | None, error_class: str, status: int | None, reason: str,
                 attempts: int, first_ms: int, last_ms: int, replay_count: int | None = None,
                 extra: list[tuple[str, bytes]] | None = None) -> list[tuple[str, bytes]]:
     """The headers of a dead-letter (or parked) record for ``source``. The input's own headers are kept,
     except earlier ``relay.*`` headers of ours, which the fresh ones replace; ``relay.*`` headers that do
     not parse as ours are kept as they were, beside the fresh values. ``replay_count`` defaults to the
-    input's own count (0 when it has none)."""
+    input's own count (0 when it has none).
+
+    When the input is itself a relay record (a parked record being redriven, a dead letter being
+    replayed), its history carries on: the original position and timestamp, the first failure time, and
+    the attempts made before (added to ``attempts``)."""
     if replay_count is None:
         replay_count = prior_replay_count(source.headers) or 0
+    prior = _ours(source.headers)
+    if "relay.original_topic" in prior and prior.get("relay.original_offset"):
+        origin = [(k, prior.get(k, "").encode()) for k in _ORIGIN]
+        if prior.get("relay.first_failure_ms"):
+            first_ms = min(first_ms, int(prior["relay.first_failure_ms"]))
+        attempts += int(prior.get("relay.attempts") or 0)
+    else:
+        origin = [("relay.original_topic", source.topic.encode()),
+                  ("relay.original_partition", str(source.partition).encode()),
+                  ("relay.original_offset", str(source.offset).encode()),
+                  ("relay.original_timestamp_ms", str(source.timestamp_ms or "").encode())]
     headers: list[tuple[str, bytes]] = [
         (name, value) for name, value in source.headers or ()
         if not (name.startswith(HEADER_PREFIX) and _parses(name, value))
@@ -104,14 +129,17 @@ def dlq_headers(source: Source, vendor: str | None, error_class: str, status: in
         ("relay.attempts", str(attempts).encode()),
         ("relay.first_failure_ms", str(first_ms).encode()),
         ("relay.last_failure_ms", str(last_ms).encode()),
-        ("relay.original_topic", source.topic.encode()),
-        ("relay.original_partition", str(source.partition).encode()),
-        ("relay.original_offset", str(source.offset).encode()),
-        ("relay.original_timestamp_ms", str(source.timestamp_ms or "").encode()),
+        *origin,
         ("relay.replay_count", str(replay_count).encode()),
         *(extra or ()),
     ]
     return headers
+
+
+def first_failure_ms(source: Source) -> int | None:
+    """When a relay record (parked or dead-lettered) first failed; None for an original message."""
+    value = _ours(source.headers).get("relay.first_failure_ms")
+    return int(value) if value else None
 
 
 def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
@@ -122,59 +150,89 @@ def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
 
 
 class DeadLetterWriter:
-    """Produces dead-letter records; ``on_ack`` runs (in the event loop) once Kafka acknowledged."""
+    """Produces dead-letter records and parked records (each vendor's retry topic) on one idempotent
+    producer; ``on_ack`` runs (in the event loop) once Kafka acknowledged the record.
+
+    A parked record has the dead-letter format with ``relay.error_class`` ``parked`` and one more header,
+    ``relay.next_attempt_ms`` (when redrive may try it again). ``failing`` tells whether writes keep
+    failing (the last result was not acknowledged): readiness reports it."""
 
     def __init__(self, topic: str, producer_config: dict[str, Any], metrics: Metrics,
-                 retry_delay_s: float = 1.0) -> None:
+                 retry_delay_s: float = 1.0, retry_topic_prefix: str | None = None) -> None:
         self.topic = topic
+        self.retry_topic_prefix = retry_topic_prefix
         self.metrics = metrics
         self.retry_delay_s = retry_delay_s
         conf = {"acks": "all", "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
                 **producer_config}
         self.producer = Producer(conf)
         self.pending = 0
+        self.failing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def retry_topic(self, vendor: str) -> str:
+        if self.retry_topic_prefix is None:
+            raise ValueError("parking is off: no retry topic prefix")
+        return f"{self.retry_topic_prefix}.{vendor}"
 
     def write(self, source: Source, vendor: str | None, error_class: str, status: int | None, reason: str,
               attempts: int, first_ms: int | None, on_ack: Callable[[], None]) -> None:
         now_ms = int(time.time() * 1000)
         headers = dlq_headers(source, vendor, error_class, status, reason, attempts, first_ms or now_ms, now_ms)
-        self._produce(source, headers, vendor or "none", error_class, on_ack)
+        self._produce(self.topic, source, headers, vendor or "none", error_class, on_ack)
 
-    def _produce(self, source: Source, headers: list[tuple[str, bytes]], vendor: str, error_class: str,
-                 on_ack: Callable[[], None]) -> None:
+    def park(self, source: Source, vendor: str, reason: str, attempts: int, first_ms: int | None,
+             next_attempt_ms: int, on_ack: Callable[[], None]) -> None:
+        now_ms = int(time.time() * 1000)
+        headers = dlq_headers(source, vendor, "parked", None, reason, attempts, first_ms or now_ms, now_ms,
+                              extra=[("relay.next_attempt_ms", str(next_attempt_ms).encode())])
+        self._produce(self.retry_topic(vendor), source, headers, vendor, None, on_ack)
+
+    def _produce(self, topic: str, source: Source, headers: list[tuple[str, bytes]], vendor: str,
+                 error_class: str | None, on_ack: Callable[[], None]) -> None:
+        """``error_class`` None: a parked record (counted as such)."""
+        m = self.metrics
+
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             self.pending -= 1
             if err is None:
-                self.metrics.dlq_events.labels(vendor, error_class).inc()
+                self.failing = False
+                if error_class is None:
+                    m.parked_acked.labels(vendor).inc()
+                else:
+                    m.dlq_events.labels(vendor, error_class).inc()
                 on_ack()
                 return
-            self.metrics.dlq_failures.inc()
-            logger.error("dead-letter write for %s (%s) not acknowledged: %s; retrying in %.1fs",
-                         source.where(), vendor, err.str(), self.retry_delay_s)
-            self._retry_later(source, headers, vendor, error_class, on_ack)
+            self._failed(topic, source, vendor, err.str())
+            self._retry_later(topic, source, headers, vendor, error_class, on_ack)
 
         try:
-            self.producer.produce(self.topic, value=source.value, key=source.key, headers=headers,
+            self.producer.produce(topic, value=source.value, key=source.key, headers=headers,
                                   on_delivery=delivered)
         except BufferError:
             self.producer.poll(0.05)
-            self._retry_later(source, headers, vendor, error_class, on_ack)
+            self._retry_later(topic, source, headers, vendor, error_class, on_ack)
             return
         except KafkaException as exc:
-            self.metrics.dlq_failures.inc()
-            logger.error("dead-letter produce for %s failed: %s", source.where(), exc)
-            self._retry_later(source, headers, vendor, error_class, on_ack)
+            self._failed(topic, source, vendor, str(exc))
+            self._retry_later(topic, source, headers, vendor, error_class, on_ack)
             return
         self.pending += 1
 
-    def _retry_later(self, source: Source, headers: list[tuple[str, bytes]], vendor: str, error_class: str,
-                     on_ack: Callable[[], None]) -> None:
+    def _failed(self, topic: str, source: Source, vendor: str, why: str) -> None:
+        self.failing = True
+        (self.metrics.dlq_failures if topic == self.topic else self.metrics.park_failures).inc()
+        logger.error("write to %s for %s (%s) not acknowledged: %s; retrying in %.1fs",
+                     topic, source.where(), vendor, why, self.retry_delay_s)
+
+    def _retry_later(self, topic: str, source: Source, headers: list[tuple[str, bytes]], vendor: str,
+                     error_class: str | None, on_ack: Callable[[], None]) -> None:
         loop = self._loop or asyncio.get_running_loop()
         self.pending += 1  # counts as pending until re-produced
+
         def again() -> None:
             self.pending -= 1
-            self._produce(source, headers, vendor, error_class, on_ack)
+            self._produce(topic, source, headers, vendor, error_class, on_ack)
         loop.call_later(self.retry_delay_s, again)
 
     async def run(self, stop: asyncio.Event) -> None:

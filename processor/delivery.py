@@ -1,14 +1,27 @@
-"""Delivery: the one place that does vendor HTTP, retries and per-event settlement.
+"""Delivery: the one place that does vendor HTTP, retries and per-event outcomes.
 
 Per vendor: one long-lived ``Sender`` (an httpx transport with explicit pool
-limits and timeouts), a bound on concurrent requests, and a batcher. A closed batch is
-planned by the adapter, sent, and every event's outcome acted on:
+limits and timeouts), a batcher, a budget of unsettled events, a circuit
+breaker, an adaptive concurrency limit and a rate gate (``processor.isolation``).
+A closed batch is planned by the adapter, sent, and every event's outcome
+reported to the ``Settlement`` (``processor.offsets``):
 
 * delivered -> settled (latency observed from the Kafka timestamp);
 * rejected  -> dead-lettered at once for this vendor;
 * retryable -> only those events are planned again after exponential
-  backoff with full jitter (at least Retry-After), bounded by attempts and
-  elapsed time; then dead-lettered as exhausted.
+  backoff with full jitter (at least Retry-After). With ``on_outage: park``
+  (the default) what still fails after ``retry.park_after_s`` or
+  ``retry.max_attempts``, or meets an open breaker, is parked on the vendor's
+  retry topic; with ``block`` it is retried in place. Either way, past
+  ``retry.max_elapsed_s`` from its first failure it is dead-lettered as
+  exhausted. A 429 counts against the elapsed time, never the attempts.
+* the relay's own failure on a batch (an adapter bug, an error of ours) ->
+  dead-lettered as ``internal``, naming the exception type: every event that
+  enters a pipeline leaves it settled.
+
+Intake parks at once (park mode) what the vendor cannot take now: while its
+breaker is open, or beyond its budget. Work for a revoked partition is
+dropped, not finished: the partition's new owner redelivers it.
 
 Transport failures (connect errors, timeouts, broken connections) are
 translated to retryable outcomes here, at this one boundary.
@@ -21,24 +34,25 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from operator import attrgetter
 from typing import Any
 
 import httpx
 
+from processor.deadletter import first_failure_ms
 from processor.events import Event
+from processor.isolation import AdaptiveLimit, BreakerState, CircuitBreaker, RateGate
 from processor.metrics import Metrics, status_class
+from processor.offsets import Settlement, is_revoked
 from processor.vendors.base import DELIVERED, Adapter, Outcome, Response, VendorRequest, Verdict, retryable
 
 logger = logging.getLogger(__name__)
 
-Settle = Callable[[Event], None]
-SettleMany = Callable[[list[Event]], None]
 _kind = attrgetter("kind")
 _timestamp = attrgetter("timestamp_ms")
-DeadLetter = Callable[[Event, str, str, int | None, str, int, int | None], None]
+CIRCUIT_OPEN = "circuit open"
 
 
 class Sender:
@@ -100,19 +114,39 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random 
     return rng.uniform(0, min(max_s, base_s * (2 ** (attempt - 1))))
 
 
-class VendorPipeline:
-    """Batches, sends, retries and settles one vendor's events."""
+class _Answer:
+    """What one request came back with: the response (None: no answer), one outcome per event (None:
+    the adapter failed on the answer: ``internal``), and whether it was throttling."""
 
-    def __init__(self, adapter: Adapter[Any, Any], client: Sender, metrics: Metrics,
-                 settle: Settle, dead_letter: DeadLetter, settle_many: SettleMany | None = None) -> None:
+    __slots__ = ("outcomes", "response", "throttled")
+
+    def __init__(self, response: Response | None, outcomes: list[Outcome] | None, throttled: bool = False) -> None:
+        self.response = response
+        self.outcomes = outcomes
+        self.throttled = throttled
+
+
+class VendorPipeline:
+    """Batches, sends, retries, parks and settles one vendor's events."""
+
+    def __init__(self, adapter: Adapter[Any, Any], client: Sender, metrics: Metrics, settlement: Settlement,
+                 budget: int, parking: bool) -> None:
         from processor.batching import Batcher
 
         self.adapter = adapter
-        self.name = adapter.name
+        self.name = name = adapter.name
         s = adapter.settings
         self.batcher = Batcher(s.batch)
         self.client = client
-        self.sem = asyncio.Semaphore(s.concurrency)
+        self.settlement = settlement
+        self.budget = budget
+        self.parking = parking and s.on_outage == "park"
+        m = metrics
+        self.breaker = CircuitBreaker(s.breaker, self._breaker_changed)
+        self.limit = AdaptiveLimit(s.concurrency, m.concurrency_limit.labels(name).set)
+        self.gate = RateGate()
+        m.breaker_state.labels(name).set(0)
+        m.concurrency_limit.labels(name).set(s.concurrency)
         # Requests planned but not yet answered, bounded: a planned request holds its body, so without
         # this a vendor that takes one event a request built nearly every in-flight event's body up
         # front (bench/README.md, memory). A batch waits for room before it is planned (and before
@@ -123,31 +157,50 @@ class VendorPipeline:
         self.retry = s.retry
         self.total_timeout = s.timeout.total_s
         self.metrics = metrics
-        self.settle = settle
-        self.settle_many: SettleMany = settle_many or self._settle_each
-        self.dead_letter = dead_letter
         self.tasks: set[asyncio.Task[None]] = set()
-        self.sleep = asyncio.sleep  # replaceable in tests
+        self.sleep = asyncio.sleep  # replaceable in tests, with the clock
+        self.clock = time.monotonic
         self.inflight = 0
-        m = metrics
-        self._inflight_gauge = m.inflight.labels(self.name)
-        self._duration = m.request_duration.labels(self.name)
-        self._latency = m.delivery_latency.labels(self.name)
-        self._batch_size = m.batch_events.labels(self.name)
-        self._retries = m.retries.labels(self.name)
+        self._inflight_gauge = m.inflight.labels(name)
+        self._duration = m.request_duration.labels(name)
+        self._latency = m.delivery_latency.labels(name)
+        self._batch_size = m.batch_events.labels(name)
+        self._retries = m.retries.labels(name)
+
+    def _breaker_changed(self, state: BreakerState) -> None:
+        self.metrics.breaker_state.labels(self.name).set(int(state))
+        self.metrics.breaker_transitions.labels(self.name, state.name.lower()).inc()
+        logger.warning("%s: circuit breaker %s", self.name, state.name.lower().replace("_", "-"))
+
+    @property
+    def full(self) -> bool:
+        """At its budget while it may not park: the source must wait for it (``on_outage: block``)."""
+        return not self.parking and self.inflight >= self.budget
+
+    def has_room(self, n: int) -> bool:
+        """Can it take ``n`` more events now without parking them (redrive asks before it submits)?"""
+        return not self.breaker.is_open() and self.gate.wait_s() == 0 and self.inflight + n <= self.budget
 
     # -- intake ------------------------------------------------------------
-    def submit(self, event: Event) -> None:
-        self.inflight += 1
-        batch = self.batcher.add(event)
-        if batch is not None:
-            self._dispatch(batch)
-
     def submit_many(self, events: list[Event]) -> None:
-        """``submit`` for each event, in order."""
+        """Batch these events, in order; in park mode park at once what the vendor cannot take now."""
+        if self.parking and events:
+            if self.breaker.is_open():
+                self._park_now(events, "breaker_open", CIRCUIT_OPEN, self.breaker.reopens_in())
+                return
+            room = self.budget - self.inflight
+            if room < len(events):
+                self._park_now(events[max(0, room):], "budget_full", "vendor at its in-flight budget", 1.0)
+                events = events[:max(0, room)]
         self.inflight += len(events)
         for batch in self.batcher.add_many(events):
             self._dispatch(batch)
+
+    def _park_now(self, events: list[Event], why: str, reason: str, delay_s: float) -> None:
+        counts: Counter[tuple[str, str]] = Counter()
+        self.inflight += len(events)
+        self._park(events, why, reason, 0, None, delay_s, counts)
+        self._count(counts)
 
     def tick(self, now: float) -> None:
         batch = self.batcher.due(now)
@@ -168,35 +221,43 @@ class VendorPipeline:
 
     # -- delivery ----------------------------------------------------------
     async def _deliver(self, events: list[Event]) -> None:
-        started = time.monotonic()
-        first_failure_ms: int | None = None
-        attempt = 0
+        started = self.clock()
+        first_ms: int | None = None
+        attempt = 0  # attempts that count: not those only throttled or stopped by the open breaker
         pending = events
+        settled: list[Event] = []  # this round's settled events, for the last-resort path below
         counts: Counter[tuple[str, str]] = Counter()
         try:
             while pending:
-                attempt += 1
+                pending = self._drop_revoked(pending)
+                if not pending:
+                    return
+                settled = []
                 await self._room_to_plan()
                 try:
                     plan = self.adapter.plan(pending)
-                except Exception:  # an adapter bug must not lose events or kill the relay
+                except Exception as exc:  # an adapter bug must not lose events or kill the relay
                     logger.exception("%s adapter failed to plan a batch of %d", self.name, len(pending))
-                    for ev in pending:
-                        self._dead(ev, "rejected", None, "internal error in the adapter (see logs)", attempt,
-                                   first_failure_ms, counts)
+                    self._internal(pending, exc, counts)
                     return
                 for ev in plan.filtered:
-                    self._settled(ev, "filtered", counts)
+                    self._settled(ev, "filtered", counts, settled)
                 for ev, reason in plan.rejected:
-                    self._dead(ev, "rejected", None, reason, attempt, first_failure_ms, counts)
+                    self._dead(ev, "rejected", None, reason, attempt + 1, first_ms, counts, settled)
                 self.unsent += len(plan.requests)
-                results = await asyncio.gather(*(self._send(r) for r in plan.requests))
+                answers = await asyncio.gather(*(self._send(r) for r in plan.requests))
                 retry: list[tuple[Event, Outcome, int | None]] = []
                 wait_at_least = 0.0
+                counted = False
                 now_s = time.time()
-                for req, (resp, outcomes) in zip(plan.requests, results, strict=True):
+                for req, answer in zip(plan.requests, answers, strict=True):
+                    outcomes, resp = answer.outcomes, answer.response
+                    if outcomes is None:
+                        self._internal(req.events, None, counts, settled)
+                        continue
                     if outcomes.count(DELIVERED) == len(req.events):  # the common case, settled in bulk
                         self._delivered(req.events, now_s, counts)
+                        settled += req.events
                         continue
                     status = resp.status if resp is not None else None
                     for ev, out in zip(req.events, outcomes, strict=True):
@@ -206,34 +267,94 @@ class VendorPipeline:
                             ts = ev.timestamp_ms
                             if ts:
                                 self._latency.observe(max(0.0, now_s - ts / 1000))
-                            self._settled(ev, "delivered", counts)
+                            self._settled(ev, "delivered", counts, settled)
                         elif out.verdict is Verdict.REJECTED:
-                            self._dead(ev, "rejected", status, out.reason, attempt, first_failure_ms, counts)
+                            self._dead(ev, "rejected", status, out.reason, attempt + 1, first_ms, counts, settled)
                         else:
                             retry.append((ev, out, status))
                             if out.retry_after_s:
                                 wait_at_least = max(wait_at_least, out.retry_after_s)
+                    if not answer.throttled and outcomes[0].reason != CIRCUIT_OPEN:
+                        counted = True
                 if not retry:
                     return
-                if first_failure_ms is None:
-                    first_failure_ms = int(now_s * 1000)
-                delay = max(wait_at_least, backoff_delay(attempt, self.retry.base_delay_ms / 1000,
-                                                         self.retry.max_delay_ms / 1000))
-                elapsed = time.monotonic() - started
-                if attempt >= self.retry.max_attempts or elapsed + delay > self.retry.max_elapsed_s:
-                    for ev, out, status in retry:
-                        self._dead(ev, "exhausted", status, f"{out.reason} (after {attempt} attempts)", attempt,
-                                   first_failure_ms, counts)
-                    return
-                self._retries.inc(len(retry))
-                logger.info("%s: %d events retry in %.2fs (attempt %d): %s", self.name, len(retry), delay,
-                            attempt, retry[0][1].reason)
-                await self.sleep(delay)
-                pending = [ev for ev, _, _ in retry]
+                attempt += counted
+                if first_ms is None:
+                    first_ms = int(now_s * 1000)
+                pending = await self._after_failure(retry, attempt, first_ms, started, wait_at_least, counts)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # last resort: our own bug in this task; its events still settle
+            logger.exception("%s: delivery of %d events failed inside the relay", self.name, len(pending))
+            done = set(map(id, settled))
+            self._internal([ev for ev in pending if id(ev) not in done], exc, counts)
         finally:
-            for (kind, outcome), n in counts.items():
-                self.metrics.vendor_events.labels(self.name, kind, outcome).inc(n)
-            self._inflight_gauge.set(self.inflight)
+            self._count(counts)
+
+    async def _after_failure(self, retry: list[tuple[Event, Outcome, int | None]], attempt: int, first_ms: int,
+                             started: float, wait_at_least: float,
+                             counts: Counter[tuple[str, str]]) -> list[Event]:
+        """Retry in place after a backoff (the events to send again), park, or dead-letter as exhausted."""
+        r = self.retry
+        delay = max(wait_at_least, self.gate.wait_s(), self.breaker.reopens_in(),
+                    backoff_delay(max(1, attempt), r.base_delay_ms / 1000, r.max_delay_ms / 1000))
+        out = retry[0][1]
+        events = self._drop_revoked([ev for ev, _, _ in retry])
+        if self.parking and (self.breaker.is_open() or attempt >= r.max_attempts
+                             or self.clock() - started + delay > r.park_after_s):
+            why = "breaker_open" if self.breaker.is_open() else "retry_budget"
+            self._park(events, why, f"{out.reason} (after {attempt} attempts)", attempt, first_ms, delay, counts,
+                       status=retry[0][2])
+            return []
+        if not self.parking and (attempt >= r.max_attempts or time.time() + delay - first_ms / 1000
+                                 > r.max_elapsed_s):
+            by_event = {id(ev): (o, st) for ev, o, st in retry}
+            for ev in events:
+                o, st = by_event[id(ev)]
+                self._dead(ev, "exhausted", st, f"{o.reason} (after {attempt} attempts)", attempt, first_ms, counts)
+            return []
+        self._retries.inc(len(events))
+        logger.debug("%s: %d events retry in %.2fs (attempt %d): %s", self.name, len(events), delay, attempt,
+                     out.reason)
+        await self.sleep(delay)
+        return events
+
+    def _drop_revoked(self, events: list[Event]) -> list[Event]:
+        if not any(map(is_revoked, events)):
+            return events
+        keep = [ev for ev in events if not is_revoked(ev)]
+        self.inflight -= len(events) - len(keep)
+        logger.info("%s: dropped %d events of revoked partitions (their new owner redelivers them)",
+                    self.name, len(events) - len(keep))
+        return keep
+
+    def _park(self, events: list[Event], why: str, reason: str, attempts: int, first_ms: int | None,
+              delay_s: float, counts: Counter[tuple[str, str]], status: int | None = None) -> None:
+        """Onto the vendor's retry topic, due after ``delay_s``; what waited past ``retry.max_elapsed_s``
+        since its first failure is dead-lettered as exhausted instead."""
+        now_s = time.time()
+        next_ms = int((now_s + delay_s) * 1000)
+        limit_ms = (now_s - self.retry.max_elapsed_s) * 1000
+        parked = 0
+        for ev in events:
+            first = first_failure_ms(ev) or first_ms
+            if first is not None and first < limit_ms:
+                self._dead(ev, "exhausted", status, f"{reason}; waited past retry.max_elapsed_s", attempts,
+                           first_ms, counts)
+                continue
+            counts[(ev.kind.value, "parked")] += 1
+            self.inflight -= 1
+            self.settlement.park(ev, self.name, why, reason, attempts, first_ms, next_ms)
+            parked += 1
+        if parked:
+            self.metrics.parked.labels(self.name, why).inc(parked)
+
+    def _internal(self, events: list[Event], exc: BaseException | None, counts: Counter[tuple[str, str]],
+                  settled: list[Event] | None = None) -> None:
+        what = type(exc).__name__ if exc is not None else "the adapter failed on the answer"
+        for ev in events:
+            self._dead(ev, "internal", None, f"internal error in the relay ({what}; see logs)", 0, None, counts,
+                       settled)
 
     def _delivered(self, events: list[Event], now_s: float, counts: Counter[tuple[str, str]]) -> None:
         """Every event of one request delivered: latency, counts and settlement per request, not per event."""
@@ -241,29 +362,34 @@ class VendorPipeline:
         for kind, n in Counter(map(_kind, events)).items():
             counts[(kind.value, "delivered")] += n
         self.inflight -= len(events)
-        self.settle_many(events)
+        self.settlement.settle_many(events)
 
-    def _settle_each(self, events: list[Event]) -> None:
-        for ev in events:
-            self.settle(ev)
-
-    def _settled(self, ev: Event, outcome: str, counts: Counter[tuple[str, str]]) -> None:
+    def _settled(self, ev: Event, outcome: str, counts: Counter[tuple[str, str]], settled: list[Event]) -> None:
         counts[(ev.kind.value, outcome)] += 1
         self.inflight -= 1
-        self.settle(ev)
+        self.settlement.settle_many((ev,))
+        settled.append(ev)
 
     def _dead(self, ev: Event, error_class: str, status: int | None, reason: str, attempts: int,
-              first_ms: int | None, counts: Counter[tuple[str, str]]) -> None:
+              first_ms: int | None, counts: Counter[tuple[str, str]], settled: list[Event] | None = None) -> None:
         counts[(ev.kind.value, "dead_lettered")] += 1
         self.inflight -= 1
-        self.dead_letter(ev, self.name, error_class, status, reason, attempts, first_ms)
+        self.settlement.dead_letter(ev, self.name, error_class, status, reason, attempts, first_ms)
+        if settled is not None:
+            settled.append(ev)
+
+    def _count(self, counts: Counter[tuple[str, str]]) -> None:
+        for (kind, outcome), n in counts.items():
+            self.metrics.vendor_events.labels(self.name, kind, outcome).inc(n)
+        counts.clear()
+        self._inflight_gauge.set(self.inflight)
 
     async def _room_to_plan(self) -> None:
         while self.unsent >= self.max_unsent:
             self._room.clear()
             await self._room.wait()
 
-    async def _send(self, req: VendorRequest) -> tuple[Response | None, list[Outcome]]:
+    async def _send(self, req: VendorRequest) -> _Answer:
         try:
             return await self._send_one(req)
         finally:
@@ -271,33 +397,55 @@ class VendorPipeline:
             if self.unsent < self.max_unsent:
                 self._room.set()
 
-    async def _send_one(self, req: VendorRequest) -> tuple[Response | None, list[Outcome]]:
+    async def _send_one(self, req: VendorRequest) -> _Answer:
         n = len(req.events)
-        async with self.sem:
-            t0 = time.perf_counter()
-            try:
-                async with asyncio.timeout(self.total_timeout):
-                    r = await self.client.request(req.method, req.url, content=req.content, headers=req.headers)
-            except (TimeoutError, httpx.TimeoutException):
-                self.metrics.vendor_requests.labels(self.name, "error").inc()
-                return None, [retryable("timeout")] * n
-            except httpx.TransportError as exc:
-                self.metrics.vendor_requests.labels(self.name, "error").inc()
-                return None, [retryable(f"transport error: {type(exc).__name__}")] * n
-            finally:
-                self._duration.observe(time.perf_counter() - t0)
+        await self.gate.wait(self.sleep)
+        if not self.breaker.allow():
+            return _Answer(None, [retryable(CIRCUIT_OPEN)] * n)
+        await self.limit.acquire()
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                r = await self.client.request(req.method, req.url, content=req.content, headers=req.headers)
+        except (TimeoutError, httpx.TimeoutException):
+            self._no_answer(t0, backpressure=True)
+            return _Answer(None, [retryable("timeout")] * n)
+        except httpx.TransportError as exc:
+            self._no_answer(t0, backpressure=False)
+            return _Answer(None, [retryable(f"transport error: {type(exc).__name__}")] * n)
+        except BaseException:  # cancelled: give the limit and any probe back
+            self.limit.release(ok=False)
+            self.breaker.abandon()
+            raise
+        latency = time.perf_counter() - t0
+        self._duration.observe(latency)
+        status = r.status_code
+        after = parse_retry_after(r.headers.get("retry-after")) if status >= 400 else None
+        throttled = status == 429 or (status == 503 and after is not None)
+        self.breaker.record(throttled or status < 500 or status == 501)
+        self.limit.release(ok=True, backpressure=throttled, latency_s=latency)
+        if throttled:
+            self.gate.hold(after if after is not None else 1.0)
         self.metrics.vendor_requests.labels(self.name, status_class(r.status_code)).inc()
         resp = Response(r.status_code, r.headers, r.content)
-        outcomes = self.adapter.interpret(req, resp)
+        try:
+            outcomes = self.adapter.interpret(req, resp)
+        except Exception:  # an adapter bug: these events are dead-lettered as internal, never lost
+            logger.exception("%s adapter failed to interpret an HTTP %d answer", self.name, r.status_code)
+            return _Answer(resp, None)
         if len(outcomes) != n:
-            logger.error("%s adapter returned %d outcomes for %d events; retrying them", self.name,
-                         len(outcomes), n)
-            return resp, [retryable("adapter outcome count mismatch")] * n
-        after = parse_retry_after(r.headers.get("retry-after")) if r.status_code >= 400 else None
+            logger.error("%s adapter returned %d outcomes for %d events", self.name, len(outcomes), n)
+            return _Answer(resp, None)
         if after:
             outcomes = [Outcome(o.verdict, o.reason, o.retry_after_s or after, o.note)
                         if o.verdict is Verdict.RETRYABLE else o for o in outcomes]
-        return resp, outcomes
+        return _Answer(resp, outcomes, throttled)
+
+    def _no_answer(self, t0: float, backpressure: bool) -> None:
+        self._duration.observe(time.perf_counter() - t0)
+        self.metrics.vendor_requests.labels(self.name, "error").inc()
+        self.breaker.record(False)
+        self.limit.release(ok=False, backpressure=backpressure)
 
     async def drain(self, timeout_s: float) -> bool:
         """Flush the open batch and wait for in-flight deliveries (up to timeout)."""

@@ -1,4 +1,5 @@
-"""/metrics, /healthz (the event loop is alive) and /readyz (assigned and able to work) on one port."""
+"""/metrics, /healthz (the event loop is alive and work is not stuck) and /readyz (assigned and able to
+work) on one port; a failing check answers 503 with its reason."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ STALL_S = 30.0
 
 
 class HealthServer:
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, not_ready: Callable[[], str | None],
+                 stalled: Callable[[], str | None] = lambda: None) -> None:
         self.registry = registry
         self.host = host
         self.port = port
-        self.ready = ready
+        self.not_ready = not_ready
+        self.stalled = stalled
         self.heartbeat = time.monotonic()
         self._runner: web.AppRunner | None = None
 
@@ -47,9 +50,13 @@ class HealthServer:
         age = time.monotonic() - self.heartbeat
         if age > STALL_S:
             return web.Response(status=503, text=f"event loop stalled for {age:.0f}s\n")
+        why = self.stalled()
+        if why:
+            return web.Response(status=503, text=f"stalled: {why}\n")
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if self.ready():
+        why = self.not_ready()
+        if why is None:
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        return web.Response(status=503, text=f"not ready: {why}\n")

@@ -1,20 +1,35 @@
 """Commit tracking: an offset is committable only when every vendor it was routed to settled it.
 
-Per partition, a FIFO of slots ``[offset, pending, track]`` in consume order. Settling
-decrements ``pending``; the committable position is the offset of the first
+Per partition, a FIFO of slots ``[offset, pending, track, registered]`` in consume order.
+Settling decrements ``pending``; the committable position is the offset of the first
 slot still pending (or one past the last slot when all are settled). A slot
 belongs to one assignment generation: after a revoke, late settlements of
 its events are ignored, so nothing is ever committed for a partition we no
-longer own.
+longer own, and work still holding such a slot drops it (``is_revoked``).
+
+``Settlement`` is the one owner of outcomes: vendor pipelines report delivered,
+dead-lettered and parked events to it; it has the dead-letter and parking
+writes made and settles each event's slot once Kafka acknowledged them.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import logging
+import time
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-Slot = list[Any]  # [offset, pending, PartitionTrack]: small, so a settled message's event can be freed
+logger = logging.getLogger(__name__)
+
+# [offset, pending, PartitionTrack, registered (monotonic s)]: small, so a settled message's event can be freed
+Slot = list[Any]
+
+
+def is_revoked(item: Any) -> bool:
+    """Whether an event's partition was revoked since it was consumed: its work is dropped, not finished
+    (the partition's new owner redelivers it from the last commit)."""
+    return not item.slot[2].active
 
 
 class PartitionTrack:
@@ -35,6 +50,13 @@ class PartitionTrack:
         if slots:
             return slots[0][0]
         return None if self.last_seen is None else self.last_seen + 1
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds since the oldest message not yet settled was consumed (0 when none is)."""
+        slots = self.slots
+        while slots and slots[0][1] <= 0:
+            slots.popleft()
+        return now - slots[0][3] if slots else 0.0
 
 
 class OffsetTracker:
@@ -67,12 +89,13 @@ class OffsetTracker:
         part = -1
         track: PartitionTrack | None = None
         added = 0
+        now = time.monotonic()
         for item, n in zip(items, pending, strict=True):
             if item.partition != part or item.topic != topic:  # consume() returns runs of one partition
                 topic, part = item.topic, item.partition
                 track = self._track(topic, part)
             offset = item.offset
-            item.slot = slot = [offset, n, track]
+            item.slot = slot = [offset, n, track, now]
             if n > 0:
                 track.slots.append(slot)  # type: ignore[union-attr]
                 added += 1
@@ -107,8 +130,72 @@ class OffsetTracker:
                 out[key] = pos
         return out
 
+    def oldest_unsettled(self, now: float | None = None) -> dict[tuple[str, int], float]:
+        """Per assigned partition, the age in seconds of its oldest unsettled message (0 when none)."""
+        now = time.monotonic() if now is None else now
+        return {key: track.oldest_age(now) for key, track in self.tracks.items()}
+
     def mark_committed(self, positions: dict[tuple[str, int], int]) -> None:
         for key, pos in positions.items():
             track = self.tracks.get(key)
             if track is not None:
                 track.committed = pos
+
+
+class Writer(Protocol):
+    """What ``Settlement`` needs of the acknowledged producer (``processor.deadletter.RecordWriter``)."""
+
+    def write(self, source: Any, vendor: str | None, error_class: str, status: int | None, reason: str,
+              attempts: int, first_ms: int | None, on_ack: Any) -> None: ...
+
+    def park(self, source: Any, vendor: str, reason: str, attempts: int, first_ms: int | None,
+             next_attempt_ms: int, on_ack: Any) -> None: ...
+
+
+class Settlement:
+    """The one owner of outcomes. Vendor pipelines and routing report here what became of each event;
+    a dead-lettered or parked event settles only when Kafka acknowledged its record.
+
+    Dead letters and parkings are logged as aggregated lines (``log_summary``, once an interval, with
+    counts per vendor and class and one redacted reason), never one line an event."""
+
+    def __init__(self, tracker: OffsetTracker, writer: Writer) -> None:
+        self.tracker = tracker
+        self.writer = writer
+        self._dead: Counter[tuple[str, str]] = Counter()
+        self._parked: Counter[tuple[str, str]] = Counter()
+        self._reasons: dict[tuple[str, str], str] = {}
+
+    def settle_many(self, events: Iterable[Any]) -> None:
+        """Delivered or filtered: one vendor settled each of these."""
+        self.tracker.settle_items(events)
+
+    def dead_letter(self, event: Any, vendor: str | None, error_class: str, status: int | None, reason: str,
+                    attempts: int = 0, first_ms: int | None = None) -> None:
+        key = (vendor or "none", error_class)
+        self._dead[key] += 1
+        self._reasons.setdefault(key, reason)
+        slot, settle = event.slot, self.tracker.settle
+        self.writer.write(event.source, vendor, error_class, status, reason, attempts, first_ms,
+                          lambda: settle(slot))
+
+    def park(self, event: Any, vendor: str, why: str, reason: str, attempts: int, first_ms: int | None,
+             next_attempt_ms: int) -> None:
+        """Onto the vendor's retry topic (``why``: breaker_open, budget_full, retry_budget)."""
+        key = (vendor, why)
+        self._parked[key] += 1
+        self._reasons.setdefault(key, reason)
+        slot, settle = event.slot, self.tracker.settle
+        self.writer.park(event.source, vendor, reason or why, attempts, first_ms, next_attempt_ms, lambda: settle(slot))
+
+    def log_summary(self) -> None:
+        """One line for what was dead-lettered and one for what was parked since the last call."""
+        from processor.deadletter import redact
+
+        for what, counts in (("dead-lettered", self._dead), ("parked", self._parked)):
+            if counts:
+                logger.warning("%s %d events: %s", what, sum(counts.values()), "; ".join(
+                    f"{v}/{c}: {n} (e.g. {redact(self._reasons.get((v, c), ''))})"
+                    for (v, c), n in sorted(counts.items())))
+                counts.clear()
+        self._reasons.clear()

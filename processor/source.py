@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,11 +86,16 @@ class KafkaSource:
             "enable.auto.offset.store": False,
         }
         self.consumer = Consumer(conf, logger=logging.getLogger("librdkafka"))
+        # cooperative assignors and the KIP-848 protocol hand over partitions incrementally
+        self.incremental = ("cooperative" in str(conf.get("partition.assignment.strategy", ""))
+                            or str(conf.get("group.protocol", "")).lower() == "consumer")
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="kafka-source")
         self.paused = False
         self.assigned: Partitions = []
         self.had_assignment = False
         self.positions: dict[tuple[str, int], int] = {}  # last committed, for lag
+        self.lag_every_s = 2.0
+        self._lag_due = 0.0
 
     async def start(self) -> None:
         await self.loop.run_in_executor(self.executor, self._subscribe)
@@ -100,12 +106,21 @@ class KafkaSource:
 
     # -- rebalance callbacks (worker thread) --------------------------------
     def _assign_cb(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Eager protocols hand over the whole assignment, cooperative ones only the added partitions
+        (the others keep fetching, or stay paused). Either way the new partitions take the source's pause
+        state, so one flag describes every assigned partition."""
         parts = [(tp.topic, tp.partition) for tp in partitions]
         logger.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in parts) or "nothing")
         asyncio.run_coroutine_threadsafe(self._on_assign(parts), self.loop).result()
-        self.assigned = sorted(set(self.assigned) | set(parts))
+        if self.incremental:
+            consumer.incremental_assign(partitions)
+            self.assigned = sorted(set(self.assigned) | set(parts))
+        else:
+            consumer.assign(partitions)
+            self.assigned = sorted(parts)
+        if self.paused and partitions:
+            consumer.pause(partitions)
         self.had_assignment = True
-        self.paused = False  # fresh assignments start fetching; the loop re-pauses if still over the limit
 
     def _revoke_cb(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool = False) -> None:
         parts = [(tp.topic, tp.partition) for tp in partitions]
@@ -147,17 +162,29 @@ class KafkaSource:
                 out.committed = {k: v for k, v in commit.items() if k in set(self.assigned)}
             else:
                 out.commit_failed = True
-            for t, p in self.assigned:
-                try:
-                    _lo, hi = c.get_watermark_offsets(TopicPartition(t, p), cached=True)
-                except KafkaException:
-                    continue
-                pos = self.positions.get((t, p))
-                if hi >= 0 and pos is not None:
-                    out.lag[(t, p)] = max(0, hi - pos)
+        now = time.monotonic()
+        if now >= self._lag_due:
+            self._lag_due = now + self.lag_every_s
+            out.lag = self._lag()
         msgs = c.consume(max_messages, timeout)
         out.raw = msgs
         return out
+
+    def _lag(self) -> dict[tuple[str, int], int]:
+        """High watermark minus the committed position, per assigned partition. The watermark is asked of
+        the broker (not librdkafka's cache, which stops moving while a partition is paused)."""
+        lag = {}
+        for t, p in self.assigned:
+            pos = self.positions.get((t, p))
+            if pos is None:
+                continue
+            try:
+                _lo, hi = self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=2.0, cached=False)
+            except KafkaException:
+                continue
+            if hi >= 0:
+                lag[(t, p)] = max(0, hi - pos)
+        return lag
 
     def decode_all(self, msgs: list[Any]) -> list[Event | Decoded]:
         """In consume order: an Event per routable record, a Decoded (error, or kind None) otherwise."""

@@ -28,7 +28,7 @@ from rich.table import Table
 from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS, LocalBroker
 from processor.devstack.samples import Workload, encode
 from processor.sandbox.server import available_twins
-from processor.vendors import adapter_class
+from processor.vendors import REGISTRY, adapter_class
 
 TOPIC, DLQ = "shop.events", "shop.events.dlq"
 WORKDIR = Path(".demo")
@@ -111,7 +111,7 @@ def run_demo(rate: float = 50.0, metrics_port: int = 9400, sandbox_port: int = 8
     try:
         console.print("[bold]starting the local Kafka-protocol broker[/]")
         broker.start()
-        broker.create_topics({TOPIC: 3, DLQ: 1})
+        broker.create_topics({TOPIC: 3, DLQ: 1, **{f"{TOPIC}.retry.{v}": 1 for v in REGISTRY}})
         sandbox_url = f"http://127.0.0.1:{sandbox_port}"
         with open(WORKDIR / "sandbox.log", "ab") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "processor.cli", "sandbox", "--port",

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -43,10 +43,22 @@ class BatchSettings(Frozen):
 
 
 class RetrySettings(Frozen):
-    max_attempts: int = Field(6, ge=1, le=100)
+    max_attempts: int = Field(6, ge=1, le=100, description="fast retries of one delivery (429s do not count)")
     base_delay_ms: int = Field(200, ge=1)
     max_delay_ms: int = Field(30_000, ge=1)
-    max_elapsed_s: float = Field(120.0, gt=0, description="give up (dead letter as exhausted) after this")
+    park_after_s: float = Field(10.0, gt=0, description="on_outage park: park what still fails after this long")
+    max_elapsed_s: float = Field(
+        21_600.0, gt=0, description="from the first failure: dead letter as exhausted after this (parked or not)")
+
+
+class BreakerSettings(Frozen):
+    consecutive_failures: int = Field(5, ge=1, description="open after this many failed requests in a row")
+    failure_ratio: float = Field(0.5, gt=0, le=1, description="or when this share of the window's requests failed")
+    window_s: float = Field(10.0, gt=0)
+    min_requests: int = Field(20, ge=1, description="the ratio needs at least this many requests in the window")
+    cooldown_s: float = Field(5.0, gt=0, description="open this long before the first probe")
+    max_cooldown_s: float = Field(120.0, gt=0, description="the cooldown doubles up to this while probes fail")
+    probes: int = Field(2, ge=1, description="requests let through half-open; all must succeed to close")
 
 
 class TimeoutSettings(Frozen):
@@ -65,6 +77,13 @@ class VendorSettings(Frozen, Generic[SiteT, OptionsT]):
     timeout: TimeoutSettings = TimeoutSettings()
     retry: RetrySettings = RetrySettings()
     user_agent: str = "event-relay/0.1"
+    on_outage: Literal["park", "block"] = Field(
+        "park", description="park: events wait on the vendor's retry topic, the others never wait (order may "
+        "change); block: the vendor holds its events and pauses the source at its budget (order kept)")
+    max_inflight_events: int | None = Field(
+        None, ge=1, description="unsettled events this vendor holds (default: relay.max_inflight_events "
+        "shared among the enabled vendors)")
+    breaker: BreakerSettings = BreakerSettings()
     sites: dict[str, SiteT] = Field(description="per site_id credentials; the key 'default' applies to others")
     options: OptionsT
 

@@ -19,6 +19,7 @@ import yaml
 
 from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS, LocalBroker, free_port
 from processor.devstack.waiting import wait_for
+from processor.vendors import REGISTRY
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +92,9 @@ class Topics:
         self.events = f"shop.events.{tag}"
         self.dlq = f"shop.events.{tag}.dlq"
         self.group = f"relay-{tag}"
-        broker.create_topics({self.events: partitions, self.dlq: 1})
+        # the default retry topics (parking): <first input topic>.retry.<vendor>
+        self.retry = {v: f"{self.events}.retry.{v}" for v in REGISTRY}
+        broker.create_topics({self.events: partitions, self.dlq: 1, **dict.fromkeys(self.retry.values(), 1)})
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from processor.events import EventKind
 from processor.vendors import REGISTRY, adapter_class
 from tests.integration.conftest import wait_for
 
-OUTCOMES = ("delivered", "filtered", "dead_lettered")
+OUTCOMES = ("delivered", "filtered", "dead_lettered", "parked")
 
 
 def workload_messages(n: int = 400) -> tuple[list[tuple[bytes, bytes]], Counter[EventKind]]:

@@ -65,10 +65,13 @@ def test_two_relays_in_one_group_one_stopped_mid_run(broker, topics, sandbox, re
 
 
 def test_retryable_failures_are_retried_and_exhausted_ones_dead_lettered(broker, topics, sandbox, relays):
+    """With ``on_outage: block`` a vendor retries in place until its attempts run out (park mode has its
+    own tests: test_isolation.py)."""
     msgs = sample_messages(100)
     produce(broker.bootstrap, topics.events, msgs)
     sandbox.faults("quicklizard", burst=3, error_status=503)  # three failures, then healthy
-    cfg = relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)})
+    vendor = quicklizard_vendor(sandbox, on_outage="block", breaker={"consecutive_failures": 1000})
+    cfg = relay_config(broker, topics, sandbox, {"quicklizard": vendor})
     relay = relays(cfg)
     want = expected_view_ids(msgs)
     wait_for(lambda: want <= set(view_ids(sandbox.received("quicklizard"))), 60, "delivered after retries")
@@ -97,7 +100,9 @@ def test_back_pressure_pauses_fetching_and_resumes(broker, topics, sandbox, rela
     msgs = sample_messages(1500)
     produce(broker.bootstrap, topics.events, msgs)
     sandbox.faults("quicklizard", latency_ms=50)
-    vendor = quicklizard_vendor(sandbox, batch={"max_events": 10, "max_wait_ms": 50}, concurrency=1)
+    # a vendor that keeps order (on_outage: block) holds the source at its budget; one that parks never does
+    vendor = quicklizard_vendor(sandbox, batch={"max_events": 10, "max_wait_ms": 50}, concurrency=1,
+                                on_outage="block")
     cfg = relay_config(broker, topics, sandbox, {"quicklizard": vendor}, max_inflight_events=100)
     cfg["kafka"]["consume_batch"] = 50
     relay = relays(cfg)

@@ -1,5 +1,6 @@
 """The shared sender against a scripted fake vendor (httpx.MockTransport): per-event outcomes,
-retries of only the failed events, Retry-After, exhaustion, transport errors."""
+retries of only the failed events, Retry-After, exhaustion, transport errors; and isolation: the
+breaker, budgets, parking, throttling, revoked work and the relay's own failures."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from processor.delivery import Sender, VendorPipeline, backoff_delay, parse_retr
 from processor.devstack.samples import as_event, make_view
 from processor.events import Event, EventKind
 from processor.metrics import Metrics
+from processor.offsets import OffsetTracker
 from processor.vendors.base import (
     DELIVERED,
     Adapter,
@@ -53,11 +55,16 @@ class FakeAdapter(Adapter[FakeSite, NoOptions]):
 
 
 class Harness:
-    def __init__(self, script, **settings):
+    """A pipeline whose outcomes are recorded: ``settled``, ``dead`` and ``parked`` (by offset)."""
+
+    def __init__(self, script, parking: bool = False, budget: int = 10_000, **settings):
         self.calls: list[list[int]] = []
         self.settled: list[int] = []
+        self.settled_batches: list[list[int]] = []
         self.dead: list[tuple[int, str, int | None, str, int]] = []
+        self.parked: list[tuple[int, str, str, int, int]] = []
         self.sleeps: list[float] = []
+        self.tracker = OffsetTracker()
 
         def handler(request: httpx.Request) -> httpx.Response:
             offsets = orjson.loads(request.content)
@@ -70,27 +77,50 @@ class Harness:
         self.adapter = FakeAdapter(FakeAdapter.settings_model().model_validate(cfg))
         self.metrics = Metrics()
         client = Sender(httpx.MockTransport(handler))
-        self.pipe = VendorPipeline(self.adapter, client, self.metrics, lambda e: self.settled.append(e.source.offset),
-                                   self._dead)
+        self.pipe = VendorPipeline(self.adapter, client, self.metrics, self, budget, parking)
+
+        self.slept = 0.0
 
         async def fake_sleep(d: float) -> None:
             self.sleeps.append(d)
+            self.slept += d
 
         self.pipe.sleep = fake_sleep
+        self.pipe.clock = lambda: 1000.0 + self.slept
 
-    def _dead(self, ev, vendor, error_class, status, reason, attempts, first_ms):
-        self.dead.append((ev.source.offset, error_class, status, reason, attempts))
+    # the Settlement the pipeline reports to
+    def settle_many(self, events):
+        offsets = [e.offset for e in events]
+        self.settled += offsets
+        self.settled_batches.append(offsets)
 
-    async def run(self, n: int) -> None:
-        for i in range(n):
-            self.pipe.submit(as_event(EventKind.PRODUCT_VIEW, make_view(i, i), i))
+    def dead_letter(self, ev, vendor, error_class, status, reason, attempts=0, first_ms=None):
+        self.dead.append((ev.offset, error_class, status, reason, attempts))
+
+    def park(self, ev, vendor, why, reason, attempts, first_ms, next_attempt_ms):
+        self.parked.append((ev.offset, why, reason, attempts, next_attempt_ms))
+
+    def events(self, n: int, start: int = 0, partition: int = 0) -> list[Event]:
+        if ("shop.events", partition) not in self.tracker.tracks:
+            self.tracker.assign("shop.events", partition)
+        evs = [as_event(EventKind.PRODUCT_VIEW, make_view(i, i), i, partition=partition)
+               for i in range(start, start + n)]
+        self.tracker.register_many(evs, [1] * n)
+        return evs
+
+    async def run(self, n: int, close: bool = True) -> None:
+        self.pipe.submit_many(self.events(n))
         self.pipe.flush()
         assert await self.pipe.drain(5)
-        await self.pipe.close()
+        if close:
+            await self.pipe.close()
 
     def count(self, outcome: str) -> float:
         return self.metrics.registry.get_sample_value(
             "processor_vendor_events_total", {"vendor": "fake", "event_kind": "product_view", "outcome": outcome}) or 0
+
+    def gauge(self, name: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, {"vendor": "fake"})
 
 
 def answer(verdicts, status=200, headers=None):
@@ -138,7 +168,7 @@ async def test_retry_after_is_honoured():
 
     h = Harness(script)
     await h.run(3)
-    assert h.sleeps == [7.0]
+    assert h.sleeps[0] == 7.0 and max(h.sleeps) <= 7.0  # the retry waits, and so does the vendor's gate
     assert sorted(h.settled) == [0, 1, 2]
 
 
@@ -164,7 +194,39 @@ async def test_an_adapter_bug_dead_letters_instead_of_crashing():
 
     h.adapter.plan = broken  # type: ignore[method-assign]
     await h.run(2)
-    assert [d[1] for d in h.dead] == ["rejected", "rejected"]
+    assert [d[1] for d in h.dead] == ["internal", "internal"]
+    assert "ValueError" in h.dead[0][3]
+
+
+async def test_an_adapter_that_fails_on_an_answer_dead_letters_those_events_as_internal():
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)))
+
+    def broken(request, response):
+        raise KeyError("results")
+
+    h.adapter.interpret = broken  # type: ignore[method-assign]
+    await h.run(3)
+    assert sorted(d[0] for d in h.dead) == [0, 1, 2] and {d[1] for d in h.dead} == {"internal"}
+    assert h.pipe.inflight == 0
+
+
+async def test_a_bug_inside_the_relay_still_settles_every_event_once():
+    h = Harness(lambda call, offsets: answer(["ok", "retry"] * (len(offsets) // 2)))
+    calls = 0
+    real = h.pipe._after_failure
+
+    async def broken(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("bug")
+
+    h.pipe._after_failure = broken  # type: ignore[method-assign]
+    await h.run(4)
+    assert calls == 1 and real is not None
+    assert sorted(h.settled) == [0, 2]  # delivered before the bug
+    assert sorted(d[0] for d in h.dead) == [1, 3] and {d[1] for d in h.dead} == {"internal"}
+    assert "RuntimeError" in h.dead[0][3]
+    assert h.pipe.inflight == 0
 
 
 async def test_concurrency_is_bounded():
@@ -223,11 +285,119 @@ async def test_planned_requests_are_bounded_and_every_event_still_settles_in_bul
     h = Harness(lambda c, o: answer([]), concurrency=2, batch={"max_events": 5})
     h.adapter = h.pipe.adapter = PerEventAdapter(h.adapter.settings)
     h.pipe.client = Sender(Slow())
-    settled_in_bulk: list[list[int]] = []
-    h.pipe.settle_many = lambda evs: settled_in_bulk.append([e.source.offset for e in evs])
     await h.run(60)
+    settled_in_bulk = h.settled_batches
     assert planned_ahead <= 2 * 2 + 5  # 2 x concurrency, checked before a batch (5 requests) is planned
     assert sorted(o for batch in settled_in_bulk for o in batch) == list(range(60))
     assert h.pipe.unsent == 0 and h.pipe.inflight == 0
     assert h.count("delivered") == 60
     assert h.metrics.registry.get_sample_value("processor_delivery_latency_seconds_count", {"vendor": "fake"}) == 60
+
+
+# -- isolation: park, don't block --------------------------------------------------------------------
+
+
+async def test_park_mode_parks_what_still_fails_after_its_fast_retries():
+    h = Harness(lambda call, offsets: answer([], status=503), parking=True,
+                breaker={"consecutive_failures": 100})
+    await h.run(3)
+    assert len(h.calls) == 4 and not h.dead  # max_attempts fast tries, then parked, not dead-lettered
+    assert sorted(p[0] for p in h.parked) == [0, 1, 2]
+    assert {p[1] for p in h.parked} == {"retry_budget"} and {p[3] for p in h.parked} == {4}
+    assert "HTTP 503" in h.parked[0][2]
+    assert h.count("parked") == 3 and h.pipe.inflight == 0
+    assert h.metrics.registry.get_sample_value("processor_parked_total",
+                                               {"vendor": "fake", "reason": "retry_budget"}) == 3
+
+
+async def test_an_open_breaker_parks_at_intake_and_the_state_is_exported():
+    h = Harness(lambda call, offsets: answer([], status=500), parking=True, batch={"max_events": 1},
+                breaker={"consecutive_failures": 2, "cooldown_s": 30})
+    await h.run(2, close=False)  # two failed requests in a row: open
+    assert h.gauge("processor_vendor_breaker_state") == 2
+    calls = len(h.calls)
+    h.pipe.submit_many(h.events(5, start=10))
+    assert len(h.calls) == calls  # nothing sent
+    # the two failing events met the open breaker on their retry; the new ones at intake
+    assert sorted(p[0] for p in h.parked) == [0, 1, 10, 11, 12, 13, 14]
+    assert {p[1] for p in h.parked} == {"breaker_open"}
+    assert h.pipe.inflight == 0
+    assert h.metrics.registry.get_sample_value("processor_vendor_breaker_transitions_total",
+                                               {"vendor": "fake", "state": "open"}) == 1
+    await h.pipe.close()
+
+
+async def test_beyond_its_budget_a_vendor_parks_instead_of_holding():
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=3,
+                batch={"max_events": 100})
+    h.pipe.submit_many(h.events(5))
+    assert [p[0] for p in h.parked] == [3, 4] and {p[1] for p in h.parked} == {"budget_full"}
+    assert h.pipe.inflight == 3 and not h.pipe.full  # a parking vendor never holds the source
+    h.pipe.flush()
+    assert await h.pipe.drain(5)
+    assert sorted(h.settled) == [0, 1, 2]
+    await h.pipe.close()
+
+
+async def test_a_blocking_vendor_at_its_budget_asks_the_source_to_wait():
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=False, budget=3,
+                batch={"max_events": 100})
+    h.pipe.submit_many(h.events(5))
+    assert not h.parked and h.pipe.full
+    h.pipe.flush()
+    assert await h.pipe.drain(5)
+    assert sorted(h.settled) == [0, 1, 2, 3, 4] and not h.pipe.full
+    await h.pipe.close()
+
+
+async def test_429s_slow_the_vendor_and_never_count_as_attempts():
+    def script(call, offsets):
+        if call <= 6:
+            return answer([], status=429, headers={"Retry-After": "2"})
+        return answer(["ok"] * len(offsets))
+
+    h = Harness(script, retry={"max_attempts": 2, "base_delay_ms": 10, "max_delay_ms": 100,
+                               "max_elapsed_s": 600, "park_after_s": 600}, parking=True)
+    await h.run(2)
+    assert len(h.calls) == 7 and sorted(h.settled) == [0, 1] and not h.dead and not h.parked
+    assert h.gauge("processor_vendor_concurrency_limit") < 8  # back-pressure cut the limit
+    assert h.gauge("processor_vendor_breaker_state") == 0  # throttling is not a failure
+
+
+async def test_429s_past_the_park_budget_park_and_are_never_dead_lettered():
+    h = Harness(lambda call, offsets: answer([], status=429, headers={"Retry-After": "5"}), parking=True,
+                retry={"max_attempts": 2, "base_delay_ms": 10, "max_delay_ms": 100, "park_after_s": 12})
+    await h.run(2)
+    assert not h.dead and sorted(p[0] for p in h.parked) == [0, 1]
+
+
+async def test_parked_records_past_the_elapsed_budget_are_dead_lettered_as_exhausted():
+    import time
+
+    h = Harness(lambda call, offsets: answer([], status=503), parking=True,
+                retry={"max_attempts": 1, "base_delay_ms": 10, "max_delay_ms": 100, "max_elapsed_s": 60})
+    ev = h.events(1)[0]
+    old = str(int(time.time() * 1000) - 120_000).encode()  # a parked record that first failed 2 min ago
+    ev.headers = [("relay.first_failure_ms", old), ("relay.original_topic", b"shop.events"),
+                  ("relay.original_offset", b"0")]
+    h.pipe.submit_many([ev])
+    h.pipe.flush()
+    assert await h.pipe.drain(5)
+    assert not h.parked and [(d[0], d[1]) for d in h.dead] == [(0, "exhausted")]
+    assert "max_elapsed_s" in h.dead[0][3]
+
+
+async def test_work_of_a_revoked_partition_is_dropped_not_dead_lettered():
+    h = Harness(lambda call, offsets: answer([], status=503))
+    evs = h.events(2, partition=0) + h.events(2, start=2, partition=1)
+
+    async def revoke_during_backoff(d: float) -> None:
+        h.tracker.revoke("shop.events", 0)
+
+    h.pipe.sleep = revoke_during_backoff
+    h.pipe.submit_many(evs)
+    h.pipe.flush()
+    assert await h.pipe.drain(5)
+    assert sorted(d[0] for d in h.dead) == [2, 3]  # partition 1's, exhausted; partition 0's dropped
+    assert h.calls[1] == [2, 3]
+    assert h.pipe.inflight == 0

@@ -28,7 +28,7 @@ def test_each_vendor_gets_its_kinds_in_order_and_the_others_count_as_filtered():
     r.tracker.assign("t", 0)
     events = [as_event(EventKind.ORDER if i % 3 == 0 else EventKind.PRODUCT_VIEW,
                        make_order(i) if i % 3 == 0 else make_view(i, i), i, topic="t") for i in range(9)]
-    r._route(events)
+    r.router.route(events)
     assert [e.offset for e in r.pipelines["qubit"].batcher.current.events] == list(range(9))
     assert [e.offset for e in r.pipelines["quicklizard"].batcher.current.events] == [0, 3, 6]
     assert [e.slot[1] for e in events] == [2, 1, 1, 2, 1, 1, 2, 1, 1]  # vendors still to settle each
@@ -46,7 +46,7 @@ def test_an_undecodable_message_is_registered_in_its_place_for_the_dead_letter_t
     bad = Decoded(as_event(EventKind.PRODUCT_VIEW, make_view(1, 1), 1, topic="t").source, None, {"x": 1})
     events = [as_event(EventKind.PRODUCT_VIEW, make_view(0, 0), 0, topic="t"), bad,
               as_event(EventKind.PRODUCT_VIEW, make_view(2, 2), 2, topic="t")]
-    r._route(events)
+    r.router.route(events)
     assert [(o, c) for o, c, _ in written] == [(1, "unroutable")]
     assert [e.offset for e in r.pipelines["qubit"].batcher.current.events] == [0, 2]
     assert r.tracker.commit_positions() == {("t", 0): 0}
