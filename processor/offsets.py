@@ -33,10 +33,11 @@ def is_revoked(item: Any) -> bool:
 
 
 class PartitionTrack:
-    __slots__ = ("active", "committed", "key", "last_seen", "slots")
+    __slots__ = ("active", "committed", "key", "last_seen", "owner", "slots")
 
-    def __init__(self, key: tuple[str, int]) -> None:
+    def __init__(self, key: tuple[str, int], owner: OffsetTracker) -> None:
         self.key = key
+        self.owner = owner  # the tracker whose in-flight count this partition's slots are part of
         self.slots: deque[Slot] = deque()
         self.active = True
         self.committed: int | None = None  # the last position we committed
@@ -60,14 +61,16 @@ class PartitionTrack:
 
 
 class OffsetTracker:
-    """Not thread-safe: used from the event loop only."""
+    """Not thread-safe: used from the event loop only. A slot settles through any tracker (a vendor
+    pipeline holds events of the input topics and of the retry topics, each with its own tracker): the
+    in-flight count kept is that of the slot's own tracker."""
 
     def __init__(self) -> None:
         self.tracks: dict[tuple[str, int], PartitionTrack] = {}
         self.inflight = 0  # messages with at least one vendor not settled
 
     def assign(self, topic: str, partition: int) -> None:
-        self.tracks[(topic, partition)] = PartitionTrack((topic, partition))
+        self.tracks[(topic, partition)] = PartitionTrack((topic, partition), self)
 
     def revoke(self, topic: str, partition: int) -> None:
         track = self.tracks.pop((topic, partition), None)
@@ -78,7 +81,7 @@ class OffsetTracker:
     def _track(self, topic: str, partition: int) -> PartitionTrack:
         track = self.tracks.get((topic, partition))
         if track is None:  # consumed before the assign callback ran: cannot happen with librdkafka, be safe
-            track = self.tracks[(topic, partition)] = PartitionTrack((topic, partition))
+            track = self.tracks[(topic, partition)] = PartitionTrack((topic, partition), self)
         return track
 
     def register_many(self, items: Sequence[Any], pending: Iterable[int]) -> None:
@@ -102,25 +105,28 @@ class OffsetTracker:
             track.last_seen = offset  # type: ignore[union-attr]
         self.inflight += added
 
-    def settle(self, slot: Slot, n: int = 1) -> None:
+    @staticmethod
+    def settle(slot: Slot, n: int = 1) -> None:
         if slot[1] <= 0:
             return
         slot[1] -= n
-        if slot[1] <= 0 and slot[2].active:
-            self.inflight -= 1
+        track = slot[2]
+        if slot[1] <= 0 and track.active:
+            track.owner.inflight -= 1
 
-    def settle_items(self, items: Iterable[Any]) -> None:
+    @staticmethod
+    def settle_items(items: Iterable[Any]) -> None:
         """``settle(item.slot)`` for each item (one vendor settled each), in one call."""
-        done = 0
         for item in items:
             slot = item.slot
             pending = slot[1]
             if pending <= 0:
                 continue
             slot[1] = pending - 1
-            if pending == 1 and slot[2].active:
-                done += 1
-        self.inflight -= done
+            if pending == 1:
+                track = slot[2]
+                if track.active:
+                    track.owner.inflight -= 1
 
     def commit_positions(self, only_changed: bool = True) -> dict[tuple[str, int], int]:
         out = {}

@@ -90,7 +90,8 @@ class KafkaSource:
         self.incremental = ("cooperative" in str(conf.get("partition.assignment.strategy", ""))
                             or str(conf.get("group.protocol", "")).lower() == "consumer")
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="kafka-source")
-        self.paused = False
+        self.paused = False  # every assigned partition paused (back-pressure)
+        self.held: set[tuple[str, int]] = set()  # partitions paused one by one (``poll(hold=...)``)
         self.assigned: Partitions = []
         self.had_assignment = False
         self.positions: dict[tuple[str, int], int] = {}  # last committed, for lag
@@ -118,6 +119,7 @@ class KafkaSource:
         else:
             consumer.assign(partitions)
             self.assigned = sorted(parts)
+            self.held.clear()
         if self.paused and partitions:
             consumer.pause(partitions)
         self.had_assignment = True
@@ -129,6 +131,7 @@ class KafkaSource:
         if positions and not lost:
             self._commit(positions)
         self.assigned = [tp for tp in self.assigned if tp not in set(parts)]
+        self.held -= set(parts)
 
     def _lost_cb(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._revoke_cb(consumer, partitions, lost=True)
@@ -149,14 +152,22 @@ class KafkaSource:
         return True
 
     def _poll(self, max_messages: int, timeout: float, pause: bool | None,
-              commit: dict[tuple[str, int], int] | None) -> Poll:
+              commit: dict[tuple[str, int], int] | None, hold: set[tuple[str, int]] | None = None) -> Poll:
         out = Poll()
         c = self.consumer
         if pause is not None and pause != self.paused and self.assigned:
             tps = [TopicPartition(t, p) for t, p in self.assigned]
             (c.pause if pause else c.resume)(tps)
             self.paused = pause
+            self.held.clear()
             logger.info("%s fetching on %d partitions", "paused" if pause else "resumed", len(tps))
+        if hold is not None and not self.paused:
+            hold = hold & set(self.assigned)
+            if hold - self.held:
+                c.pause([TopicPartition(t, p) for t, p in hold - self.held])
+            if self.held - hold:
+                c.resume([TopicPartition(t, p) for t, p in self.held - hold if (t, p) in set(self.assigned)])
+            self.held = hold
         if commit:
             if self._commit(commit):
                 out.committed = {k: v for k, v in commit.items() if k in set(self.assigned)}
@@ -214,8 +225,12 @@ class KafkaSource:
         return out
 
     async def poll(self, max_messages: int, timeout: float, pause: bool | None = None,
-                   commit: dict[tuple[str, int], int] | None = None) -> Poll:
-        return await self.loop.run_in_executor(self.executor, self._poll, max_messages, timeout, pause, commit)
+                   commit: dict[tuple[str, int], int] | None = None,
+                   hold: set[tuple[str, int]] | None = None) -> Poll:
+        """Fetch up to ``max_messages``; ``pause`` all partitions or none (None: as they are), or ``hold``
+        exactly these partitions paused; ``commit`` these positions first."""
+        return await self.loop.run_in_executor(self.executor, self._poll, max_messages, timeout, pause, commit,
+                                               hold)
 
     async def commit(self, positions: dict[tuple[str, int], int]) -> bool:
         return await self.loop.run_in_executor(self.executor, self._commit, positions)
