@@ -162,9 +162,13 @@ def dlq_inspect(config_path: str, vendors: tuple[str, ...], error_classes: tuple
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="At most N events a second.")
 @click.option("--max-replays", default=3, show_default=True, type=click.IntRange(1),
               help="Records replayed this many times already are reported and skipped.")
+@click.option("--from-start", is_flag=True,
+              help="Read from the start of the topic, not the vendor's position (what an earlier filtered run "
+                   "skipped); use with filters: what matches is sent again.")
 def dlq_replay(config_path: str, vendor: str, error_classes: tuple[str, ...], status: int | None,
                since: str | None, until: str | None, topic: str | None, partition: int | None, offsets: str | None,
-               as_json: bool, timeout_s: float, dry_run: bool, rate: float | None, max_replays: int) -> None:
+               as_json: bool, timeout_s: float, dry_run: bool, rate: float | None, max_replays: int,
+               from_start: bool) -> None:
     """Re-deliver dead-lettered records to one vendor through the relay's own delivery path, from the
     vendor's replay group position to the end as of the start; resumable; what fails again is written
     back with relay.replay_count + 1. Exits 0 once every record settled, 3 if stopped before."""
@@ -177,7 +181,8 @@ def dlq_replay(config_path: str, vendor: str, error_classes: tuple[str, ...], st
     filters = _filters((), error_classes, status, since, until, topic, partition, offsets)
     progress = ProgressReporter(vendor)
     try:
-        result = run_replay(config, ReplayOptions(vendor, filters, dry_run, rate, max_replays, timeout_s), progress)
+        options = ReplayOptions(vendor, filters, dry_run, rate, max_replays, timeout_s, from_start=from_start)
+        result = run_replay(config, options, progress)
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

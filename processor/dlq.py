@@ -288,6 +288,7 @@ class ReplayOptions:
     max_replays: int = 3
     timeout_s: float = 15.0
     samples: int = 3
+    from_start: bool = False  # ignore the group's position (records an earlier filtered run skipped)
 
 
 @dataclass
@@ -343,7 +344,7 @@ class _Replay:
         started = time.monotonic()
         reader: DlqTopic = await loop.run_in_executor(executor, DlqTopic, cfg, self.group, opt.timeout_s)
         try:
-            committed = await loop.run_in_executor(executor, reader.committed)
+            committed = {} if opt.from_start else await loop.run_in_executor(executor, reader.committed)
             starts = reader.starts(committed)
             total = await loop.run_in_executor(executor, reader.assign, starts)
             logger.info("replaying %s[%s] to %s from %s (group %s): %d records", reader.topic,

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 MASK = "***"
 CONTACT_FIELDS = ("email", "phone", "first_name", "last_name")  # schemas/shop.events.Customer.avsc
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")  # not "event-relay@0.1.0"
 BODY_MAX = 2000
 
 
@@ -232,12 +232,12 @@ class ProgressReporter:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         if self._bar is None:
-            self._bar = Progress(TextColumn(f"replay to {self.vendor}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[detail]}"), TimeRemainingColumn(), transient=False)
+            self._bar = Progress(TextColumn(f"{self.vendor}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), transient=False)
             self._bar.start()
             self._task = self._bar.add_task("replay", total=s["total"], detail="")
         detail = (f"replayed {s['replayed']} delivered {s['delivered']} skipped {s['skipped']} "
-                  f"failed again {s['failed_again']} {s['rate']:.0f}/s")
+                  f"failed {s['failed_again']} {s['rate']:.0f}/s")
         self._bar.update(self._task, completed=s["scanned"], detail=detail)
 
     def close(self) -> None:

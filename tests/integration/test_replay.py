@@ -276,6 +276,12 @@ def test_filters_select_exactly_what_they_name(broker, topics, sandbox, tmp_path
     assert done["delivered"] == len(expected) and done["skipped_by_filter"] == 30 - len(expected)
     assert done["skipped_other_vendor"] == 30
     assert received_ids(sandbox) == Counter(dict.fromkeys(expected, 1))
+    # what that run skipped is behind quicklizard's position now; --from-start reaches it again
+    assert cli.json("replay", "--vendor", "quicklizard", "--error-class", "rejected")["scanned"] == 0
+    rejected = {pid(i) for i in range(60) if i % 2 == 0 and i % 3 == 2}
+    late = cli.json("replay", "--vendor", "quicklizard", "--error-class", "rejected", "--from-start")
+    assert (late["scanned"], late["delivered"]) == (60, len(rejected)) == (60, 10)
+    assert received_ids(sandbox) == Counter(dict.fromkeys(expected | rejected, 1))
 
 
 def test_bad_invocations_fail_with_a_clear_message(broker, topics, sandbox, tmp_path):
