@@ -141,7 +141,7 @@ def dlq_inspect(config_path: str, vendors: tuple[str, ...], error_classes: tuple
     class and status, failure times, top reasons, and per vendor what is pending versus replayed."""
     from processor.app import build_decoder
     from processor.dlq import inspect, replay_group
-    from processor.dlqview import inspection_doc, inspection_text
+    from processor.dlq.view import inspection_doc, inspection_text
     from processor.logs import setup_logging
 
     config = _load(config_path)
@@ -173,7 +173,7 @@ def dlq_replay(config_path: str, vendor: str, error_classes: tuple[str, ...], st
     vendor's replay group position to the end as of the start; resumable; what fails again is written
     back with relay.replay_count + 1. Exits 0 once every record settled, 3 if stopped before."""
     from processor.dlq import ReplayOptions, run_replay
-    from processor.dlqview import ProgressReporter, replay_doc, replay_text
+    from processor.dlq.view import ProgressReporter, replay_doc, replay_text
     from processor.logs import setup_logging
 
     config = _load(config_path)

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from processor import dlq
 from processor.codec import Decoder
 from processor.deadletter import dlq_headers
 from processor.devstack.samples import as_event, encode, make_order, make_view
 from processor.dlq import Inspection, RateCap, parse_offsets, parse_when
-from processor.dlqview import inspection_doc, inspection_text, mask_record, masked_request, replay_text, sample
+from processor.dlq import replay as replay_module
+from processor.dlq.view import inspection_doc, inspection_text, mask_record, masked_request, replay_text, sample
 from processor.events import EventKind, Source
 from processor.redrive import Filters, RelayRecord
 from processor.vendors import adapter_class
@@ -46,8 +46,8 @@ async def test_the_rate_cap_spaces_events(monkeypatch):
         slept.append(s)
         clock[0] += s
 
-    monkeypatch.setattr(dlq.asyncio, "sleep", fake_sleep)
-    monkeypatch.setattr(dlq.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(replay_module.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(replay_module.time, "monotonic", lambda: clock[0])
     cap = RateCap(10)
     for _ in range(3):
         await cap.take(5)  # 15 events at 10/s: the first 5 at once, then 0.5 s per 5
