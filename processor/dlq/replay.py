@@ -69,10 +69,11 @@ class ReplayResult:
     pending: int = 0  # records not settled when the run ended
     plan: dict[str, Any] = field(default_factory=dict)  # dry run: requests, would-be rejects, samples
     elapsed_s: float = 0.0
+    commit_failed: bool = False  # the final position could not be committed: the next run repeats
 
     @property
     def complete(self) -> bool:
-        return not self.interrupted and self.pending == 0
+        return not self.interrupted and self.pending == 0 and not self.commit_failed
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -107,7 +108,11 @@ class _Replay:
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(1, thread_name_prefix="dlq-replay")
         started = time.monotonic()
-        reader: DlqTopic = await loop.run_in_executor(executor, DlqTopic, cfg, self.group, opt.timeout_s)
+        try:
+            reader: DlqTopic = await loop.run_in_executor(executor, DlqTopic, cfg, self.group, opt.timeout_s)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
         try:
             committed = {} if opt.from_start else await loop.run_in_executor(executor, reader.committed)
             starts = reader.starts(committed)
@@ -196,8 +201,13 @@ class _Replay:
                 if self.progress is not None and now >= next_report:
                     next_report = now + 0.25
                     self.progress(self._snapshot(redrive, total, started, tracker))
+            commit_failed = False
             if not opt.dry_run:
-                await self._commit(loop, executor, reader, tracker)
+                for _ in range(3):
+                    if await self._commit(loop, executor, reader, tracker):
+                        break
+                else:
+                    commit_failed = True
         finally:
             if pipeline is not None:
                 await pipeline.cancel()
@@ -213,13 +223,18 @@ class _Replay:
                             interrupted=self.stopping.is_set(),
                             pending=tracker.inflight + (0 if reader.done else total - redrive.counts["scanned"]),
                             plan=planner.result() if planner is not None else {},
-                            elapsed_s=round(time.monotonic() - started, 3))
+                            elapsed_s=round(time.monotonic() - started, 3), commit_failed=commit_failed)
 
     async def _commit(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, reader: DlqTopic,
-                      tracker: Any) -> None:
+                      tracker: Any) -> bool:
+        """Commit what settled since the last commit; whether the tracker's positions are all committed."""
         positions = tracker.commit_positions()
-        if positions and await loop.run_in_executor(executor, reader.commit, positions):
+        if not positions:
+            return True
+        if await loop.run_in_executor(executor, reader.commit, positions):
             tracker.mark_committed(positions)
+            return True
+        return False
 
     def _snapshot(self, redrive: Any, total: int, started: float, tracker: Any) -> dict[str, Any]:
         s = redrive.summary()

@@ -162,7 +162,8 @@ def _filters(filters: dict[str, Any]) -> str:
 def replay_doc(result: Any) -> dict[str, Any]:
     doc = {"vendor": result.vendor, "group": result.group, "dry_run": result.dry_run, "total": result.total,
            **result.summary, "pending": result.pending, "complete": result.complete,
-           "interrupted": result.interrupted, "committed": {str(p): o for p, o in sorted(result.committed.items())},
+           "interrupted": result.interrupted, "commit_failed": result.commit_failed,
+           "committed": {str(p): o for p, o in sorted(result.committed.items())},
            "reports": [{"decision": r.decision.value, "at": r.where, "original": r.original, "reason": r.reason}
                        for r in result.reports],
            "elapsed_s": result.elapsed_s}
@@ -194,6 +195,9 @@ def replay_text(doc: dict[str, Any]) -> str:
         for s in doc["plan"]["samples"]:
             lines += ["", f"sample request ({s['events']} events):",
                       orjson.dumps(s, option=orjson.OPT_INDENT_2).decode()]
+    elif doc.get("commit_failed"):
+        lines.append("  every record settled, but the final position could not be committed (see the log); "
+                     "the next run repeats what settled since the last commit")
     elif doc["complete"]:
         lines.append(f"  done in {doc['elapsed_s']:.1f}s; position {_positions(doc['committed'])}")
     else:

@@ -157,7 +157,7 @@ def test_outage_dead_letters_then_replay_delivers_to_that_vendor_alone(broker, t
     assert after["vendors"]["qubit"]["pending"] == 5  # its own position is untouched
 
 
-def test_replay_killed_half_way_resumes_and_delivers_everything(broker, topics, sandbox, tmp_path):
+def test_replay_stopped_or_killed_half_way_resumes_and_delivers_everything(broker, topics, sandbox, tmp_path):
     n = 400
     put_records(broker.bootstrap, topics.dlq, [dead_letter(i, view(i)) for i in range(n)])
     cfg = replay_config(broker, topics, sandbox, max_inflight_events=40)
@@ -166,25 +166,40 @@ def test_replay_killed_half_way_resumes_and_delivers_everything(broker, topics, 
     cli = Cli(cfg, tmp_path)
     sandbox.faults("quicklizard", latency_ms=20)
     rate = 100
-    proc = subprocess.Popen(cli.argv("replay", "--vendor", "quicklizard", "--rate", str(rate)), env=cli.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = cli.argv("replay", "--vendor", "quicklizard", "--rate", str(rate), "--json")
+
+    # SIGTERM (Ctrl-C, a Job deleted): stop reading, let what is in flight settle, commit it, exit 3
+    stopped = subprocess.Popen(argv, env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        wait_for(lambda: sum(received_ids(sandbox).values()) >= n // 3, 60, "a third delivered")
+        wait_for(lambda: sum(received_ids(sandbox).values()) >= n // 5, 60, "a fifth delivered")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        stopped.send_signal(signal.SIGTERM)
+    out, _ = stopped.communicate(timeout=60)
+    assert stopped.returncode == 3, out
+    doc = json.loads(out)
+    sent = sum(received_ids(sandbox).values())
+    assert doc["interrupted"] and not doc["complete"]
+    assert doc["committed"]["0"] == doc["delivered"] == sent < n  # everything it sent, settled and committed
+    assert doc["pending"] == n - sent
+
+    # SIGKILL (kill -9, an evicted pod): nothing settles on the way out
+    killed = subprocess.Popen(argv, env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sum(received_ids(sandbox).values()) >= sent + n // 5, 60, "another fifth delivered")
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
     first = received_ids(sandbox)
-    assert n // 3 <= sum(first.values()) < n  # killed half-way
+    assert sum(first.values()) < n  # killed half-way
 
     done = cli.json("replay", "--vendor", "quicklizard")
-    assert done["complete"] and done["failed_again"] == 0
+    assert done["complete"] and done["failed_again"] == 0 and done["scanned"] == done["delivered"]
     got = received_ids(sandbox)
     assert set(got) == {pid(i) for i in range(n)}  # every record delivered
     duplicates = sum(got.values()) - n
-    print(f"killed after {sum(first.values())} deliveries; {duplicates} delivered twice")
+    print(f"killed after {sum(first.values()) - sent} deliveries; {duplicates} delivered twice")
     # at most what was in flight (the in-flight bound, one consume chunk, what settled since the last commit)
     assert duplicates <= 40 + rate // 5 + rate // 2, duplicates
-    assert done["scanned"] - done["delivered"] == 0 and done["scanned"] <= n - sum(first.values()) + duplicates
     assert cli.json("replay", "--vendor", "quicklizard")["scanned"] == 0
 
 
