@@ -21,9 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from processor.app import _is_shared_client_key, build_decoder
 from processor.config import Config
+from processor.deadletter import DeadLetterWriter
+from processor.delivery import make_sender
 from processor.dlq.topic import DlqTopic, check_vendor, replay_group
-from processor.redrive import Filters, Triage
+from processor.dlq.view import masked_request
+from processor.metrics import Metrics
+from processor.offsets import OffsetTracker
+from processor.redrive import Filters, Redrive, Report, Triage
+from processor.vendors import Adapter, adapter_class
+from processor.vendors.base import VendorRequest
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ class ReplayResult:
     dry_run: bool
     total: int  # records between the start position and the end as of the start
     summary: dict[str, Any]
-    reports: list[Any]
+    reports: list[Report]
     committed: dict[int, int]
     interrupted: bool = False
     pending: int = 0  # records not settled when the run ended
@@ -73,7 +81,8 @@ class ReplayResult:
 
     @property
     def complete(self) -> bool:
-        return not self.interrupted and self.pending == 0 and not self.commit_failed
+        """Every record settled and the position committed (a stop that came after that changes nothing)."""
+        return self.pending == 0 and not self.commit_failed
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -96,14 +105,6 @@ class _Replay:
         self.abandon = False
 
     async def run(self) -> ReplayResult:
-        from processor.app import _is_shared_client_key, build_decoder
-        from processor.deadletter import DeadLetterWriter
-        from processor.delivery import make_sender
-        from processor.metrics import Metrics
-        from processor.offsets import OffsetTracker
-        from processor.redrive import Redrive
-        from processor.vendors import adapter_class
-
         cfg, opt = self.config, self.options
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(1, thread_name_prefix="dlq-replay")
@@ -157,8 +158,8 @@ class _Replay:
         self.stopping.set()
 
     async def _loop(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, reader: DlqTopic,
-                    tracker: Any, redrive: Any, writer: Any, planner: _DryRun | None, total: int,
-                    started: float) -> ReplayResult:
+                    tracker: OffsetTracker, redrive: Redrive, writer: DeadLetterWriter | None,
+                    planner: _DryRun | None, total: int, started: float) -> ReplayResult:
         cfg, opt = self.config, self.options
         cap = RateCap(opt.rate)
         limit = cfg.relay.max_inflight_events
@@ -226,7 +227,7 @@ class _Replay:
                             elapsed_s=round(time.monotonic() - started, 3), commit_failed=commit_failed)
 
     async def _commit(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, reader: DlqTopic,
-                      tracker: Any) -> bool:
+                      tracker: OffsetTracker) -> bool:
         """Commit what settled since the last commit; whether the tracker's positions are all committed."""
         positions = tracker.commit_positions()
         if not positions:
@@ -236,7 +237,7 @@ class _Replay:
             return True
         return False
 
-    def _snapshot(self, redrive: Any, total: int, started: float, tracker: Any) -> dict[str, Any]:
+    def _snapshot(self, redrive: Redrive, total: int, started: float, tracker: OffsetTracker) -> dict[str, Any]:
         s = redrive.summary()
         elapsed = max(1e-6, time.monotonic() - started)
         return {**s, "total": total, "inflight": tracker.inflight, "elapsed_s": elapsed,
@@ -246,14 +247,14 @@ class _Replay:
 class _DryRun:
     """Plans what a replay would send (the adapter's ``plan``, batch by batch), sends nothing."""
 
-    def __init__(self, adapter: Any, samples: int) -> None:
+    def __init__(self, adapter: Adapter[Any, Any], samples: int) -> None:
         self.adapter = adapter
         self.samples = samples
         self.requests = 0
         self.would_reject = 0
         self.would_filter = 0
         self.events = 0
-        self.sample_requests: list[Any] = []
+        self.sample_requests: list[VendorRequest] = []
         self.rejects: Counter[str] = Counter()
 
     def plan(self, t: Triage) -> None:
@@ -271,8 +272,6 @@ class _DryRun:
                 self.sample_requests.append(req)
 
     def result(self) -> dict[str, Any]:
-        from processor.dlq.view import masked_request
-
         return {"events": self.events, "requests": self.requests, "would_reject": self.would_reject,
                 "would_filter": self.would_filter,
                 "reject_reasons": [{"reason": r, "count": n} for r, n in self.rejects.most_common(10)],

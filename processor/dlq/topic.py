@@ -101,7 +101,6 @@ class DlqTopic:
             self.consumer.close()
             raise
         self.open: set[int] = set()
-        self.next: dict[int, int] = {}
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -134,7 +133,6 @@ class DlqTopic:
     def assign(self, starts: dict[int, int]) -> int:
         """Read each partition from ``starts`` to its end as of construction; how many records that is."""
         self.open = {p for p in self.partitions if starts[p] < self.ends[p]}
-        self.next = dict(starts)
         self.consumer.assign([TopicPartition(self.topic, p, starts[p]) for p in sorted(self.open)])
         return sum(self.ends[p] - starts[p] for p in self.open)
 
@@ -148,22 +146,21 @@ class DlqTopic:
         if not self.open:
             return out
         for msg in self.consumer.consume(n, timeout_s):
-            p = msg.partition()
             err = msg.error()
+            p, offset = msg.partition() or 0, msg.offset() or 0
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
-                    if msg.offset() >= self.ends.get(p, 0):
+                    if offset >= self.ends.get(p, 0):
                         self._close(p)
                     continue
                 if err.fatal():
                     raise FatalError(f"consumer failed: {err.str()}")
                 logger.warning("consumer error: %s", err.str())
                 continue
-            if p not in self.open or msg.offset() >= self.ends[p]:
+            if p not in self.open or offset >= self.ends[p]:
                 continue  # written after the run started: the next run reads it
             out.append(RelayRecord.from_message(msg))
-            self.next[p] = msg.offset() + 1
-            if msg.offset() + 1 >= self.ends[p]:
+            if offset + 1 >= self.ends[p]:
                 self._close(p)
         return out
 
