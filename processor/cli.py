@@ -1,16 +1,20 @@
-"""Command line: ``processor run``, ``processor check-config``, ``processor sandbox``, ``processor demo``."""
+"""Command line: ``processor run``, ``processor check-config``, ``processor dlq inspect|replay``, ``processor sandbox``,
+``processor demo``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 import yaml
 
 from processor.config import load_config, redacted
-from processor.errors import ConfigError
+from processor.errors import ERROR_CLASSES, ConfigError, RelayError
 
 
 @click.group()
@@ -73,6 +77,120 @@ def demo(rate: float, metrics_port: int, sandbox_port: int) -> None:
     from processor.devstack.demo import run_demo
 
     sys.exit(run_demo(rate=rate, metrics_port=metrics_port, sandbox_port=sandbox_port))
+
+
+def _filter_options(with_vendor: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The record filters ``dlq inspect`` and ``dlq replay`` share."""
+    options = [
+        click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                     help="The relay's YAML config file."),
+    ]
+    if with_vendor:
+        options.append(click.option("--vendor", "vendors", multiple=True,
+                                    help="Only records for this vendor (repeatable; 'none': undecodable/unroutable)."))
+    options += [
+        click.option("--error-class", "error_classes", multiple=True, type=click.Choice(ERROR_CLASSES),
+                     help="Only this error class (repeatable)."),
+        click.option("--status", type=int, help="Only records whose last HTTP status is this."),
+        click.option("--since", help="Failed at or after: ISO 8601 time (UTC unless it says) or 30m, 2h, 1d ago."),
+        click.option("--until", help="Failed before: ISO 8601 time or relative, as --since."),
+        click.option("--topic", help="Original topic."),
+        click.option("--partition", type=int, help="Original partition."),
+        click.option("--offsets", help="Original offsets A-B (inclusive)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document (scripts, tests)."),
+        click.option("--timeout", "timeout_s", default=15.0, show_default=True, type=float,
+                     help="Seconds to wait for Kafka to answer."),
+    ]
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):  # the first listed is shown first
+            fn = option(fn)
+        return fn
+
+    return wrap
+
+
+def _filters(vendors: tuple[str, ...], error_classes: tuple[str, ...], status: int | None, since: str | None,
+             until: str | None, topic: str | None, partition: int | None, offsets: str | None):  # type: ignore[no-untyped-def]
+    import time
+
+    from processor.dlq import parse_offsets, parse_when
+    from processor.redrive import Filters
+
+    now_ms = int(time.time() * 1000)
+    try:
+        return Filters(frozenset(vendors), frozenset(error_classes), status,
+                       parse_when(since, now_ms) if since else None, parse_when(until, now_ms) if until else None,
+                       topic, partition, parse_offsets(offsets) if offsets else None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect the dead-letter topic and replay it to one vendor."""
+
+
+@dlq.command("inspect")
+@_filter_options(with_vendor=True)
+@click.option("--show", default=0, type=click.IntRange(0), help="Print N matching records, decoded, PII masked.")
+def dlq_inspect(config_path: str, vendors: tuple[str, ...], error_classes: tuple[str, ...], status: int | None,
+                since: str | None, until: str | None, topic: str | None, partition: int | None,
+                offsets: str | None, as_json: bool, timeout_s: float, show: int) -> None:
+    """Summarise the dead-letter topic (start to end as of now; commits nothing): counts by vendor, error
+    class and status, failure times, top reasons, and per vendor what is pending versus replayed."""
+    from processor.app import build_decoder
+    from processor.dlq import inspect, replay_group
+    from processor.dlq.view import inspection_doc, inspection_text
+    from processor.logs import setup_logging
+
+    config = _load(config_path)
+    setup_logging(config.logging.level, config.logging.format)
+    filters = _filters(vendors, error_classes, status, since, until, topic, partition, offsets)
+    try:
+        found = inspect(config, filters, show, timeout_s)
+    except RelayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    doc = inspection_doc(found, build_decoder(config), lambda v: replay_group(config, v))
+    click.echo(json.dumps(doc) if as_json else inspection_text(doc))
+
+
+@dlq.command("replay")
+@_filter_options(with_vendor=False)
+@click.option("--vendor", required=True, help="Re-deliver to this vendor only, from its own replay position.")
+@click.option("--dry-run", is_flag=True, help="Plan the requests and print samples; send and commit nothing.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="At most N events a second.")
+@click.option("--max-replays", default=3, show_default=True, type=click.IntRange(1),
+              help="Records replayed this many times already are reported and skipped.")
+@click.option("--from-start", is_flag=True,
+              help="Read from the start of the topic, not the vendor's position (what an earlier filtered run "
+                   "skipped); use with filters: what matches is sent again.")
+def dlq_replay(config_path: str, vendor: str, error_classes: tuple[str, ...], status: int | None,
+               since: str | None, until: str | None, topic: str | None, partition: int | None, offsets: str | None,
+               as_json: bool, timeout_s: float, dry_run: bool, rate: float | None, max_replays: int,
+               from_start: bool) -> None:
+    """Re-deliver dead-lettered records to one vendor through the relay's own delivery path, from the
+    vendor's replay group position to the end as of the start; resumable; what fails again is written
+    back with relay.replay_count + 1. Exits 0 once every record settled, 3 if stopped before."""
+    from processor.dlq import ReplayOptions, run_replay
+    from processor.dlq.view import ProgressReporter, replay_doc, replay_text
+    from processor.logs import setup_logging
+
+    config = _load(config_path)
+    setup_logging(config.logging.level, config.logging.format)
+    filters = _filters((), error_classes, status, since, until, topic, partition, offsets)
+    progress = ProgressReporter(vendor)
+    try:
+        options = ReplayOptions(vendor, filters, dry_run, rate, max_replays, timeout_s, from_start=from_start)
+        result = run_replay(config, options, progress)
+    except RelayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        progress.close()
+    doc = replay_doc(result)
+    click.echo(json.dumps(doc) if as_json else replay_text(doc))
+    if not result.complete:
+        sys.exit(3)
 
 
 def _load(path: str):  # type: ignore[no-untyped-def]

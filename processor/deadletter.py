@@ -142,6 +142,35 @@ def first_failure_ms(source: Source) -> int | None:
     return int(value) if value else None
 
 
+_REPLACED_ON_REPLAY = frozenset({"relay.vendor", "relay.error_class", "relay.http_status", "relay.reason",
+                                 "relay.attempts", "relay.last_failure_ms", "relay.replay_count"})
+
+
+def replayed_headers(headers: list[tuple[str, bytes]] | None, vendor: str, error_class: str, status: int | None,
+                     reason: str, attempts: int, last_ms: int, replay_count: int,
+                     extra: list[tuple[str, bytes]] | None = None) -> list[tuple[str, bytes]]:
+    """The headers of a relay record written back after it failed again (a replay or a redrive): its
+    headers kept (the original ones, ``relay.original_*``, ``relay.first_failure_ms``), the outcome's
+    fields (vendor, error class, status, reason, attempts, last failure, ``replay_count``) and the names
+    in ``extra`` replaced. A record without a first failure time gets ``last_ms``."""
+    fresh: list[tuple[str, bytes]] = [
+        ("relay.vendor", vendor.encode()),
+        ("relay.error_class", error_class.encode()),
+        ("relay.http_status", str(status).encode() if status else b""),
+        ("relay.reason", redact(reason).encode()),
+        ("relay.attempts", str(attempts).encode()),
+        ("relay.last_failure_ms", str(last_ms).encode()),
+        ("relay.replay_count", str(replay_count).encode()),
+        *(extra or ()),
+    ]
+    replaced = _REPLACED_ON_REPLAY | {name for name, _ in extra or ()}
+    kept = [(name, value) for name, value in headers or ()
+            if not (name in replaced and _parses(name, value))]
+    if not any(name == "relay.first_failure_ms" and _parses(name, value) for name, value in kept):
+        fresh.append(("relay.first_failure_ms", str(last_ms).encode()))
+    return kept + fresh
+
+
 def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
     """Decoded relay.* headers of a dead-letter record (operators, replay, tests); where a name repeats
     (a foreign value kept beside ours) the last, ours, wins; undecodable bytes are shown replaced."""
@@ -187,6 +216,12 @@ class DeadLetterWriter:
         headers = dlq_headers(source, vendor, "parked", None, reason, attempts, first_ms or now_ms, now_ms,
                               extra=[("relay.next_attempt_ms", str(next_attempt_ms).encode())])
         self._produce(self.retry_topic(vendor), source, headers, vendor, None, on_ack)
+
+    def write_back(self, source: Source, headers: list[tuple[str, bytes]], vendor: str, error_class: str,
+                   on_ack: Callable[[], None]) -> None:
+        """Produce ``source``'s key and value to the dead-letter topic with ``headers`` as they are (a relay
+        record that failed again: see ``replayed_headers``); ``on_ack`` as for ``write``."""
+        self._produce(self.topic, source, headers, vendor, error_class, on_ack)
 
     def _produce(self, topic: str, source: Source, headers: list[tuple[str, bytes]], vendor: str,
                  error_class: str | None, on_ack: Callable[[], None]) -> None:

@@ -227,6 +227,7 @@ class VendorPipeline:
         pending = events
         settled: list[Event] = []  # this round's settled events, for the last-resort path below
         counts: Counter[tuple[str, str]] = Counter()
+        last: dict[int, tuple[Outcome, int | None]] = {}  # per event, its last failure with the vendor's answer
         try:
             while pending:
                 pending = self._drop_revoked(pending)
@@ -271,13 +272,17 @@ class VendorPipeline:
                         elif out.verdict is Verdict.REJECTED:
                             self._dead(ev, "rejected", status, out.reason, attempt + 1, first_ms, counts, settled)
                         else:
-                            retry.append((ev, out, status))
+                            if out.reason == CIRCUIT_OPEN and id(ev) in last:  # say what the vendor said last
+                                retry.append((ev, *last[id(ev)]))
+                            else:
+                                retry.append((ev, out, status))
                             if out.retry_after_s:
                                 wait_at_least = max(wait_at_least, out.retry_after_s)
                     if not answer.throttled and outcomes[0].reason != CIRCUIT_OPEN:
                         counted = True
                 if not retry:
                     return
+                last = {id(ev): (out, st) for ev, out, st in retry}
                 attempt += counted
                 if first_ms is None:
                     first_ms = int(now_s * 1000)
