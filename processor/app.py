@@ -20,6 +20,7 @@ from processor.delivery import VendorPipeline, make_sender
 from processor.health import HealthServer
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, Settlement
+from processor.parked import ParkedRedrive
 from processor.routing import Router
 from processor.source import KafkaSource, Partitions
 from processor.vendors import adapter_class
@@ -46,11 +47,13 @@ class Relay:
         self.stopping = asyncio.Event()
         self.pipelines: dict[str, VendorPipeline] = {}
         self.source: KafkaSource | None = None
+        self.parked: ParkedRedrive | None = None
         self.health: HealthServer | None = None
         self._over_limit = False  # back-pressure hysteresis: above the limit until below resume_ratio of it
         self._commit_due = 0.0
         self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
         self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
+        self.exit_code = 0
 
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
@@ -139,16 +142,20 @@ class Relay:
         if self.stopping.is_set():
             await self.health.stop()
             return 0
-        self.source = KafkaSource(self.config.kafka, build_decoder(self.config), loop, self._on_assign,
-                                  self._on_revoke)
+        decoder = build_decoder(self.config)
+        self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke)
         await self.source.start()
-        dlq_task = asyncio.create_task(self.dlq.run(self.stopping))
-        tick_task = asyncio.create_task(self._ticker())
+        tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]
+        if self.config.retry_topics():
+            self.parked = ParkedRedrive(self.config, decoder, self.pipelines, self.settlement, self.metrics, loop)
+            redrive = asyncio.create_task(self.parked.run(self.stopping), name="redrive")
+            redrive.add_done_callback(self._redrive_ended)
+            tasks.append(redrive)
         try:
             await self._consume_loop()
         finally:
-            await self._shutdown(dlq_task, tick_task)
-        return 0
+            await self._shutdown(tasks)
+        return self.exit_code
 
     async def _missing_topics(self) -> list[str]:
         """The dead-letter and retry topics the broker does not have; waits (not ready, logging) while
@@ -168,6 +175,14 @@ class Relay:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             delay = min(delay * 2, 30.0)
         return []
+
+    def _redrive_ended(self, task: asyncio.Task[None]) -> None:
+        """The redrive loop ends with the relay; if it fails, the relay stops (exit 1, Kubernetes restarts
+        it) rather than keep parking what it would never redrive."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.critical("redrive of parked events failed: %r; stopping", task.exception())
+            self.exit_code = 1
+            self.request_stop()
 
     def request_stop(self) -> None:
         if self.stopping.is_set():
@@ -241,8 +256,11 @@ class Relay:
                 self.health.beat()
             await asyncio.sleep(step)
 
-    async def _shutdown(self, dlq_task: asyncio.Task[Any], tick_task: asyncio.Task[Any]) -> None:
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+        dlq_task, tick_task, *redrive = tasks
         self.stopping.set()
+        if redrive:  # no more parked records taken in (it sees the stop after its current poll)
+            await asyncio.gather(*redrive, return_exceptions=True)
         if not self.abandon:
             await self._drain(self.config.relay.shutdown_grace_s)
         self._drained = True  # once: closing the consumer revokes, and that revoke must not wait again
@@ -254,6 +272,8 @@ class Relay:
             logger.info("committed %s", ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items())))
         for p in self.pipelines.values():
             await p.cancel()
+        if self.parked is not None:
+            await self.parked.commit_and_close()
         await self.source.close()
         tick_task.cancel()
         await self.dlq.drain(1.0)

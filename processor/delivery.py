@@ -177,9 +177,11 @@ class VendorPipeline:
         """At its budget while it may not park: the source must wait for it (``on_outage: block``)."""
         return not self.parking and self.inflight >= self.budget
 
-    def has_room(self, n: int) -> bool:
-        """Can it take ``n`` more events now without parking them (redrive asks before it submits)?"""
-        return not self.breaker.is_open() and self.gate.wait_s() == 0 and self.inflight + n <= self.budget
+    def has_room(self, n: int, share: float = 1.0) -> bool:
+        """Can it take ``n`` more events now, within ``share`` of its budget, without parking them (redrive
+        asks before it submits)?"""
+        return (not self.breaker.is_open() and self.gate.wait_s() == 0
+                and self.inflight + n <= self.budget * share)
 
     # -- intake ------------------------------------------------------------
     def submit_many(self, events: list[Event]) -> None:
@@ -195,6 +197,12 @@ class VendorPipeline:
         self.inflight += len(events)
         for batch in self.batcher.add_many(events):
             self._dispatch(batch)
+
+    def submit_redriven(self, events: list[Event]) -> None:
+        """Parked events taken back from the retry topic (already a batch): sent as they are, their
+        outcomes also counted as redriven."""
+        self.inflight += len(events)
+        self._dispatch(events, redriven=True)
 
     def _park_now(self, events: list[Event], why: str, reason: str, delay_s: float) -> None:
         counts: Counter[tuple[str, str]] = Counter()
@@ -212,15 +220,15 @@ class VendorPipeline:
         if batch is not None:
             self._dispatch(batch)
 
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: list[Event], redriven: bool = False) -> None:
         self._batch_size.observe(len(events))
         self._inflight_gauge.set(self.inflight)
-        task = asyncio.create_task(self._deliver(events), name=f"deliver-{self.name}")
+        task = asyncio.create_task(self._deliver(events, redriven), name=f"deliver-{self.name}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     # -- delivery ----------------------------------------------------------
-    async def _deliver(self, events: list[Event]) -> None:
+    async def _deliver(self, events: list[Event], redriven: bool = False) -> None:
         started = self.clock()
         first_ms: int | None = None
         attempt = 0  # attempts that count: not those only throttled or stopped by the open breaker
@@ -294,7 +302,7 @@ class VendorPipeline:
             done = set(map(id, settled))
             self._internal([ev for ev in pending if id(ev) not in done], exc, counts)
         finally:
-            self._count(counts)
+            self._count(counts, redriven)
 
     async def _after_failure(self, retry: list[tuple[Event, Outcome, int | None]], attempt: int, first_ms: int,
                              started: float, wait_at_least: float,
@@ -383,9 +391,12 @@ class VendorPipeline:
         if settled is not None:
             settled.append(ev)
 
-    def _count(self, counts: Counter[tuple[str, str]]) -> None:
+    def _count(self, counts: Counter[tuple[str, str]], redriven: bool = False) -> None:
+        m = self.metrics
         for (kind, outcome), n in counts.items():
-            self.metrics.vendor_events.labels(self.name, kind, outcome).inc(n)
+            m.vendor_events.labels(self.name, kind, outcome).inc(n)
+            if redriven:
+                m.redriven.labels(self.name, outcome).inc(n)
         counts.clear()
         self._inflight_gauge.set(self.inflight)
 

@@ -1,0 +1,170 @@
+"""The relay's redrive of parked events: a consumer of the vendors' retry topics.
+
+Each vendor that parks (``on_outage: park``) has its own retry topic; the relay
+reads them all in its own consumer group (``parking.group_id``, default
+``<kafka.group_id>.redrive``) and hands each record back to its one vendor's
+live pipeline (adapter, batching, concurrency, breaker, retries), through the
+same record-to-event path as ``dlq replay`` (``processor.redrive``).
+
+A partition's records are taken in order, and only while the vendor can take
+them: its breaker is not open, it is not throttled, it holds less than half of
+its budget (the other half stays for live events), and the head record is due
+(``relay.next_attempt_ms``). Otherwise the partition is held: paused, its
+fetched records kept in memory (one fetch at most), so a vendor's backlog waits
+in Kafka. One topic per vendor: one vendor's backlog never sits in front of
+another's.
+
+A record that waited past its vendor's ``retry.max_elapsed_s`` since its first
+failure goes to the dead-letter topic as ``exhausted``, with its history; one
+that fails again is parked again (a new record, its history carried on). The
+retry topics' offsets are committed only past settled records: a crash loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from processor.codec import Decoder
+from processor.config import Config
+from processor.delivery import VendorPipeline
+from processor.metrics import Metrics
+from processor.offsets import OffsetTracker, Settlement
+from processor.redrive import Decision, Redrive, RelayRecord
+from processor.source import KafkaSource, Partitions
+
+logger = logging.getLogger(__name__)
+
+
+class ParkedRedrive:
+    def __init__(self, config: Config, decoder: Decoder, pipelines: dict[str, VendorPipeline],
+                 settlement: Settlement, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.topics = config.retry_topics()  # vendor -> its retry topic
+        self.vendor_of = {t: v for v, t in self.topics.items()}
+        self.pipelines = pipelines
+        self.settlement = settlement
+        self.metrics = metrics
+        self.tracker = OffsetTracker()
+        # one record-to-event decider per vendor: no filters, no replay maximum (parking is not a replay)
+        self.deciders = {v: Redrive(pipelines[v].adapter, decoder, self.tracker, max_replays=None)
+                         for v in self.topics}
+        k = config.kafka
+        group = config.parking.group_id or f"{k.group_id}.redrive"
+        kafka = k.model_copy(update={"topics": list(self.topics.values()), "group_id": group,
+                                     "client": {**k.client, "auto.offset.reset": "earliest"}})
+        self.source = KafkaSource(kafka, decoder, loop, self._on_assign, self._on_revoke)
+        self.held: dict[tuple[str, int], deque[RelayRecord]] = {}
+        self._commit_due = 0.0
+        for v in self.topics:
+            metrics.parked_backlog.labels(v).set(0)
+
+    # -- rebalance --------------------------------------------------------------------
+    async def _on_assign(self, parts: Partitions) -> None:
+        for t, p in parts:
+            self.tracker.assign(t, p)
+
+    async def _on_revoke(self, parts: Partitions, lost: bool) -> dict[tuple[str, int], int]:
+        """No drain: what is in flight for these partitions is dropped by the pipelines (the new owner
+        redelivers it); what settled is committed."""
+        mine = set(parts)
+        positions = {k: v for k, v in self.tracker.commit_positions(only_changed=False).items() if k in mine}
+        for t, p in parts:
+            self.tracker.revoke(t, p)
+            self.held.pop((t, p), None)
+        return positions
+
+    # -- the loop -------------------------------------------------------------------------
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.source.start()
+        cfg = self.config
+        while not stopping.is_set():
+            self._release()
+            commit = None
+            now = time.monotonic()
+            if now >= self._commit_due:
+                self._commit_due = now + cfg.relay.commit_interval_s
+                commit = self.tracker.commit_positions() or None
+            hold = {key for key, q in self.held.items() if q}
+            poll = await self.source.poll(cfg.kafka.consume_batch, 0.2, None, commit, hold)
+            self._after_commit(poll.committed, poll.lag)
+            for msg in poll.raw:
+                if msg.error() is not None:
+                    continue
+                self.held.setdefault((msg.topic(), msg.partition()), deque()).append(RelayRecord.from_message(msg))
+
+    def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int]) -> None:
+        if committed:
+            self.tracker.mark_committed(committed)
+        if lag:
+            backlog = dict.fromkeys(self.topics, 0)
+            for (t, _p), n in lag.items():
+                backlog[self.vendor_of[t]] += n
+            for v, n in backlog.items():
+                self.metrics.parked_backlog.labels(v).set(n)
+
+    def _release(self) -> None:
+        """Hand each vendor the due head of its held partitions, as much as it can take now."""
+        now_ms = int(time.time() * 1000)
+        for (topic, _p), q in self.held.items():
+            if not q:
+                continue
+            pipe = self.pipelines[self.vendor_of[topic]]
+            take: list[RelayRecord] = []
+            most = pipe.batcher.max_events
+            while q and len(take) < most and q[0].due(now_ms) and pipe.has_room(len(take) + 1, share=0.5):
+                take.append(q.popleft())
+            if take:
+                self._redrive(pipe, take, now_ms)
+
+    def _redrive(self, pipe: VendorPipeline, records: list[RelayRecord], now_ms: int) -> None:
+        decider = self.deciders[pipe.name]
+        expired_before = now_ms - pipe.retry.max_elapsed_s * 1000
+        items: list[Any] = []
+        pending: list[int] = []
+        events = []
+        late: list[tuple[Any, RelayRecord]] = []
+        failed: list[tuple[RelayRecord, str]] = []
+        for r in records:
+            decision, event, reason = decider.decide(r)
+            if decision is Decision.DELIVER:
+                first = r.first_failure_ms
+                items.append(event)
+                pending.append(1)
+                if first is not None and first < expired_before:
+                    late.append((event, r))
+                else:
+                    events.append(event)
+            elif decision is Decision.UNDECODABLE:  # it decoded when it was parked: the schemas changed since
+                items.append(r)
+                pending.append(1)
+                failed.append((r, reason))
+            else:  # another vendor's record on this topic (written by hand): not this vendor's to deliver
+                items.append(r)
+                pending.append(0)
+                logger.warning("%s: a record for %s on %s's retry topic; skipped", r.source.where(), r.vendor,
+                               pipe.name)
+        self.tracker.register_many(items, pending)
+        s = self.settlement
+        for event, r in late:
+            s.dead_letter(event, pipe.name, "exhausted", r.http_status,
+                          f"{r.reason}; waited past retry.max_elapsed_s", 0, r.first_failure_ms)
+        for r, reason in failed:
+            s.dead_letter(r, pipe.name, "undecodable", None, reason, 0, r.first_failure_ms)
+        if late or failed:
+            self.metrics.redriven.labels(pipe.name, "expired").inc(len(late))
+            self.metrics.redriven.labels(pipe.name, "dead_lettered").inc(len(failed))
+        if events:
+            pipe.submit_redriven(events)
+
+    # -- the end ------------------------------------------------------------------------------
+    async def commit_and_close(self) -> None:
+        """After the relay drained its pipelines: commit what settled, leave the group."""
+        positions = self.tracker.commit_positions()
+        if positions and await self.source.commit(positions):
+            self.tracker.mark_committed(positions)
+        await self.source.close()
