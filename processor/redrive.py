@@ -42,10 +42,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from processor.codec import Decoder
-from processor.deadletter import DeadLetterWriter, headers_dict, prior_replay_count, replayed_headers
+from processor.deadletter import headers_dict, prior_replay_count, replayed_headers
 from processor.delivery import Sender, VendorPipeline
 from processor.errors import DecodeError
 from processor.events import Event, Source
@@ -57,6 +57,14 @@ logger = logging.getLogger(__name__)
 
 NO_VENDOR = "none"  # relay.vendor of records that were undecodable or unroutable
 UNROUTABLE_REASON = "a valid Avro record of a schema the relay does not route"
+
+
+class WriteBack(Protocol):
+    """Where a record that fails again goes: ``DeadLetterWriter`` (the dead-letter topic), or a writer of
+    the same shape for a retry topic. ``on_ack`` runs in the event loop once Kafka acknowledged."""
+
+    def write_back(self, source: Source, headers: list[tuple[str, bytes]], vendor: str, error_class: str,
+                   on_ack: Callable[[], None]) -> None: ...
 
 
 class Decision(StrEnum):
@@ -219,7 +227,7 @@ class Redrive:
 
     def __init__(self, adapter: Adapter[Any, Any], decoder: Decoder, tracker: OffsetTracker,
                  filters: Filters | None = None, max_replays: int | None = 3,
-                 writer: DeadLetterWriter | None = None, clock: Callable[[], float] = time.time) -> None:
+                 writer: WriteBack | None = None, clock: Callable[[], float] = time.time) -> None:
         self.adapter = adapter
         self.vendor = adapter.name
         self.decoder = decoder

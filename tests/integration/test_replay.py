@@ -208,8 +208,8 @@ def test_replay_stopped_or_killed_half_way_resumes_and_delivers_everything(broke
 
 def test_failed_again_written_back_with_count_and_at_max_not_resent(broker, topics, sandbox, tmp_path):
     no_url = view(1000, product__url=None, page__url=None)  # QuickLizard requires a permalink: rejected again
-    order = make_order(2000, items=2)
-    order["event_id"] = "e2000"
+    order = make_order(2001, items=2)  # with a customer: e-mail, phone, names
+    order["event_id"] = "e2001"
     records = [dead_letter(i, no_url, error_class="rejected", status=None, offset=i) for i in range(10)]
     records += [dead_letter(100 + i, view(100 + i), replay_count=3) for i in range(3)]  # at the maximum
     # undecodable when the relay read them (say a schema id it did not know); one decodes now, one never will
@@ -217,6 +217,11 @@ def test_failed_again_written_back_with_count_and_at_max_not_resent(broker, topi
                 dead_letter(201, b"plain text", vendor=None, error_class="undecodable", status=None)]
     put_records(broker.bootstrap, topics.dlq, records)
     cli = Cli(replay_config(broker, topics, sandbox), tmp_path)
+    shown = cli.run("inspect", "--vendor", "none", "--show", "5")
+    assert shown.returncode == 0 and "none          undecodable         -        2" in shown.stdout
+    assert '"customer": {\n      "email": "***",' in shown.stdout and '"order_id": "O-2001-1"' in shown.stdout
+    assert "user2001@" not in shown.stdout and "7946" not in shown.stdout  # PII masked
+    assert "bad_framing: unknown magic byte 0x70" in shown.stdout
 
     done = cli.json("replay", "--vendor", "quicklizard")
     assert (done["scanned"], done["replayed"], done["delivered"]) == (15, 11, 1)
@@ -248,6 +253,8 @@ def test_failed_again_written_back_with_count_and_at_max_not_resent(broker, topi
     garbage = [h for h in heads if h["relay.error_class"] == "undecodable"]
     assert len(garbage) == 1 and garbage[0]["relay.replay_count"] == "1"
     assert garbage[0]["relay.vendor"] == "quicklizard" and garbage[0]["relay.reason"].startswith("bad_framing")
+    pending = cli.json("inspect")["vendors"]["quicklizard"]
+    assert (pending["pending"], pending["replayed"]) == (11, 13)  # what failed again is pending again
 
     # the written-back ones are at the maximum for a run that allows one replay: reported, nothing sent
     requests = sandbox.stats()["quicklizard"]["requests"]

@@ -131,3 +131,14 @@ def test_replay_summary_says_what_happened_and_how_to_resume():
     assert "stopped with 4 records pending; position 0@6; run the same command again to resume" in text
     done = replay_text({**base, "pending": 0, "complete": True, "interrupted": False})
     assert "done in 1.0s; position 0@6" in done
+
+
+def test_progress_off_a_terminal_is_a_log_line(caplog):
+    from processor.dlq.view import ProgressReporter
+
+    report = ProgressReporter("qubit", interval_s=0, tty=False)
+    with caplog.at_level("INFO", logger="processor.dlq.view"):
+        report({"total": 100, "scanned": 40, "replayed": 30, "delivered": 25, "skipped": 10, "failed_again": 1,
+                "rate": 20.0})
+    assert caplog.messages == ["replay to qubit: 40 of 100 scanned, 30 replayed, 25 delivered, 10 skipped, "
+                               "1 failed again, 20 records/s, eta 3s"]

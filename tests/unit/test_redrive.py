@@ -57,7 +57,7 @@ def redrive(filters: Filters | None = None, kinds: list[str] | None = None, answ
     tracker = OffsetTracker()
     tracker.assign(DLQ, 0)
     writer = FakeWriter()
-    r = Redrive(adapter(kinds), Decoder(), tracker, filters, max_replays, writer, clock=lambda: 9.0)  # type: ignore[arg-type]
+    r = Redrive(adapter(kinds), Decoder(), tracker, filters, max_replays, writer, clock=lambda: 9.0)
     calls: list[list[int]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
