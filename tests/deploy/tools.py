@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -75,7 +77,9 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 def exposition_families() -> dict[str, str]:
     """Family name -> type of everything the relay's /metrics exposes (declared in processor/metrics.py)."""
     text = generate_latest(Metrics().registry).decode()
-    return {f.name: f.type for f in text_string_to_metric_families(text)}
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    # the text format writes an unlabelled counter's creation time as a gauge family of its own
+    return {n: t for n, t in families.items() if not (n.endswith("_created") and n[:-len("_created")] in families)}
 
 
 def exposition_series_names() -> dict[str, str]:
@@ -86,3 +90,26 @@ def exposition_series_names() -> dict[str, str]:
 def metric_names(expr: str) -> set[str]:
     """The metric names an expression selects (``up`` and ``processor_*``; function names excluded)."""
     return set(METRIC_NAME.findall(re.sub(r"\{[^}]*\}", "{}", expr)))
+
+
+def dashboard_targets(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, expression) for every query of the dashboard."""
+    return [(p["title"], t["expr"]) for p in panels(dashboard) for t in p["targets"]]
+
+
+def concrete(expr: str, rate_interval: str = "1m") -> str:
+    """A dashboard expression as Grafana sends it with every variable on "All" (its allValue, ``.*``)."""
+    for var in ("$namespace", "$pod", "$vendor"):
+        expr = expr.replace(var, ".*")
+    return expr.replace("$__rate_interval", rate_interval)
+
+
+def load_script(path: Path) -> ModuleType:
+    """A generator script under deploy/ (not a package) as a module."""
+    name = f"deploy_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
