@@ -17,7 +17,8 @@ from processor.vendors import REGISTRY
 from tests.deploy.tools import DEPLOY, EXAMPLE_CONFIG, kustomize, load_rules
 
 K8S = DEPLOY / "k8s"
-K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for; validation is against its schemas
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
+K8S_VERSIONS = (K8S_VERSION, kubernetes_validate.latest_version())
 CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}  # CRDs: no schema in kubernetes-validate
 RENDERED = {name: kustomize(K8S / name) for name in ("base", "overlays/example", "overlays/example-dlq-replay")}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
@@ -37,13 +38,14 @@ def relay_config(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return yaml.safe_load(by_kind(objs, "ConfigMap")["data"]["relay.yaml"])  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("name", sorted(RENDERED))
-def test_every_rendered_object_validates_strictly(name):
+def test_every_rendered_object_validates_strictly(name, version):
     kinds = set()
     for obj in RENDERED[name]:
         kinds.add(obj["kind"])
         try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
             assert obj["kind"] in CUSTOM_KINDS, f"no schema for {obj['kind']}: not a Kubernetes kind"
     assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
