@@ -143,6 +143,8 @@ class Relay:
             await self.health.stop()
             return 0
         decoder = build_decoder(self.config)
+        if not self.config.schema_registry.url:
+            self.metrics.schema_registry_up.set(1)  # the embedded id map: nothing to be down
         self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke)
         await self.source.start()
         tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]

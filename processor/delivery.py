@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 _kind = attrgetter("kind")
 _timestamp = attrgetter("timestamp_ms")
 CIRCUIT_OPEN = "circuit open"
+PARK_REASONS = ("breaker_open", "budget_full", "retry_budget")
+REDRIVE_OUTCOMES = ("delivered", "filtered", "dead_lettered", "parked", "expired")
 
 
 class Sender:
@@ -147,6 +149,11 @@ class VendorPipeline:
         self.gate = RateGate()
         m.breaker_state.labels(name).set(0)
         m.concurrency_limit.labels(name).set(s.concurrency)
+        if self.parking:  # the series exist from the start, so the first parking is a visible increase
+            for why in PARK_REASONS:
+                m.parked.labels(name, why)
+            for outcome in REDRIVE_OUTCOMES:
+                m.redriven.labels(name, outcome)
         # Requests planned but not yet answered, bounded: a planned request holds its body, so without
         # this a vendor that takes one event a request built nearly every in-flight event's body up
         # front (bench/README.md, memory). A batch waits for room before it is planned (and before

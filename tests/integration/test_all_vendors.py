@@ -45,7 +45,11 @@ def wait_settled(relay, kinds: Counter[EventKind]) -> dict[str, dict[str, float]
         want = sum(n for kind, n in kinds.items() if kind in adapter_class(vendor).kinds)
 
         def counts(v: str = vendor) -> dict[str, float]:
-            return {o: relay.metric("processor_vendor_events_total", vendor=v, outcome=o) for o in OUTCOMES}
+            """By outcome, each event once: a parked event redriven later counts as parked, not again."""
+            out = {o: relay.metric("processor_vendor_events_total", vendor=v, outcome=o) for o in OUTCOMES}
+            for o in OUTCOMES:
+                out[o] -= relay.metric("processor_redriven_events_total", vendor=v, outcome=o)
+            return out
 
         wait_for(lambda c=counts, w=want: sum(c().values()) >= w, 90, f"{vendor} to settle {want} events")
         out[vendor] = counts()
