@@ -234,7 +234,7 @@ class ConveadAdapter(Adapter[ConveadSite, NoOptions]):
         if 400 <= status < 500:
             try:
                 body = response.json()
-                detail = str(body.get("message") or body.get("error") or "")[:200]
+                detail = self.vendor_text(body.get("message") or body.get("error") or "")
             except (orjson.JSONDecodeError, AttributeError):
-                detail = response.body[:200].decode("utf-8", "replace").strip()
+                detail = self.vendor_text(response.body[:2000].decode("utf-8", "replace").strip())
         return [status_outcome(status, detail)]

@@ -354,6 +354,7 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
         if status == 301:
             return [rejected("HTTP 301: refused by Convert's firewall (User-Agent)", note="firewall_301")] * n
         message, fields = _error(response)
+        message = self.vendor_text(message)
         outcome = status_outcome(status, message)
         if outcome.verdict is Verdict.REJECTED and fields:
             bad = _events_named(fields, request.context)
@@ -371,7 +372,7 @@ def _error(response: Response) -> tuple[str, str]:
         return "", ""
     if not isinstance(body, dict):
         return "", ""
-    return str(body.get("message") or "")[:200], str(body.get("fields") or "")
+    return str(body.get("message") or ""), str(body.get("fields") or "")
 
 
 def _events_named(fields: str, spans: list[tuple[int, int, int]]) -> dict[int, str]:

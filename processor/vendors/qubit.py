@@ -102,6 +102,7 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
     default_batch = BatchSettings(max_events=500, max_bytes=1_000_000, max_wait_ms=1000)
     notes = ("warning",)
     secret_fields = ("tracking_id",)
+    site_url_fields = ("endpoint",)
 
     example_env = {"QUBIT_TRACKING_ID": "demo_tracking_id"}
 
@@ -199,9 +200,9 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
                         return [DELIVERED] * n
                 except AttributeError:  # a result that is not an object: classified one by one below
                     pass
-                return [_result_outcome(r) for r in results]
+                return [self._result_outcome(r) for r in results]
             return [retryable(f"qubit answered {len(results)} results for {n} events")] * n
-        message = str(body.get("message") or "")[:200]
+        message = self.vendor_text(body.get("message") or "")
         if not ok:
             return [status_outcome(status, message)] * n
         upstream = body.get("status")
@@ -209,11 +210,10 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
             return [status_outcome(upstream, message)] * n  # the error shape inside a 2xx answer
         return [status_outcome(502, "response is not the documented results")] * n
 
-
-def _result_outcome(result: Any) -> Outcome:
-    if not isinstance(result, dict):
-        return rejected("qubit failed: malformed result")
-    if result.get("status") == "success":
-        return _WARNED if result.get("warnings") else DELIVERED
-    # The document names the failed status both "failed" and "error"; anything but success failed.
-    return rejected(f"qubit failed: {str(result.get('error') or result.get('status') or 'no reason')[:200]}")
+    def _result_outcome(self, result: Any) -> Outcome:
+        if not isinstance(result, dict):
+            return rejected("qubit failed: malformed result")
+        if result.get("status") == "success":
+            return _WARNED if result.get("warnings") else DELIVERED
+        # The document names the failed status both "failed" and "error"; anything but success failed.
+        return rejected(f"qubit failed: {self.vendor_text(result.get('error') or result.get('status') or 'no reason')}")

@@ -62,6 +62,8 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
     kinds = frozenset({EventKind.PRODUCT_VIEW, EventKind.ORDER})
     Site = QuickLizardSite
     default_base_url = "https://evt.quicklizard.com/events"
+    secret_fields = ("client_key",)
+    site_url_fields = ("endpoint",)
 
     example_env = {"QUICKLIZARD_CLIENT_KEY": "demo-client-key"}
 
@@ -167,7 +169,7 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
         for i, row in enumerate(failed):
             if isinstance(row, dict):
                 err = errors[i] if i < len(errors) else "failed"
-                failed_keys[_row_key(row)] = str(err)[:200]
+                failed_keys[_row_key(row)] = self.vendor_text(err)
         rows, counts = request.context
         outcomes: list[Outcome] = []
         pos = 0
