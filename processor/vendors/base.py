@@ -162,6 +162,15 @@ class MissingField(Exception):
         self.field_path = field_path
 
 
+class InvalidField(ValueError):
+    """The event has a field this vendor cannot take as it is (the reason names the canonical field and
+    why, never the value)."""
+
+    def __init__(self, field_path: str, why: str) -> None:
+        super().__init__(f"invalid field {field_path}: {why}")
+        self.field_path = field_path
+
+
 def require(value: Any, field_path: str) -> Any:
     """``value`` if present (not None, not empty), else MissingField naming the canonical field."""
     if not value and (value is None or value == "" or value == []):  # a truthy value is present: one test

@@ -49,6 +49,7 @@ from processor.vendors.base import (
     Adapter,
     BatchSettings,
     Frozen,
+    InvalidField,
     MissingField,
     NoOptions,
     Outcome,
@@ -69,13 +70,6 @@ DELIVERED_DROPPED = Outcome(Verdict.DELIVERED, note=DROPPED_NOTE)
 def form_quote(raw: bytes) -> bytes:
     """Form encoding as Convead's clients send it (PHP urlencode; ~ is kept, which every form decoder reads alike)."""
     return quote_plus(raw, safe="-_.").encode()
-
-
-class InvalidField(ValueError):
-    """The event has a field this vendor cannot take as it is (the reason names the canonical field)."""
-
-    def __init__(self, field_path: str, why: str) -> None:
-        super().__init__(f"invalid field {field_path}: {why}")
 
 
 class ConveadSite(Frozen):

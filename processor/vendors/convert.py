@@ -34,6 +34,7 @@ import orjson
 from pydantic import Field, PositiveInt, SecretStr, model_validator
 
 from processor.events import Event, EventKind
+from processor.vendors import codes
 from processor.vendors.base import (
     DELIVERED,
     Adapter,
@@ -51,6 +52,7 @@ from processor.vendors.base import (
     retryable,
     status_outcome,
 )
+from processor.vendors.codes import COUNTRIES
 
 CONVERT_AGENT = "ConvertAgent/1.0"
 BROWSERS = {"chrome": "CH", "firefox": "FF", "safari": "SF", "ie": "IE", "opera": "OP"}  # document: else OTH
@@ -159,8 +161,10 @@ def segments(rec: dict[str, Any], ep: _Endpoint) -> dict[str, Any] | None:
     if returning is not None:
         seg[ep.seg_new] = ("returning" if returning else "new") if ep.v1 else int(returning)
     country = page["country"]
-    if country and len(country) == 2 and country.isascii() and country.isalpha():
-        seg[ep.seg_ctry] = country.upper()
+    if country:  # "Two-letter ISO country code": normalised, or left out (the segment is optional)
+        code = COUNTRIES.get(country) or codes.country(country)
+        if code is not None:
+            seg[ep.seg_ctry] = code
     if ep.customer_segments and rec["visitor"]["customer_id"]:
         seg[ep.seg_cust] = ep.customer_segments
     return seg or None
