@@ -9,7 +9,7 @@ import sys
 import click
 import yaml
 
-from processor.config import load_config, redacted
+from processor.config import is_loopback, load_config, redacted
 from processor.errors import ConfigError
 
 
@@ -49,7 +49,8 @@ def check_config(config_path: str) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; loopback unless told otherwise (the twins have no authentication).")
 @click.option("--port", default=8088, show_default=True, type=int)
 @click.option("--vendor", "vendors", multiple=True, help="Serve only these twins (default: all).")
 @click.option("--keep", default=200_000, show_default=True, type=int,
@@ -60,6 +61,9 @@ def sandbox(host: str, port: int, vendors: tuple[str, ...], keep: int) -> None:
     from processor.sandbox.server import serve_forever
 
     setup_logging()
+    if not is_loopback(host):
+        click.echo(f"warning: the sandbox binds to {host}, not loopback: other machines can reach it, and it has "
+                   "no authentication and keeps what it receives", err=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(host, port, list(vendors) or None, keep))
 

@@ -170,7 +170,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1."""
     if host.lower() in _LOOPBACK_NAMES or host.lower().endswith(".localhost"):
         return True
     try:
@@ -189,7 +190,7 @@ def check_url(url: str, field: str, allow_insecure: bool) -> None:
         raise ConfigError(f"{field}: not a URL") from None
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigError(f"{field}: must be an https:// URL (got scheme {parts.scheme or 'none'!r})")
-    if parts.scheme == "http" and not allow_insecure and not _is_loopback(host):
+    if parts.scheme == "http" and not allow_insecure and not is_loopback(host):
         vendor = field.split(".")[1]
         raise ConfigError(f"{field}: http:// to {host} would send {vendor}'s credentials and events unencrypted; "
                           f"use https, or set vendors.{vendor}.allow_insecure: true")

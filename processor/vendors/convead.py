@@ -1,4 +1,6 @@
-"""Convead events (vendor-docs/convead-events.txt and the Convead section of NOTES.md).
+"""Convead events: Convead's document "JS Event API" (its help center), and what Convead's own
+clients do: they send the fields as a form body, ``visitor_uid`` allows only ``[0-9a-z-]``, and a wrong
+app_key or an unlisted domain is silently not processed (200 all the same).
 
 One event per request: ``POST https://tracker.convead.io/watch/event`` (the
 base URL is configurable) with an ``application/x-www-form-urlencoded`` body

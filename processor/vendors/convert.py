@@ -1,12 +1,18 @@
-"""Convert experiment tracking (vendor-docs/convert-advanced-integrations.html, NOTES.md "Convert").
+"""Convert experiment tracking: Convert's document "New Tracking Structure - Advanced Integrations"
+(the ``track`` API), and Convert's current serving API as its public JavaScript and server SDKs call it
+(``v1``).
 
 Two APIs, chosen per site with ``api``:
 
 * ``track`` (the document): ``POST https://{pid}.metrics.convertexperiments.com/track`` with one
   visitor a request: ``{cid, pid, seg?, vid, ev: [{evt: viewExp|hitGoal|tr, exps, vars, goals, r, prc}]}``.
-* ``v1`` (Convert's current serving API, NOTES.md): ``POST .../v1/track/{accountId}/{projectId}`` with
-  many visitors a request: ``{accountId, projectId, enrichData?, visitors: [{visitorId, segments?,
-  events: [{eventType: bucketing|conversion, data}]}]}`` and an optional ``Authorization: Bearer``.
+* ``v1`` (the SDKs' serving API): ``POST .../v1/track/{accountId}/{projectId}`` with many visitors a
+  request: ``{accountId, projectId, enrichData?, visitors: [{visitorId, segments?, events: [{eventType:
+  bucketing|conversion, data}]}]}`` and an optional ``Authorization: Bearer <secret>``; bucketing data
+  ``{experienceId, variationId}``, conversion data ``{goalId, goalData?: [{key, value}], bucketingData?}``
+  with keys ``amount``, ``productsCount``, ``transactionId``; segments ``browser``, ``devices``,
+  ``source``, ``campaign``, ``visitorType`` (new/returning), ``country``, ``customSegments``; errors
+  answer ``{code, message, fields}``.
 
 Both are built by the same code: an event's experiments become bucketing rows (``viewExp`` / ``bucketing``,
 each experience/variation pair once per visitor and request), the site's configured goals become

@@ -1,4 +1,5 @@
-"""Qubit offline conversions (vendor-docs/qubit-offline-conversions.txt, NOTES.md "Qubit").
+"""Qubit offline conversions: Qubit's document "Set up call center tracking" (docs.qubit.com, the
+offline-conversions endpoint), and what Qubit's public QProtocol schemas add to it (below).
 
 ``POST {base}/events/{trackingId}`` with ``{"events": [...]}``: many QProtocol
 events a request, grouped by the site's tracking id. Every event carries
@@ -8,7 +9,18 @@ Qubit never saw), ``meta.type``, ``meta.ts`` (epoch ms), ``meta.url`` when
 known and ``meta.source`` (``options.source``). A product view is an
 ``ecView`` of type ``product``; an order is the site's vertical's transaction
 summary (the document's table) with the amount field's ``total`` and
-``transaction.id``. Qubit rejects unknown fields, so nothing else is sent.
+``transaction.id``. Qubit rejects unknown (custom) fields and loses the whole
+event, so nothing else is sent.
+
+An ``ecView`` carries ``type`` (``product`` here), ``language`` (an IETF tag),
+``country`` (ISO 3166-1 alpha-2) and ``currency`` (ISO 4217). Codes are sent
+in that form (``eur`` -> ``EUR``, ``gb`` -> ``GB``, ``en_gb`` -> ``en-GB``,
+processor.vendors.codes); a value that is not such a code is rejected naming
+the field. A view whose page has no language or country, or whose product has
+no currency (common for events produced server-side), takes the site's
+``language`` / ``country`` / ``currency`` default, used only when the event
+has none; without one it is rejected naming the field. The order's currency
+follows the same rule.
 
 The answer ``{results: [...]}`` has one result per event, in order: ``success``
 (warnings are counted as the ``warning`` note, not failures) or a failure with

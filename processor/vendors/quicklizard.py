@@ -1,11 +1,19 @@
-"""QuickLizard server-to-server SDK events (vendor-docs/quicklizard-server-to-server.txt).
+"""QuickLizard server-to-server SDK events: QuickLizard's document "QL SDK - Server to Server".
 
-POST a JSON array of events to the account's endpoint (two hosts are
-documented; the account's integration settings name the right one, so it is
-configurable per site). A product view is one ``view`` event; an order is one
-``conversion`` event per line item with ``price`` = unit price x units.
+POST a JSON array of events to the account's endpoint (``evt.quicklizard.com``
+and ``sdk-events.quicklizard.com`` are both documented; the account's
+integration settings name the right one, so it is configurable per site). A
+product view is one ``view`` event; an order is one ``conversion`` event per
+line item with ``price`` = unit price x units (a float with a decimal point,
+as QuickLizard's clients send it). An order without lines has nothing to send:
+it is filtered, not dead-lettered.
+
 The response ``{processed, failed, errors}`` is mapped back per event: a
-canonical event is rejected when any of its rows is in ``failed``.
+canonical event is rejected when any of its rows is in ``failed`` (rows are
+compared as data: key order and ``10`` vs ``10.0`` do not matter). It fails
+closed: when a failed row matches none sent, we cannot tell whose it was, so
+only events whose rows are all in ``processed`` are delivered and the others
+are rejected saying so.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Tracardi tracker API (vendor-docs/tracardi-track-api.txt, and the Tracardi part of NOTES.md).
+"""Tracardi tracker API: Tracardi's document "API integration" (the ``/track`` endpoint), and what
+Tracardi's open-source server adds to it: ``source.id`` is required and ``session`` optional in its
+model, events need a non-empty ``type`` and may carry ``id``, ``properties``, ``options``, ``context``,
+``tags``; unknown top-level fields are ignored; it answers 200, 401 (unknown or disabled source), 406
+(event validation), 422 (payload validation) or 500; a client-supplied event id becomes the stored id.
 
 POST ``{base}/track`` with one *tracker payload* per (profile, session) of a
 batch: ``source.id`` (the site's Tracardi event source, a credential: an

@@ -203,3 +203,20 @@ def test_config_errors_never_carry_a_value(bad, tmp_path):
     f.write_text(yaml.safe_dump(all_secrets_config(**bad)))
     result = CliRunner().invoke(main, ["check-config", str(f)])
     assert result.exit_code != 0 and [s for s in SECRETS if s in result.output] == []
+
+
+@pytest.mark.parametrize(("args", "warned"), [([], False), (["--host", "::1"], False),
+                                              (["--host", "0.0.0.0"], True), (["--host", "192.0.2.7"], True)])
+def test_sandbox_binds_to_loopback_unless_told_and_says_so(monkeypatch, args, warned):
+    import processor.sandbox.server as server
+
+    bound = []
+
+    async def fake_serve(host, port, vendors, keep):
+        bound.append(host)
+
+    monkeypatch.setattr(server, "serve_forever", fake_serve)
+    result = CliRunner().invoke(main, ["sandbox", *args])
+    assert result.exit_code == 0, result.output
+    assert bound == [args[1] if args else "127.0.0.1"]
+    assert ("not loopback" in result.output) is warned
