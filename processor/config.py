@@ -6,6 +6,7 @@ relay connects to anything; an error names the field (``vendors.qubit.sites.defa
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -231,6 +232,33 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         raise ConfigError(_format_error(exc)) from exc
     except ValueError as exc:  # raised by our validators outside pydantic's wrapping
         raise ConfigError(str(exc)) from exc
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every credential value in the config: SecretStr fields, client settings whose key names a secret
+    (sasl.password, basic.auth.user.info ...) and passwords in URLs. For masking (processor.logs)."""
+    out: set[str] = set()
+
+    def walk(node: Any, key: str = "") -> None:
+        if isinstance(node, SecretStr):
+            out.add(node.get_secret_value())
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, str(k))
+        elif isinstance(node, list | tuple | set | frozenset):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str):
+            if key and _SECRET_KEY.search(key) and key != "sasl.mechanism":
+                out.add(node)
+                out.update(node.split(":")[1:])  # user:password: the password alone too
+            if "://" in node and "@" in node:
+                with contextlib.suppress(ValueError):
+                    if urlsplit(node).password:
+                        out.add(urlsplit(node).password)  # type: ignore[arg-type]
+
+    walk(config.model_dump(mode="python", round_trip=False))
+    return sorted(s for s in out if s)
 
 
 def redacted(config: Config) -> dict[str, Any]:

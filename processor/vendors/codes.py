@@ -3,10 +3,12 @@ language tags. Each normaliser returns the canonical form (``EUR``, ``GB``, ``en
 value is not such a code; what a vendor does with None (a default, a rejection naming the field, leaving
 an optional field out) is the adapter's decision.
 
-On the hot path an adapter looks a value up in the module's dicts first: a code already seen (in any
-spelling) costs one dict lookup, and the canonical spelling is in the dict as soon as it has been seen.
-The dicts only hold valid codes and stop growing at ``SEEN_MAX`` entries each (garbage is never cached).
-Only the form is checked, not membership in the current ISO lists (which change).
+On the hot path an adapter first asks whether a value is in the module's set of canonical codes seen
+so far (``CURRENCIES``, ``COUNTRIES``, ``LANGUAGES``): one ``in`` test, and the value goes out as it is.
+Any other value goes through the normaliser, which remembers each spelling it has seen (so a lower-case
+code costs one dict lookup after the first time). Sets and memories hold valid codes only and stop
+growing at ``SEEN_MAX`` entries each (garbage is never cached). Only the form is checked, not membership
+in the current ISO lists (which change).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import re
 from typing import Any
 
 SEEN_MAX = 4096
-CURRENCIES: dict[Any, str] = {}
-COUNTRIES: dict[Any, str] = {}
-LANGUAGES: dict[Any, str] = {}
+CURRENCIES: set[str] = set()  # canonical codes seen so far: the hot path's one test
+COUNTRIES: set[str] = set()
+LANGUAGES: set[str] = set()
+_CURRENCY_SPELLINGS: dict[Any, str] = {}  # any spelling seen -> its canonical code
+_COUNTRY_SPELLINGS: dict[Any, str] = {}
+_LANGUAGE_SPELLINGS: dict[Any, str] = {}
 
 _LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*\Z")
 
@@ -31,23 +36,23 @@ def _letters(value: Any, n: int) -> str | None:
     return None
 
 
-def _remember(seen: dict[Any, str], value: Any, code: str | None) -> str | None:
-    if code is not None and len(seen) < SEEN_MAX:
-        seen[value] = code
-        seen[code] = code
+def _remember(spellings: dict[Any, str], canonical: set[str], value: Any, code: str | None) -> str | None:
+    if code is not None and len(spellings) < SEEN_MAX:
+        spellings[value] = code
+        canonical.add(code)
     return code
 
 
 def currency(value: Any) -> str | None:
     """An ISO 4217 code upper case (``eur`` -> ``EUR``), or None."""
-    code = CURRENCIES.get(value)
-    return code if code is not None else _remember(CURRENCIES, value, _letters(value, 3))
+    code = _CURRENCY_SPELLINGS.get(value)
+    return code if code is not None else _remember(_CURRENCY_SPELLINGS, CURRENCIES, value, _letters(value, 3))
 
 
 def country(value: Any) -> str | None:
     """An ISO 3166-1 alpha-2 code upper case (``gb`` -> ``GB``), or None."""
-    code = COUNTRIES.get(value)
-    return code if code is not None else _remember(COUNTRIES, value, _letters(value, 2))
+    code = _COUNTRY_SPELLINGS.get(value)
+    return code if code is not None else _remember(_COUNTRY_SPELLINGS, COUNTRIES, value, _letters(value, 2))
 
 
 def _language(value: Any) -> str | None:
@@ -74,5 +79,5 @@ def _language(value: Any) -> str | None:
 
 def language(value: Any) -> str | None:
     """An IETF language tag in its conventional case (``en_gb`` -> ``en-GB``), or None."""
-    code = LANGUAGES.get(value)
-    return code if code is not None else _remember(LANGUAGES, value, _language(value))
+    code = _LANGUAGE_SPELLINGS.get(value)
+    return code if code is not None else _remember(_LANGUAGE_SPELLINGS, LANGUAGES, value, _language(value))

@@ -168,7 +168,7 @@ def segments(rec: dict[str, Any], ep: _Endpoint) -> dict[str, Any] | None:
         seg[ep.seg_new] = ("returning" if returning else "new") if ep.v1 else int(returning)
     country = page["country"]
     if country:  # "Two-letter ISO country code": normalised, or left out (the segment is optional)
-        code = COUNTRIES.get(country) or codes.country(country)
+        code = country if country in COUNTRIES else codes.country(country)
         if code is not None:
             seg[ep.seg_ctry] = code
     if ep.customer_segments and rec["visitor"]["customer_id"]:

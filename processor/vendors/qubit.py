@@ -177,10 +177,9 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
         page = rec["page"]
         if event.kind is EventKind.PRODUCT_VIEW:  # nearly every event: checked and built inline
             product = rec["product"]
-            # codes seen before (nearly all) cost a dict lookup each; the rest go the slow way
-            language, country = LANGUAGES.get(page["language"]), COUNTRIES.get(page["country"])
-            currency = CURRENCIES.get(product["currency"])
-            if language is None or country is None or currency is None:
+            # codes already in Qubit's form (nearly all) cost one set test each; the rest go the slow way
+            language, country, currency = page["language"], page["country"], product["currency"]
+            if not (language in LANGUAGES and country in COUNTRIES and currency in CURRENCIES):
                 language = _code(page["language"], route.language, "page.language")
                 country = _code(page["country"], route.country, "page.country")
                 currency = _code(product["currency"], route.currency, "product.currency")

@@ -220,3 +220,35 @@ def test_sandbox_binds_to_loopback_unless_told_and_says_so(monkeypatch, args, wa
     assert result.exit_code == 0, result.output
     assert bound == [args[1] if args else "127.0.0.1"]
     assert ("not loopback" in result.output) is warned
+
+
+def test_secret_values_are_every_credential_of_the_config():
+    from processor.config import secret_values
+
+    found = secret_values(parse_config(all_secrets_config()))
+    assert set(SECRETS) <= set(found)
+    assert "k:9092" not in found and "t.dlq" not in found
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_logs_mask_secrets_a_library_or_an_exception_would_carry(fmt, capsys):
+    import logging
+
+    from processor.config import secret_values
+    from processor.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("INFO", fmt, secret_values(parse_config(all_secrets_config())))
+        log = logging.getLogger("some.library")
+        log.warning("POST https://offline-conversions.qubit.com/events/%s failed", "t-secret-1")
+        try:
+            raise ValueError("Authorization: Bearer cv-secret-3 refused; sasl-secret-6")
+        except ValueError:
+            log.exception("boom")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    assert "events/***" in err and "Bearer ***" in err and "Traceback" in err
+    assert [s for s in SECRETS if s in err] == []

@@ -182,21 +182,23 @@ def test_bad_site_defaults_fail_at_load_naming_the_field(site, field):
                       "vendors": {"qubit": {"sites": {"default": {"tracking_id": "t", **site}}, "options": {}}}})
 
 
-def test_code_lookups_agree_with_the_plain_normalisers():
-    """The hot path reads codes.CURRENCIES / COUNTRIES / LANGUAGES first: whatever they hold is what the
-    plain normaliser gives for that spelling."""
+def test_code_memories_agree_with_the_plain_normalisers():
+    """The hot path sends a value as it is when it is in codes.CURRENCIES / COUNTRIES / LANGUAGES: those
+    hold only canonical codes (what the plain normaliser gives back unchanged), and each remembered
+    spelling maps to what the plain normaliser makes of it."""
     from processor.vendors import codes
 
     for value in ("eur", "EUR", " usd", "gb", "GB", "en_gb", "en-GB", "zh-hant-tw", "x", None, "", "12"):
         codes.currency(value), codes.country(value), codes.language(value)
-    for seen, norm in ((codes.CURRENCIES, codes._letters), (codes.COUNTRIES, codes._letters),
-                       (codes.LANGUAGES, codes._language)):
-        for value, code in seen.items():
-            if norm is codes._letters:
-                assert code == norm(value, len(code))
-            else:
-                assert code == norm(value)
-    assert None not in codes.CURRENCIES and "x" not in codes.LANGUAGES and "12" not in codes.COUNTRIES
+    kinds = ((codes.CURRENCIES, codes._CURRENCY_SPELLINGS, lambda v: codes._letters(v, 3)),
+             (codes.COUNTRIES, codes._COUNTRY_SPELLINGS, lambda v: codes._letters(v, 2)),
+             (codes.LANGUAGES, codes._LANGUAGE_SPELLINGS, codes._language))
+    for canonical, spellings, plain in kinds:
+        assert canonical and all(plain(code) == code for code in canonical)
+        assert all(plain(value) == code for value, code in spellings.items())
+        assert set(spellings.values()) == canonical
+    assert "eur" not in codes.CURRENCIES and "en_gb" not in codes.LANGUAGES and "gb" not in codes.COUNTRIES
+    assert None not in codes._CURRENCY_SPELLINGS and "x" not in codes._LANGUAGE_SPELLINGS
 
 
 def test_requests_are_grouped_by_tracking_id_and_unknown_sites_rejected():
