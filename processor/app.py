@@ -17,6 +17,7 @@ from processor.codec import Decoder
 from processor.config import Config
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline, make_sender
+from processor.errors import RegistryUnavailable
 from processor.health import HealthServer
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, Settlement
@@ -54,6 +55,10 @@ class Relay:
         self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
         self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
         self.exit_code = 0
+        self._held: list[Any] = []  # a poll's messages waiting for the schema registry
+        self.registry_down: str | None = None
+        self._registry_retry_at = 0.0
+        self._registry_delay = 1.0
 
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
@@ -112,6 +117,8 @@ class Relay:
             return "stopping"
         if self.dlq.failing:
             return "dead-letter or retry-topic writes are not acknowledged"
+        if self.registry_down is not None:
+            return f"schema registry unreachable: {self.registry_down}"
         return self.stalled()
 
     def stalled(self) -> str | None:
@@ -143,8 +150,7 @@ class Relay:
             await self.health.stop()
             return 0
         decoder = build_decoder(self.config)
-        if not self.config.schema_registry.url:
-            self.metrics.schema_registry_up.set(1)  # the embedded id map: nothing to be down
+        self.metrics.schema_registry_up.set(1)  # until a fetch fails (always, with the embedded id map)
         self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke)
         await self.source.start()
         tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]
@@ -219,12 +225,46 @@ class Relay:
             if now >= self._commit_due:
                 self._commit_due = now + cfg.relay.commit_interval_s
                 commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll(cfg.kafka.consume_batch, 0.05 if pause else 0.2, pause, commit)
+            poll = await self.source.poll(cfg.kafka.consume_batch, 0.05 if pause else 0.2,
+                                          pause or bool(self._held), commit)
             self._after_commit(poll.committed, poll.lag, poll.commit_failed)
             self.metrics.paused.set(1 if self.source.paused else 0)
             self.metrics.inflight_messages.set(self.tracker.inflight)
             if poll.raw:
-                self.router.route(self.source.decode_all(poll.raw))
+                self._held += poll.raw
+            if self._held and await self._schemas_known(self._held):
+                batch, self._held = self._held, []
+                self.router.route(self.source.decode_all(batch))
+
+    async def _schemas_known(self, msgs: list[Any]) -> bool:
+        """Whether the registry has answered for every schema id these messages name (fetched off the
+        event loop). While it cannot be reached, the messages are held (not registered, so not committed),
+        fetching is paused, readiness fails; the fetch is retried with backoff. Nothing is dead-lettered
+        for an unreachable registry: only for an id it answers does not exist."""
+        decoder = self.source.decoder  # type: ignore[union-attr]
+        missing = decoder.unknown_ids(m.value() for m in msgs)
+        if not missing:
+            return True
+        now = time.monotonic()
+        if now < self._registry_retry_at:
+            return False
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, decoder.fetch, missing)
+        except RegistryUnavailable as exc:
+            if self.registry_down is None:
+                logger.error("schema registry unreachable (%s): consumption paused, nothing dead-lettered; "
+                             "retrying", exc)
+            self.registry_down = str(exc)
+            self.metrics.schema_registry_up.set(0)
+            self._registry_retry_at = now + self._registry_delay
+            self._registry_delay = min(self._registry_delay * 2, 30.0)
+            return False
+        if self.registry_down is not None:
+            logger.info("schema registry reachable again: consumption resumes")
+        self.registry_down = None
+        self._registry_delay = 1.0
+        self.metrics.schema_registry_up.set(1)
+        return True
 
     def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
                       failed: bool) -> None:

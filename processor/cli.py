@@ -13,7 +13,7 @@ from typing import Any
 import click
 import yaml
 
-from processor.config import load_config, redacted
+from processor.config import is_loopback, load_config, redacted
 from processor.errors import ERROR_CLASSES, ConfigError, RelayError
 
 
@@ -30,10 +30,11 @@ def main() -> None:
               help="Consumer processes in the same group (worker i serves metrics on port + i).")
 def run(config_path: str, workers: int) -> None:
     """Consume, batch, deliver and dead-letter until SIGTERM; exits 0 after a clean drain."""
+    from processor.config import secret_values
     from processor.logs import setup_logging
 
     config = _load(config_path)
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(config.logging.level, config.logging.format, secret_values(config))
     if workers > 1:
         from processor.workers import run_workers
 
@@ -53,7 +54,8 @@ def check_config(config_path: str) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; loopback unless told otherwise (the twins have no authentication).")
 @click.option("--port", default=8088, show_default=True, type=int)
 @click.option("--vendor", "vendors", multiple=True, help="Serve only these twins (default: all).")
 @click.option("--keep", default=200_000, show_default=True, type=int,
@@ -64,6 +66,9 @@ def sandbox(host: str, port: int, vendors: tuple[str, ...], keep: int) -> None:
     from processor.sandbox.server import serve_forever
 
     setup_logging()
+    if not is_loopback(host):
+        click.echo(f"warning: the sandbox binds to {host}, not loopback: other machines can reach it, and it has "
+                   "no authentication and keeps what it receives", err=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(host, port, list(vendors) or None, keep))
 
@@ -140,12 +145,13 @@ def dlq_inspect(config_path: str, vendors: tuple[str, ...], error_classes: tuple
     """Summarise the dead-letter topic (start to end as of now; commits nothing): counts by vendor, error
     class and status, failure times, top reasons, and per vendor what is pending versus replayed."""
     from processor.app import build_decoder
+    from processor.config import secret_values
     from processor.dlq import inspect, replay_group
     from processor.dlq.view import inspection_doc, inspection_text
     from processor.logs import setup_logging
 
     config = _load(config_path)
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(config.logging.level, config.logging.format, secret_values(config))
     filters = _filters(vendors, error_classes, status, since, until, topic, partition, offsets)
     try:
         found = inspect(config, filters, show, timeout_s)
@@ -172,12 +178,13 @@ def dlq_replay(config_path: str, vendor: str, error_classes: tuple[str, ...], st
     """Re-deliver dead-lettered records to one vendor through the relay's own delivery path, from the
     vendor's replay group position to the end as of the start; resumable; what fails again is written
     back with relay.replay_count + 1. Exits 0 once every record settled, 3 if stopped before."""
+    from processor.config import secret_values
     from processor.dlq import ReplayOptions, run_replay
     from processor.dlq.view import ProgressReporter, replay_doc, replay_text
     from processor.logs import setup_logging
 
     config = _load(config_path)
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(config.logging.level, config.logging.format, secret_values(config))
     filters = _filters((), error_classes, status, since, until, topic, partition, offsets)
     progress = ProgressReporter(vendor)
     try:

@@ -22,14 +22,15 @@ import json
 import logging
 import struct
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader
+from fastavro.repository.base import SchemaRepositoryError
 from fastavro.schema import fingerprint, load_schema, to_parsing_canonical_form
 
-from processor.errors import DecodeError
+from processor.errors import ConfigError, DecodeError, RegistryUnavailable
 from processor.events import SCHEMA_KINDS, EventKind
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,16 @@ class _Writer:
 
 
 class Decoder:
-    """Thread-safe, caching decoder. ``decode(value)`` -> (kind or None, record).
+    """Caching decoder. ``decode(value)`` -> (kind or None, record).
 
     kind is None for a valid Avro record of a schema the relay does not route
-    (the caller dead-letters it as unroutable)."""
+    (the caller dead-letters it as unroutable).
+
+    Registry ids are resolved off the event loop: ``unknown_ids(values)`` names the ids a poll needs
+    that are neither cached nor known to be missing, ``fetch(ids)`` (blocking, for an executor thread)
+    resolves them. ``decode`` never calls the registry: an id ``fetch`` has not resolved raises
+    ``RegistryUnavailable``. ``fetch`` may run in one thread while ``decode`` runs in another: the
+    caches are only added to, under a lock, and read without one (a dict lookup is atomic)."""
 
     def __init__(
         self,
@@ -88,10 +95,10 @@ class Decoder:
         self._registry = registry
         self._lock = threading.Lock()
         self._by_id: dict[int, _Writer] = {}
-        self._id_sources: dict[int, Callable[[], dict[str, Any]]] = {}
+        self._missing: dict[int, str] = {}  # id -> why the registry says it cannot be used (dead letter)
         ids: Mapping[int, str | Path] = EMBEDDED_IDS if local_ids is None and registry is None else (local_ids or {})
-        for sid, ref in ids.items():
-            self._id_sources[int(sid)] = self._local_loader(ref, schemas_dir)
+        for sid, ref in ids.items():  # the local map wins over the registry; loaded now, so a bad path fails at start
+            self._store(int(sid), self._make_writer(_load_local(ref, schemas_dir)))
         # single-object encoding: every schema in schemas/ (current) and history_dir (older versions)
         self._by_fp: dict[bytes, _Writer] = {}
         for name, reader in self._readers.items():
@@ -103,12 +110,6 @@ class Decoder:
                 self._by_fp[schema_fingerprint(w.writer)] = w
 
     # -- schema sources -------------------------------------------------
-    def _local_loader(self, ref: str | Path, schemas_dir: Path) -> Callable[[], dict[str, Any]]:
-        ref_path = Path(ref)
-        if ref_path.suffix != ".avsc":  # a full name: the current schema of that name
-            ref_path = schemas_dir / f"{ref}.avsc"
-        return lambda: load_schema(str(ref_path), _write_hint=False)  # type: ignore[call-arg]
-
     def _make_writer(self, schema: Any, named: dict[str, Any] | None = None) -> _Writer:
         # with fastavro's parse hint (the default): schemaless_reader re-parses a schema without it on
         # every message, which cost more than the decoding itself (bench/README.md, profile 1)
@@ -120,34 +121,75 @@ class Decoder:
         same = to_parsing_canonical_form(parsed) == self._reader_canon[name]
         return _Writer(parsed, None if same else self._readers[name], kind)
 
-    def _writer_for_id(self, sid: int) -> _Writer:
-        w = self._by_id.get(sid)
-        if w is not None:
-            return w
+    def _store(self, sid: int, w: _Writer) -> None:
         with self._lock:
-            w = self._by_id.get(sid)
-            if w is None:
-                w = self._make_writer(*self._fetch(sid))
-                self._by_id[sid] = w
-        return w
+            self._by_id[sid] = w
 
-    def _fetch(self, sid: int) -> tuple[Any, dict[str, Any]]:
-        src = self._id_sources.get(sid)
-        if src is not None:
-            return src(), {}
+    def unknown_ids(self, values: Iterable[bytes | None]) -> set[int]:
+        """The registry schema ids among these values' Confluent headers that are neither cached nor
+        known to be missing (a header peek, no parsing; empty without a registry)."""
+        if self._registry is None:
+            return set()
+        by_id, missing = self._by_id, self._missing
+        out: set[int] = set()
+        for value in values:
+            if value and value[0] == CONFLUENT_MAGIC and len(value) >= 5:
+                sid = _unpack_id(value, 1)[0]
+                if sid not in by_id and sid not in missing:
+                    out.add(sid)
+        return out
+
+    def fetch(self, ids: Iterable[int]) -> None:
+        """Fetch, parse and cache these ids from the registry (blocking: run it in a thread).
+
+        An id the registry answers does not exist (404 with a registry error code such as 40403), is
+        not Avro, or does not parse is remembered as missing: ``decode`` then dead-letters its messages
+        as ``unknown_schema``. A transport error, timeout, 5xx, auth failure or any answer that is not
+        the registry's raises ``RegistryUnavailable`` and remembers nothing of that id (ids resolved
+        before it in the same call stay resolved)."""
+        if self._registry is None:
+            return
+        for sid in sorted(ids):
+            if sid in self._by_id or sid in self._missing:
+                continue
+            try:
+                schema, named = fetch_registry_schema(self._registry, sid)
+                w = self._make_writer(schema, named)
+            except DecodeError as exc:
+                with self._lock:
+                    self._missing[sid] = exc.detail
+                logger.warning("schema id %d cannot be used: %s", sid, exc.detail)
+                continue
+            except RegistryUnavailable:
+                raise
+            except Exception as exc:  # fastavro's many schema errors: one boundary, the id is unusable
+                detail = f"schema id {sid} does not parse: {type(exc).__name__}"
+                with self._lock:
+                    self._missing[sid] = detail
+                logger.warning("%s", detail)
+                continue
+            self._store(sid, w)
+
+    def _unresolved(self, sid: int) -> _Writer:
+        detail = self._missing.get(sid)
+        if detail is not None:
+            raise DecodeError("unknown_schema", detail)
         if self._registry is None:
             raise DecodeError("unknown_schema", f"schema id {sid} is not in the local schema map")
-        return fetch_registry_schema(self._registry, sid)
+        raise RegistryUnavailable(f"schema id {sid} has not been fetched from the registry")
 
     # -- decoding ---------------------------------------------------------
     def decode(self, value: bytes | None) -> tuple[EventKind | None, dict[str, Any]]:
+        """Raises DecodeError (dead letter) or RegistryUnavailable (an id not fetched yet: retry)."""
         if not value:
             raise DecodeError("empty", "message has no value")
         first = value[0]
+        sid: int | None = None
         if first == CONFLUENT_MAGIC:
             if len(value) < 5:
                 raise DecodeError("bad_framing", "shorter than the 5-byte Confluent header")
-            w = self._writer_for_id(_unpack_id(value, 1)[0])
+            sid = _unpack_id(value, 1)[0]
+            w = self._by_id.get(sid) or self._unresolved(sid)
             start = 5
         elif value[:2] == SINGLE_OBJECT_MAGIC:
             if len(value) < 10:
@@ -163,18 +205,55 @@ class Decoder:
         try:
             record = schemaless_reader(buf, w.writer, w.reader)
         except EOFError as exc:
-            raise DecodeError("truncated", "body ends before the schema does") from exc
+            raise self._misfit(value, start, w, sid, "truncated", "body ends before the schema does") from exc
+        except UnicodeDecodeError as exc:
+            raise DecodeError("invalid_data", "a string in the body is not valid UTF-8") from exc
         except Exception as exc:  # fastavro raises many types on malformed data: one boundary here
-            raise DecodeError("invalid_data", f"{type(exc).__name__} while reading the body") from exc
+            raise self._misfit(value, start, w, sid, "invalid_data",
+                               f"{type(exc).__name__} while reading the body") from exc
         if buf.tell() != len(value):
-            raise DecodeError("invalid_data", f"{len(value) - buf.tell()} bytes left after the record")
+            raise self._misfit(value, start, w, sid, "invalid_data", f"{len(value) - buf.tell()} bytes left after "
+                               "the record")
         if w.kind is not None and not isinstance(record, dict):
             raise DecodeError("invalid_data", "body is not a record")
         return w.kind, record  # type: ignore[return-value]
 
+    def _misfit(self, value: bytes, start: int, w: _Writer, sid: int | None, reason: str, detail: str) -> DecodeError:
+        """The error for a body that does not decode as its writer schema, saying what it is when it decodes
+        exactly as another canonical event (a producer framing one record type with another's schema id).
+        On the failure path only."""
+        name = w.writer.get("name", "?") if isinstance(w.writer, dict) else "?"
+        framed = f"{name} (schema id {sid})" if sid is not None else str(name)
+        for other, reader in self._readers.items():
+            if other == name:
+                continue
+            buf = io.BytesIO(value)
+            buf.seek(start)
+            try:
+                schemaless_reader(buf, reader, None)
+            except Exception:  # not that record either: try the next one
+                continue
+            if buf.tell() == len(value):
+                return DecodeError("invalid_data", f"does not decode as {framed} but as {other}: "
+                                   "framed with the wrong schema id")
+        return DecodeError(reason, f"{detail} ({framed})")
+
+
+def _load_local(ref: str | Path, schemas_dir: Path) -> Any:
+    path = Path(ref)
+    if path.suffix != ".avsc":  # a full name: the current schema of that name
+        path = schemas_dir / f"{ref}.avsc"
+    try:
+        return load_schema(str(path), _write_hint=False)  # type: ignore[call-arg]
+    except (OSError, SchemaRepositoryError) as exc:
+        raise ConfigError(f"schema_registry.local_ids: cannot read {path}") from exc
+
 
 def fetch_registry_schema(registry: Any, sid: int) -> tuple[Any, dict[str, Any]]:
-    """Writer schema ``sid`` from a confluent-kafka SchemaRegistryClient, with its references."""
+    """Writer schema ``sid`` from a confluent-kafka SchemaRegistryClient, with its references.
+
+    DecodeError("unknown_schema") when the registry answers that the id (or a reference) does not exist
+    or is not Avro; RegistryUnavailable when it gives no such answer."""
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
     try:
@@ -184,11 +263,14 @@ def fetch_registry_schema(registry: Any, sid: int) -> tuple[Any, dict[str, Any]]
             dep = registry.get_version(ref.subject, ref.version).schema
             parse_schema(json.loads(dep.schema_str), named_schemas=named, _write_hint=False)
     except SchemaRegistryError as exc:
-        if exc.http_status_code == 404:
-            raise DecodeError("unknown_schema", f"schema id {sid} not found in the registry") from exc
-        raise DecodeError("registry_unavailable", f"registry answered {exc.http_status_code}") from exc
-    except Exception as exc:  # connection errors from the registry client's HTTP stack
-        raise DecodeError("registry_unavailable", f"{type(exc).__name__} fetching schema id {sid}") from exc
+        # the registry's own 404s carry a 404xx error code (40403 schema, 40401 subject, 40402 version);
+        # a 404 without one is a wrong URL or a proxy, not an answer about the id
+        if exc.http_status_code == 404 and 40400 <= (exc.error_code or 0) < 40500:
+            raise DecodeError("unknown_schema", f"schema id {sid} not found in the registry "
+                              f"(error code {exc.error_code})") from exc
+        raise RegistryUnavailable(f"registry answered HTTP {exc.http_status_code} for schema id {sid}") from exc
+    except Exception as exc:  # connection errors and timeouts from the registry client's HTTP stack
+        raise RegistryUnavailable(f"{type(exc).__name__} fetching schema id {sid}") from exc
     if schema.schema_type not in (None, "AVRO"):
         raise DecodeError("unknown_schema", f"schema id {sid} is {schema.schema_type}, not AVRO")
     return json.loads(schema.schema_str), named

@@ -6,11 +6,14 @@ relay connects to anything; an error names the field (``vendors.qubit.sites.defa
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -22,6 +25,7 @@ from processor.vendors.base import Frozen, VendorSettings
 
 ENV_PREFIX = "PROCESSOR__"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 _SECRET_KEY = re.compile(r"(password|secret|sasl\.|token|key|credentials|user\.info)", re.I)
 
 
@@ -30,8 +34,9 @@ class KafkaConfig(Frozen):
     group_id: str = "event-relay"
     topics: list[str] = Field(min_length=1)
     consume_batch: int = Field(1000, ge=1, le=100_000, description="messages per consume() call")
-    client: dict[str, Any] = Field(
-        default_factory=dict, description="passed through to librdkafka (security.protocol, sasl.*, ssl.* ...)"
+    client: dict[str, Any] = Field(  # repr=False here and below: these may hold passwords (sasl.password ...)
+        default_factory=dict, repr=False,
+        description="passed through to librdkafka (security.protocol, sasl.*, ssl.* ...)",
     )
 
     @field_validator("client")
@@ -45,8 +50,8 @@ class KafkaConfig(Frozen):
 
 
 class SchemaRegistryConfig(Frozen):
-    url: str | None = Field(None, description="Confluent-compatible registry; None = local id map only")
-    client: dict[str, Any] = Field(default_factory=dict, description="passed to SchemaRegistryClient")
+    url: str | None = Field(None, repr=False, description="Confluent-compatible registry; None = local id map only")
+    client: dict[str, Any] = Field(default_factory=dict, repr=False, description="passed to SchemaRegistryClient")
     local_ids: dict[int, str] | None = Field(
         None, description="schema id -> Avro full name or .avsc path (default: the embedded map)"
     )
@@ -55,7 +60,8 @@ class SchemaRegistryConfig(Frozen):
 
 class DeadLetterConfig(Frozen):
     topic: str
-    producer: dict[str, Any] = Field(default_factory=dict, description="extra librdkafka producer settings")
+    producer: dict[str, Any] = Field(default_factory=dict, repr=False,
+                                     description="extra librdkafka producer settings")
     retry_delay_s: float = Field(1.0, gt=0, description="wait before re-producing an unacknowledged record")
 
 
@@ -192,6 +198,49 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     return parse_config(data)
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1."""
+    if host.lower() in _LOOPBACK_NAMES or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8, ::1
+    except ValueError:
+        return False
+
+
+def check_url(url: str, field: str, allow_insecure: bool) -> None:
+    """ConfigError naming ``field`` unless ``url`` is https, or http to loopback, or http with
+    ``allow_insecure``. The message shows scheme and host, never the whole URL (it may carry a secret)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        raise ConfigError(f"{field}: not a URL") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{field}: must be an https:// URL (got scheme {parts.scheme or 'none'!r})")
+    if parts.scheme == "http" and not allow_insecure and not is_loopback(host):
+        vendor = field.split(".")[1]
+        raise ConfigError(f"{field}: http:// to {host} would send {vendor}'s credentials and events unencrypted; "
+                          f"use https, or set vendors.{vendor}.allow_insecure: true")
+
+
+def check_vendor_urls(name: str, settings: VendorSettings[Any, Any]) -> None:
+    """Every URL an enabled vendor's requests can go to: base_url (or the adapter's default) and the
+    per-site overrides the adapter has (``site_url_fields``)."""
+    cls = adapter_class(name)
+    prefix = f"vendors.{name}"
+    insecure = settings.allow_insecure
+    check_url(settings.base_url or cls.default_base_url, f"{prefix}.base_url", insecure)
+    for site_id, site in settings.sites.items():
+        for field in cls.site_url_fields:
+            url = getattr(site, field)
+            if url:
+                check_url(url, f"{prefix}.sites.{site_id}.{field}", insecure)
+
+
 def parse_config(data: Mapping[str, Any]) -> Config:
     data = dict(data)
     vendors = data.get("vendors")
@@ -204,6 +253,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
                 models[name] = adapter_class(name).settings_model().model_validate(section)
             except ValidationError as exc:
                 raise ConfigError(_format_error(exc, f"vendors.{name}.")) from exc
+            if models[name].enabled:
+                check_vendor_urls(name, models[name])
         data["vendors"] = models
     try:
         return Config.model_validate(data)
@@ -211,6 +262,33 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         raise ConfigError(_format_error(exc)) from exc
     except ValueError as exc:  # raised by our validators outside pydantic's wrapping
         raise ConfigError(str(exc)) from exc
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every credential value in the config: SecretStr fields, client settings whose key names a secret
+    (sasl.password, basic.auth.user.info ...) and passwords in URLs. For masking (processor.logs)."""
+    out: set[str] = set()
+
+    def walk(node: Any, key: str = "") -> None:
+        if isinstance(node, SecretStr):
+            out.add(node.get_secret_value())
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, str(k))
+        elif isinstance(node, list | tuple | set | frozenset):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str):
+            if key and _SECRET_KEY.search(key) and key != "sasl.mechanism":
+                out.add(node)
+                out.update(node.split(":")[1:])  # user:password: the password alone too
+            if "://" in node and "@" in node:
+                with contextlib.suppress(ValueError):
+                    if urlsplit(node).password:
+                        out.add(urlsplit(node).password)  # type: ignore[arg-type]
+
+    walk(config.model_dump(mode="python", round_trip=False))
+    return sorted(s for s in out if s)
 
 
 def redacted(config: Config) -> dict[str, Any]:
@@ -229,6 +307,8 @@ def redacted(config: Config) -> dict[str, Any]:
             return str(node)
         if isinstance(node, str) and key and _SECRET_KEY.search(key) and key not in {"sasl.mechanism"}:
             return "***"
+        if isinstance(node, str) and "://" in node and "@" in node:
+            return _USERINFO.sub(r"\1***@", node)  # https://user:password@host -> https://***@host
         return node
 
     return walk(config.model_dump(mode="python", round_trip=False))  # type: ignore[no-any-return]

@@ -6,6 +6,9 @@
     ├── ConfigError          bad configuration: fail at start, name the field (fatal)
     ├── DecodeError          a message that cannot be decoded: dead letter as "undecodable"
     │                        (.reason is one of DECODE_REASONS, a fixed label set)
+    ├── RegistryUnavailable  the schema registry cannot answer (transport error, timeout, 5xx, auth):
+    │                        retryable, never a dead letter: hold the messages, pause consumption
+    │                        (readiness false) and fetch again with backoff
     └── FatalError           the relay cannot go on (e.g. lost the broker for good): stop, exit non-zero
 
 Per-event delivery outcomes are not exceptions: adapters return an ``Outcome``
@@ -26,7 +29,6 @@ DECODE_REASONS = (
     "empty",
     "bad_framing",
     "unknown_schema",
-    "registry_unavailable",
     "truncated",
     "invalid_data",
 )
@@ -49,6 +51,13 @@ class DecodeError(RelayError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class RegistryUnavailable(RelayError):
+    """The schema registry did not answer whether a schema id exists: wait and fetch again.
+
+    Never a dead letter: an id is dead-lettered only when the registry answers that it does not
+    exist (``DecodeError("unknown_schema")``)."""
 
 
 class FatalError(RelayError):

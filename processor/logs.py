@@ -1,12 +1,36 @@
-"""Structured logs: one JSON object a line in production, readable text on a terminal. Never payloads."""
+"""Structured logs: one JSON object a line in production, readable text on a terminal. Never payloads.
+
+Never secrets either: the code logs none, and as a second line of defence ``setup_logging(secrets=...)``
+(the config's credential values, ``processor.config.secret_values``) masks any that a library or an
+exception message would carry, in the message and in the traceback alike."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections.abc import Iterable
 
 import orjson
+
+MASK = "***"
+MIN_SECRET_LEN = 4  # shorter values would mask ordinary words; credentials are longer
+
+
+class _Masking(logging.Formatter):
+    """Masks the secret values in whatever the wrapped formatter writes."""
+
+    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,11 +46,12 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
+def setup_logging(level: str = "INFO", fmt: str = "auto", secrets: Iterable[str] = ()) -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if use_json else logging.Formatter(
-        "%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    formatter = JsonFormatter() if use_json else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    masked = sorted({s for s in secrets if len(s) >= MIN_SECRET_LEN}, key=len, reverse=True)
+    handler.setFormatter(_Masking(formatter, masked) if masked else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

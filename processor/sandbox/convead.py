@@ -1,5 +1,5 @@
 """Convead's twin: POST /convead/watch/event, one event per request
-(vendor-docs/convead-events.txt and the Convead section of NOTES.md).
+(Convead's document "JS Event API", and its clients' form body as processor.vendors.convead says).
 
 The body must be ``application/x-www-form-urlencoded`` (else 415) with each of
 ``app_key``, ``visitor_uid``, ``guest_uid``, ``data`` at most once and nothing
@@ -33,7 +33,7 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 FIELDS = frozenset({"app_key", "visitor_uid", "guest_uid", "data"})
 DATA_KEYS = frozenset({"type", "domain", "host", "url", "path", "title", "referrer", "visitor_uid", "guest_uid",
                        "visitor_info", "properties"})
-# event type -> required properties (from the document's examples and NOTES.md)
+# event type -> required properties (from the document's examples; purchase's order_id is a string)
 TYPES: dict[str, tuple[str, ...]] = {
     "add_to_cart": ("product_id", "qnt", "price"),
     "custom": ("key",),

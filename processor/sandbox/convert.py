@@ -1,4 +1,5 @@
-"""Convert's twin (vendor-docs/convert-advanced-integrations.html, NOTES.md "Convert").
+"""Convert's twin (Convert's document "New Tracking Structure - Advanced Integrations", and the SDKs'
+serving API as processor.vendors.convert describes it).
 
 The project id that Convert reads from the host name is a path segment here:
 

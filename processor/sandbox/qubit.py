@@ -1,5 +1,5 @@
 """Qubit's twin: POST /qubit/events/{trackingId} with ``{"events": [...]}``
-(vendor-docs/qubit-offline-conversions.txt, NOTES.md "Qubit").
+(Qubit's document "Set up call center tracking", and the QProtocol rules in processor.vendors.qubit).
 
 The envelope must be JSON (``Content-Type: application/json``) holding exactly
 ``events``, an array of any length; otherwise 400 in the document's
@@ -10,8 +10,9 @@ warnings?}`` or ``{status: "failed", error}``. Checked: ``context.id``,
 optionally namespaced ``someco.``), ``meta.ts`` (integer epoch ms),
 ``meta.url``/``meta.source`` (optional strings; a missing source is the
 documented ``Missing meta.source`` warning), ``transaction.id`` and the
-amount's ``total.{value, currency}``, the ``ecView`` fields (NOTES.md), and
-no field outside the schema anywhere (Qubit rejects custom fields).
+amount's ``total.{value, currency}``, the ``ecView`` fields (``language`` an
+IETF tag, ``country`` ISO 3166-1 alpha-2 and ``currency`` ISO 4217, both upper
+case), and no field outside the schema anywhere (Qubit rejects custom fields).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Tracardi's twin: POST /tracardi/track with one tracker payload
-(vendor-docs/tracardi-track-api.txt, and the Tracardi part of NOTES.md).
+(Tracardi's document "API integration", and its server's model as processor.vendors.tracardi says).
 
 Validates the payload as Tracardi's server model does and answers as it does:
 

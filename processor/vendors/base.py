@@ -18,7 +18,7 @@ from enum import IntEnum
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 
 from processor.events import Event, EventKind
 
@@ -29,7 +29,8 @@ OptionsT = TypeVar("OptionsT", bound=BaseModel)
 class Frozen(BaseModel):
     """Base of every config model: immutable, unknown keys are errors."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a validation error (and its traceback) never carries a value, which may be a secret
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class NoOptions(Frozen):
@@ -71,6 +72,7 @@ class VendorSettings(Frozen, Generic[SiteT, OptionsT]):
 
     enabled: bool = True
     base_url: str | None = Field(None, description="override the vendor's endpoint (e.g. the sandbox)")
+    allow_insecure: bool = Field(False, description="allow http:// URLs for this vendor that are not loopback")
     kinds: frozenset[EventKind] | None = Field(None, description="event kinds to send (default: all it takes)")
     batch: BatchSettings = BatchSettings()
     concurrency: int = Field(8, ge=1, le=1024, description="concurrent requests to this vendor")
@@ -120,7 +122,9 @@ def rejected(reason: str, note: str | None = None) -> Outcome:
 
 @dataclass(slots=True)
 class VendorRequest:
-    """One HTTP request and the events it carries (``context``: the adapter's own bookkeeping)."""
+    """One HTTP request and the events it carries (``context``: the adapter's own bookkeeping).
+
+    Its repr shows neither URL, headers nor content: they carry credentials and payload fields."""
 
     url: str
     content: bytes
@@ -128,6 +132,9 @@ class VendorRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     method: str = "POST"
     context: Any = None
+
+    def __repr__(self) -> str:
+        return f"VendorRequest({self.method}, {len(self.events)} events, {len(self.content)} bytes)"
 
 
 @dataclass(slots=True)
@@ -174,6 +181,15 @@ class MissingField(Exception):
         self.field_path = field_path
 
 
+class InvalidField(ValueError):
+    """The event has a field this vendor cannot take as it is (the reason names the canonical field and
+    why, never the value)."""
+
+    def __init__(self, field_path: str, why: str) -> None:
+        super().__init__(f"invalid field {field_path}: {why}")
+        self.field_path = field_path
+
+
 def require(value: Any, field_path: str) -> Any:
     """``value`` if present (not None, not empty), else MissingField naming the canonical field."""
     if not value and (value is None or value == "" or value == []):  # a truthy value is present: one test
@@ -190,7 +206,8 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
     default_batch: ClassVar[BatchSettings] = BatchSettings()
     default_concurrency: ClassVar[int] = 8
     notes: ClassVar[tuple[str, ...]] = ()
-    secret_fields: ClassVar[tuple[str, ...]] = ()
+    secret_fields: ClassVar[tuple[str, ...]] = ()  # site fields holding credentials (scrubbed from reasons)
+    site_url_fields: ClassVar[tuple[str, ...]] = ()  # per-site URL overrides (checked for https at load)
 
     def __init__(self, settings: VendorSettings[SiteT, OptionsT]) -> None:
         self.settings = settings
@@ -200,6 +217,9 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         # per site_id, what ``plan`` needs of the site, prepared once; ``default_route`` serves other sites
         self.routes: dict[str, Any] = {sid: self.prepare_site(sid, site) for sid, site in settings.sites.items()}
         self.default_route: Any = self.routes.get("default")
+        secrets = {getattr(site, f, None) for site in settings.sites.values() for f in self.secret_fields}
+        self._secrets = sorted({s.get_secret_value() for s in secrets if isinstance(s, SecretStr)} - {""},
+                               key=len, reverse=True)  # longest first: a secret containing another goes whole
 
     @classmethod
     def settings_model(cls) -> type[VendorSettings[Any, Any]]:
@@ -243,6 +263,16 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         raise NotImplementedError(f"{cls.name} has no example settings")
 
     example_env: ClassVar[dict[str, str]] = {}
+
+    def vendor_text(self, value: Any, limit: int = 200) -> str:
+        """A vendor's own words (an error message, a failed row's error) as they may enter a reason: text,
+        without any of this vendor's credentials (a vendor may echo a key or a URL holding one), then cut
+        to ``limit`` characters. Failure paths only."""
+        text = str(value)
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "<redacted>")
+        return text[:limit]
 
     def no_site_reason(self, event: Event) -> str:
         return f"no {self.name} site config for site_id {event.record['site_id']!r} and no 'default'"

@@ -1,4 +1,6 @@
-"""Convead events (vendor-docs/convead-events.txt and the Convead section of NOTES.md).
+"""Convead events: Convead's document "JS Event API" (its help center), and what Convead's own
+clients do: they send the fields as a form body, ``visitor_uid`` allows only ``[0-9a-z-]``, and a wrong
+app_key or an unlisted domain is silently not processed (200 all the same).
 
 One event per request: ``POST https://tracker.convead.io/watch/event`` (the
 base URL is configurable) with an ``application/x-www-form-urlencoded`` body
@@ -49,6 +51,7 @@ from processor.vendors.base import (
     Adapter,
     BatchSettings,
     Frozen,
+    InvalidField,
     MissingField,
     NoOptions,
     Outcome,
@@ -69,13 +72,6 @@ DELIVERED_DROPPED = Outcome(Verdict.DELIVERED, note=DROPPED_NOTE)
 def form_quote(raw: bytes) -> bytes:
     """Form encoding as Convead's clients send it (PHP urlencode; ~ is kept, which every form decoder reads alike)."""
     return quote_plus(raw, safe="-_.").encode()
-
-
-class InvalidField(ValueError):
-    """The event has a field this vendor cannot take as it is (the reason names the canonical field)."""
-
-    def __init__(self, field_path: str, why: str) -> None:
-        super().__init__(f"invalid field {field_path}: {why}")
 
 
 class ConveadSite(Frozen):
@@ -234,7 +230,7 @@ class ConveadAdapter(Adapter[ConveadSite, NoOptions]):
         if 400 <= status < 500:
             try:
                 body = response.json()
-                detail = str(body.get("message") or body.get("error") or "")[:200]
+                detail = self.vendor_text(body.get("message") or body.get("error") or "")
             except (orjson.JSONDecodeError, AttributeError):
-                detail = response.body[:200].decode("utf-8", "replace").strip()
+                detail = self.vendor_text(response.body[:2000].decode("utf-8", "replace").strip())
         return [status_outcome(status, detail)]

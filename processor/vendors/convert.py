@@ -1,12 +1,18 @@
-"""Convert experiment tracking (vendor-docs/convert-advanced-integrations.html, NOTES.md "Convert").
+"""Convert experiment tracking: Convert's document "New Tracking Structure - Advanced Integrations"
+(the ``track`` API), and Convert's current serving API as its public JavaScript and server SDKs call it
+(``v1``).
 
 Two APIs, chosen per site with ``api``:
 
 * ``track`` (the document): ``POST https://{pid}.metrics.convertexperiments.com/track`` with one
   visitor a request: ``{cid, pid, seg?, vid, ev: [{evt: viewExp|hitGoal|tr, exps, vars, goals, r, prc}]}``.
-* ``v1`` (Convert's current serving API, NOTES.md): ``POST .../v1/track/{accountId}/{projectId}`` with
-  many visitors a request: ``{accountId, projectId, enrichData?, visitors: [{visitorId, segments?,
-  events: [{eventType: bucketing|conversion, data}]}]}`` and an optional ``Authorization: Bearer``.
+* ``v1`` (the SDKs' serving API): ``POST .../v1/track/{accountId}/{projectId}`` with many visitors a
+  request: ``{accountId, projectId, enrichData?, visitors: [{visitorId, segments?, events: [{eventType:
+  bucketing|conversion, data}]}]}`` and an optional ``Authorization: Bearer <secret>``; bucketing data
+  ``{experienceId, variationId}``, conversion data ``{goalId, goalData?: [{key, value}], bucketingData?}``
+  with keys ``amount``, ``productsCount``, ``transactionId``; segments ``browser``, ``devices``,
+  ``source``, ``campaign``, ``visitorType`` (new/returning), ``country``, ``customSegments``; errors
+  answer ``{code, message, fields}``.
 
 Both are built by the same code: an event's experiments become bucketing rows (``viewExp`` / ``bucketing``,
 each experience/variation pair once per visitor and request), the site's configured goals become
@@ -34,6 +40,7 @@ import orjson
 from pydantic import Field, PositiveInt, SecretStr, model_validator
 
 from processor.events import Event, EventKind
+from processor.vendors import codes
 from processor.vendors.base import (
     DELIVERED,
     Adapter,
@@ -51,6 +58,7 @@ from processor.vendors.base import (
     retryable,
     status_outcome,
 )
+from processor.vendors.codes import COUNTRIES
 
 CONVERT_AGENT = "ConvertAgent/1.0"
 BROWSERS = {"chrome": "CH", "firefox": "FF", "safari": "SF", "ie": "IE", "opera": "OP"}  # document: else OTH
@@ -159,8 +167,10 @@ def segments(rec: dict[str, Any], ep: _Endpoint) -> dict[str, Any] | None:
     if returning is not None:
         seg[ep.seg_new] = ("returning" if returning else "new") if ep.v1 else int(returning)
     country = page["country"]
-    if country and len(country) == 2 and country.isascii() and country.isalpha():
-        seg[ep.seg_ctry] = country.upper()
+    if country:  # "Two-letter ISO country code": normalised, or left out (the segment is optional)
+        code = country if country in COUNTRIES else codes.country(country)
+        if code is not None:
+            seg[ep.seg_ctry] = code
     if ep.customer_segments and rec["visitor"]["customer_id"]:
         seg[ep.seg_cust] = ep.customer_segments
     return seg or None
@@ -354,6 +364,7 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
         if status == 301:
             return [rejected("HTTP 301: refused by Convert's firewall (User-Agent)", note="firewall_301")] * n
         message, fields = _error(response)
+        message = self.vendor_text(message)
         outcome = status_outcome(status, message)
         if outcome.verdict is Verdict.REJECTED and fields:
             bad = _events_named(fields, request.context)
@@ -371,7 +382,7 @@ def _error(response: Response) -> tuple[str, str]:
         return "", ""
     if not isinstance(body, dict):
         return "", ""
-    return str(body.get("message") or "")[:200], str(body.get("fields") or "")
+    return str(body.get("message") or ""), str(body.get("fields") or "")
 
 
 def _events_named(fields: str, spans: list[tuple[int, int, int]]) -> dict[int, str]:

@@ -1,4 +1,5 @@
-"""Qubit offline conversions (vendor-docs/qubit-offline-conversions.txt, NOTES.md "Qubit").
+"""Qubit offline conversions: Qubit's document "Set up call center tracking" (docs.qubit.com, the
+offline-conversions endpoint), and what Qubit's public QProtocol schemas add to it (below).
 
 ``POST {base}/events/{trackingId}`` with ``{"events": [...]}``: many QProtocol
 events a request, grouped by the site's tracking id. Every event carries
@@ -8,7 +9,18 @@ Qubit never saw), ``meta.type``, ``meta.ts`` (epoch ms), ``meta.url`` when
 known and ``meta.source`` (``options.source``). A product view is an
 ``ecView`` of type ``product``; an order is the site's vertical's transaction
 summary (the document's table) with the amount field's ``total`` and
-``transaction.id``. Qubit rejects unknown fields, so nothing else is sent.
+``transaction.id``. Qubit rejects unknown (custom) fields and loses the whole
+event, so nothing else is sent.
+
+An ``ecView`` carries ``type`` (``product`` here), ``language`` (an IETF tag),
+``country`` (ISO 3166-1 alpha-2) and ``currency`` (ISO 4217). Codes are sent
+in that form (``eur`` -> ``EUR``, ``gb`` -> ``GB``, ``en_gb`` -> ``en-GB``,
+processor.vendors.codes); a value that is not such a code is rejected naming
+the field. A view whose page has no language or country, or whose product has
+no currency (common for events produced server-side), takes the site's
+``language`` / ``country`` / ``currency`` default, used only when the event
+has none; without one it is rejected naming the field. The order's currency
+follows the same rule.
 
 The answer ``{results: [...]}`` has one result per event, in order: ``success``
 (warnings are counted as the ``warning`` note, not failures) or a failure with
@@ -24,14 +36,16 @@ from operator import methodcaller
 from typing import Any, Literal, NamedTuple
 
 import orjson
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from processor.events import Event, EventKind
+from processor.vendors import codes
 from processor.vendors.base import (
     DELIVERED,
     Adapter,
     BatchSettings,
     Frozen,
+    InvalidField,
     MissingField,
     Outcome,
     Plan,
@@ -45,6 +59,7 @@ from processor.vendors.base import (
     retryable,
     status_outcome,
 )
+from processor.vendors.codes import COUNTRIES, CURRENCIES, LANGUAGES
 
 Vertical = Literal["ecommerce", "egaming", "publisher", "logistics", "travel", "finance"]
 
@@ -59,6 +74,12 @@ TRANSACTIONS: dict[str, tuple[str, str]] = {
 }
 _NAME = re.compile(r"(?=.*[A-Za-z0-9])[A-Za-z0-9_.-]+\Z")  # one URL path segment, never "." or ".."
 _WARNED = Outcome(Verdict.DELIVERED, note="warning")
+# field -> (normaliser, what the document asks for)
+_CODES = {"language": (codes.language, "an IETF language tag (en-GB)"),
+          "country": (codes.country, "an ISO 3166-1 alpha-2 country code (GB)"),
+          "currency": (codes.currency, "an ISO 4217 currency code (GBP)")}
+_FIELD_CODES = {"page.language": _CODES["language"], "page.country": _CODES["country"],
+                "product.currency": _CODES["currency"], "order.currency": _CODES["currency"]}
 _status = methodcaller("get", "status")
 _warnings = methodcaller("get", "warnings")
 
@@ -69,6 +90,20 @@ class QubitSite(Frozen):
     vertical: Vertical = Field("ecommerce", description="selects the order's transaction summary event")
     namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$",
                                   description="meta.type prefix, e.g. someco -> someco.ecView")
+    language: str | None = Field(None, description="IETF language tag for views whose page has none")
+    country: str | None = Field(None, description="ISO 3166-1 alpha-2 country for views whose page has none")
+    currency: str | None = Field(None, description="ISO 4217 currency for events that carry none")
+
+    @field_validator("language", "country", "currency")
+    @classmethod
+    def _codes(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        norm, what = _CODES[info.field_name]  # type: ignore[index]
+        code = norm(v)
+        if code is None:
+            raise ValueError(f"must be {what}")
+        return code
 
     @field_validator("tracking_id")
     @classmethod
@@ -91,6 +126,9 @@ class _Route(NamedTuple):
     order_type: str
     amount_key: str
     source: str
+    language: str | None  # the site's defaults, for events that carry none
+    country: str | None
+    currency: str | None
 
 
 class QubitAdapter(Adapter[QubitSite, QubitOptions]):
@@ -102,6 +140,7 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
     default_batch = BatchSettings(max_events=500, max_bytes=1_000_000, max_wait_ms=1000)
     notes = ("warning",)
     secret_fields = ("tracking_id",)
+    site_url_fields = ("endpoint",)
 
     example_env = {"QUBIT_TRACKING_ID": "demo_tracking_id"}
 
@@ -120,7 +159,8 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
         prefix = f"{site.namespace}." if site.namespace else ""
         order_type, amount_key = TRANSACTIONS[site.vertical]
         return _Route(f"{base}/events/{site.tracking_id.get_secret_value()}",
-                      f"{prefix}ecView", prefix + order_type, amount_key, self.options.source)
+                      f"{prefix}ecView", prefix + order_type, amount_key, self.options.source,
+                      site.language, site.country, site.currency)
 
     @staticmethod
     def _meta(event_type: str, ts: int, url: str | None, source: str) -> dict[str, Any]:
@@ -137,11 +177,12 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
         page = rec["page"]
         if event.kind is EventKind.PRODUCT_VIEW:  # nearly every event: checked and built inline
             product = rec["product"]
+            # codes already in Qubit's form (nearly all) cost one set test each; the rest go the slow way
             language, country, currency = page["language"], page["country"], product["currency"]
-            if not (language and country and currency):
-                require(language, "page.language")
-                require(country, "page.country")
-                require(currency, "product.currency")
+            if not (language in LANGUAGES and country in COUNTRIES and currency in CURRENCIES):
+                language = _code(page["language"], route.language, "page.language")
+                country = _code(page["country"], route.country, "page.country")
+                currency = _code(product["currency"], route.currency, "product.currency")
             url = page["url"] or product["url"]
             meta = ({"type": route.view_type, "ts": rec["event_time"], "url": url, "source": route.source} if url
                     else {"type": route.view_type, "ts": rec["event_time"], "source": route.source})
@@ -150,7 +191,7 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
         order = rec["order"]
         meta = self._meta(route.order_type, rec["event_time"], page["url"], route.source)
         total = {"value": float(require(order["total"], "order.total")),
-                 "currency": require(order["currency"], "order.currency")}
+                 "currency": _code(order["currency"], route.currency, "order.currency")}
         # The document: a transaction id is required and may be generated by the producer;
         # the event id is stable across retries, so a resend carries the same id.
         return {"context": {"id": qid}, "meta": meta, route.amount_key: {"total": total},
@@ -167,7 +208,7 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
                 continue
             try:
                 row = self.row(event, route)
-            except MissingField as exc:
+            except (MissingField, InvalidField) as exc:
                 plan.rejected.append((event, str(exc)))
                 continue
             group = groups.get(route.url)
@@ -199,9 +240,9 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
                         return [DELIVERED] * n
                 except AttributeError:  # a result that is not an object: classified one by one below
                     pass
-                return [_result_outcome(r) for r in results]
+                return [self._result_outcome(r) for r in results]
             return [retryable(f"qubit answered {len(results)} results for {n} events")] * n
-        message = str(body.get("message") or "")[:200]
+        message = self.vendor_text(body.get("message") or "")
         if not ok:
             return [status_outcome(status, message)] * n
         upstream = body.get("status")
@@ -209,11 +250,24 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
             return [status_outcome(upstream, message)] * n  # the error shape inside a 2xx answer
         return [status_outcome(502, "response is not the documented results")] * n
 
+    def _result_outcome(self, result: Any) -> Outcome:
+        if not isinstance(result, dict):
+            return rejected("qubit failed: malformed result")
+        if result.get("status") == "success":
+            return _WARNED if result.get("warnings") else DELIVERED
+        # The document names the failed status both "failed" and "error"; anything but success failed.
+        return rejected(f"qubit failed: {self.vendor_text(result.get('error') or result.get('status') or 'no reason')}")
 
-def _result_outcome(result: Any) -> Outcome:
-    if not isinstance(result, dict):
-        return rejected("qubit failed: malformed result")
-    if result.get("status") == "success":
-        return _WARNED if result.get("warnings") else DELIVERED
-    # The document names the failed status both "failed" and "error"; anything but success failed.
-    return rejected(f"qubit failed: {str(result.get('error') or result.get('status') or 'no reason')[:200]}")
+
+def _code(value: Any, default: str | None, field_path: str) -> str:
+    """The event's code in the form Qubit takes, else the site's default when the event has none;
+    MissingField or InvalidField (naming the field and the form, never the value) otherwise."""
+    if value is None or value == "":
+        if default is None:
+            raise MissingField(field_path)
+        return default
+    norm, what = _FIELD_CODES[field_path]
+    code = norm(value)
+    if code is None:
+        raise InvalidField(field_path, f"not {what}")
+    return code

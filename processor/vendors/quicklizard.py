@@ -1,11 +1,19 @@
-"""QuickLizard server-to-server SDK events (vendor-docs/quicklizard-server-to-server.txt).
+"""QuickLizard server-to-server SDK events: QuickLizard's document "QL SDK - Server to Server".
 
-POST a JSON array of events to the account's endpoint (two hosts are
-documented; the account's integration settings name the right one, so it is
-configurable per site). A product view is one ``view`` event; an order is one
-``conversion`` event per line item with ``price`` = unit price x units.
+POST a JSON array of events to the account's endpoint (``evt.quicklizard.com``
+and ``sdk-events.quicklizard.com`` are both documented; the account's
+integration settings name the right one, so it is configurable per site). A
+product view is one ``view`` event; an order is one ``conversion`` event per
+line item with ``price`` = unit price x units (a float with a decimal point,
+as QuickLizard's clients send it). An order without lines has nothing to send:
+it is filtered, not dead-lettered.
+
 The response ``{processed, failed, errors}`` is mapped back per event: a
-canonical event is rejected when any of its rows is in ``failed``.
+canonical event is rejected when any of its rows is in ``failed`` (rows are
+compared as data: key order and ``10`` vs ``10.0`` do not matter). It fails
+closed: when a failed row matches none sent, we cannot tell whose it was, so
+only events whose rows are all in ``processed`` are delivered and the others
+are rejected saying so.
 """
 
 from __future__ import annotations
@@ -53,8 +61,16 @@ class _Route:
     extras: dict[str, list[str]]  # tags and channels: the same for every row, after the row's vid
 
 
-def _row_key(row: dict[str, Any]) -> bytes:
-    return orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
+def _row_key(row: Any) -> Any:
+    """A row's identity as QuickLizard may echo it: keys in any order, a number as a float (30 and 30.0
+    are one price), lists as tuples. None for what is not an object (it matches nothing)."""
+    if not isinstance(row, dict):
+        return None
+    try:
+        return frozenset((k, float(v) if isinstance(v, int | float) and not isinstance(v, bool)
+                          else tuple(v) if isinstance(v, list) else v) for k, v in row.items())
+    except TypeError:  # an unhashable value nested deeper: not a row we sent
+        return None
 
 
 class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
@@ -62,6 +78,8 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
     kinds = frozenset({EventKind.PRODUCT_VIEW, EventKind.ORDER})
     Site = QuickLizardSite
     default_base_url = "https://evt.quicklizard.com/events"
+    secret_fields = ("client_key",)
+    site_url_fields = ("endpoint",)
 
     example_env = {"QUICKLIZARD_CLIENT_KEY": "demo-client-key"}
 
@@ -104,7 +122,9 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
             if route.extras:
                 row.update(route.extras)
             return [row]
-        items = require(rec["order"]["items"], "order.items")
+        items = rec["order"]["items"]
+        if not items:
+            return []  # nothing sold: nothing to send (the event is filtered)
         out = []
         for i, item in enumerate(items):
             units = item["quantity"]
@@ -138,6 +158,9 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
             except MissingField as exc:
                 plan.rejected.append((event, str(exc)))
                 continue
+            if not rows:
+                plan.filtered.append(event)
+                continue
             group = by_url.get(route.url)
             if group is None:
                 group = by_url[route.url] = ([], [], [])
@@ -163,16 +186,34 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
             return [status_outcome(502, "response is not the documented JSON")] * len(request.events)
         if not failed:
             return [DELIVERED] * len(request.events)
-        failed_keys: dict[bytes, str] = {}
-        for i, row in enumerate(failed):
-            if isinstance(row, dict):
-                err = errors[i] if i < len(errors) else "failed"
-                failed_keys[_row_key(row)] = str(err)[:200]
+        if not isinstance(failed, list):
+            return [status_outcome(502, "response is not the documented JSON")] * len(request.events)
         rows, counts = request.context
+        sent = {_row_key(row) for row in rows}
+        failed_keys: dict[Any, str] = {}
+        unmatched = 0
+        for i, row in enumerate(failed):
+            key = _row_key(row)
+            if key is None or key not in sent:
+                unmatched += 1
+                continue
+            err = errors[i] if isinstance(errors, list) and i < len(errors) else "failed"
+            failed_keys.setdefault(key, self.vendor_text(err))
+        # Fail closed: with a failed row that matches none sent, an event is delivered only when all its
+        # rows are among the processed ones; we cannot tell which event the stray row was.
+        processed = body.get("processed") if unmatched else None
+        done = {_row_key(row) for row in processed} if isinstance(processed, list) else set()
         outcomes: list[Outcome] = []
         pos = 0
         for n in counts:
-            reasons = [failed_keys[k] for k in map(_row_key, rows[pos:pos + n]) if k in failed_keys]
+            keys = [_row_key(row) for row in rows[pos:pos + n]]
             pos += n
-            outcomes.append(rejected(f"quicklizard failed: {reasons[0]}") if reasons else DELIVERED)
+            reasons = [failed_keys[k] for k in keys if k in failed_keys]
+            if reasons:
+                outcomes.append(rejected(f"quicklizard failed: {reasons[0]}"))
+            elif unmatched and not all(k in done for k in keys):
+                outcomes.append(rejected(f"quicklizard failed {unmatched} row(s) that match none sent, and this "
+                                         "event's rows are not among the processed ones"))
+            else:
+                outcomes.append(DELIVERED)
         return outcomes

@@ -1,4 +1,8 @@
-"""Tracardi tracker API (vendor-docs/tracardi-track-api.txt, and the Tracardi part of NOTES.md).
+"""Tracardi tracker API: Tracardi's document "API integration" (the ``/track`` endpoint), and what
+Tracardi's open-source server adds to it: ``source.id`` is required and ``session`` optional in its
+model, events need a non-empty ``type`` and may carry ``id``, ``properties``, ``options``, ``context``,
+``tags``; unknown top-level fields are ignored; it answers 200, 401 (unknown or disabled source), 406
+(event validation), 422 (payload validation) or 500; a client-supplied event id becomes the stored id.
 
 POST ``{base}/track`` with one *tracker payload* per (profile, session) of a
 batch: ``source.id`` (the site's Tracardi event source, a credential: an
@@ -111,6 +115,7 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
     default_concurrency = 32  # one request per visitor/session/event: parallelism carries the throughput
     notes = ("bad_source", "profile_changed", "profile_created")
     secret_fields = ("source_id",)
+    site_url_fields = ("base_url",)
 
     example_env = {"TRACARDI_SOURCE_ID": "3ee63fc6-490a-4fd8-bfb3-bf0c8c8d3387"}  # the document's source id
 
@@ -246,9 +251,10 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
             return [rejected(f"HTTP 401: Tracardi does not know or has disabled the event source of site "
                              f"config {site_key!r} (check sites.{site_key}.source_id)", note="bad_source")] * n
         if status == 406:
-            return [rejected(f"HTTP 406: Tracardi event validation failed: {_detail(response)}")] * n
+            return [rejected(f"HTTP 406: Tracardi event validation failed: {self.vendor_text(_detail(response))}")] * n
         if status == 422:
-            return [rejected(f"HTTP 422: Tracardi rejected the tracker payload: {_detail(response)}")] * n
+            return [rejected(f"HTTP 422: Tracardi rejected the tracker payload: "
+                             f"{self.vendor_text(_detail(response))}")] * n
         return [status_outcome(status)] * n
 
 
@@ -262,4 +268,4 @@ def _detail(response: Response) -> str:
         parts = [f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg', '')}" for d in detail[:3]
                  if isinstance(d, dict)]
         detail = "; ".join(parts)
-    return str(detail or "no detail")[:200]
+    return str(detail or "no detail")

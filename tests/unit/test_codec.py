@@ -4,11 +4,13 @@ import io
 import json
 
 import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
 from fastavro import parse_schema, schemaless_writer
 
 from processor.codec import Decoder, confluent_frame, load_canonical_schemas, single_object_frame
+from processor.devstack.registry import RegistryStub
 from processor.devstack.samples import encode, make_order, make_view
-from processor.errors import DecodeError
+from processor.errors import ConfigError, DecodeError, RegistryUnavailable
 from processor.events import EventKind
 
 VIEW = load_canonical_schemas()["shop.events.ProductView"]
@@ -79,18 +81,99 @@ class FakeRegistry:
         return Schema(json.dumps(self.schemas[sid]), "AVRO")
 
 
+OTHER = {"type": "record", "name": "Other", "namespace": "x", "fields": [{"name": "a", "type": "int"}]}
+
+
 def test_registry_schemas_are_fetched_once_and_cached():
-    reg = FakeRegistry({42: VIEW, 43: {"type": "record", "name": "Other", "namespace": "x",
-                                       "fields": [{"name": "a", "type": "int"}]}})
+    reg = FakeRegistry({42: VIEW, 43: OTHER})
     d = Decoder(registry=reg)
     value = confluent_frame(42, body(VIEW, make_view(1, 1)))
+    values = [value, value, confluent_frame(43, b"\x02"), confluent_frame(44, b"\x02"), b"\x07x", b"\x00\x00"]
+    assert d.unknown_ids(values) == {42, 43, 44}
+    d.fetch({42, 43, 44})
+    assert reg.calls == 3 and d.unknown_ids(values) == set()
     for _ in range(5):
         assert d.decode(value)[0] is EventKind.PRODUCT_VIEW
-    assert reg.calls == 1
     assert d.decode(confluent_frame(43, b"\x02")) == (None, {"a": 1})  # valid but unroutable
     with pytest.raises(DecodeError) as info:
         d.decode(confluent_frame(44, b"\x02"))
+    assert info.value.reason == "unknown_schema" and "40403" in info.value.detail
+    d.fetch({42, 43, 44})
+    assert reg.calls == 3  # found and missing ids alike are not asked again
+
+
+def test_decode_never_calls_the_registry_for_an_id_not_fetched():
+    reg = FakeRegistry({42: VIEW})
+    d = Decoder(registry=reg)
+    with pytest.raises(RegistryUnavailable):
+        d.decode(confluent_frame(42, body(VIEW, make_view(1, 1))))
+    assert reg.calls == 0
+
+
+def test_without_a_registry_nothing_is_unknown_and_unmapped_ids_are_dead_letters():
+    d = Decoder()
+    assert d.unknown_ids([confluent_frame(99, b"x"), encode(EventKind.ORDER, make_order(1))]) == set()
+    with pytest.raises(DecodeError) as info:
+        d.decode(confluent_frame(99, b"x"))
     assert info.value.reason == "unknown_schema"
+
+
+def test_a_local_id_that_cannot_be_read_fails_at_start(tmp_path):
+    with pytest.raises(ConfigError, match=r"schema_registry\.local_ids"):
+        Decoder(local_ids={7: tmp_path / "missing.avsc"})
+
+
+@pytest.fixture
+def stub():
+    with RegistryStub({1: VIEW, 2: load_canonical_schemas()["shop.events.OrderCompleted"],
+                       5: json.dumps({"type": "record", "name": "Broken", "fields": [{"name": "a"}]})}) as s:
+        yield s
+
+
+@pytest.fixture
+def client(stub):
+    with SchemaRegistryClient({"url": stub.url, "max.retries": 0, "timeout": 5}) as c:
+        yield c
+
+
+def test_against_the_registry_stub_found_and_not_found(stub, client):
+    d = Decoder(registry=client)
+    order = encode(EventKind.ORDER, make_order(2, 2))
+    view = encode(EventKind.PRODUCT_VIEW, make_view(1, 1))
+    values = [order, view, confluent_frame(9, b"\x02"), confluent_frame(5, b"\x02")]
+    d.fetch(d.unknown_ids(values))
+    assert d.decode(order)[0] is EventKind.ORDER
+    assert d.decode(view)[0] is EventKind.PRODUCT_VIEW
+    for value, detail in ((values[2], "not found in the registry"), (values[3], "does not parse")):
+        with pytest.raises(DecodeError) as info:
+            d.decode(value)
+        assert info.value.reason == "unknown_schema" and detail in info.value.detail
+    asked = stub.requests
+    assert d.unknown_ids(values) == set()
+    d.fetch({1, 2, 5, 9})
+    assert stub.requests == asked
+
+
+@pytest.mark.parametrize("outage", ["stopped", "503", "404 without a registry code"])
+def test_an_unavailable_registry_is_never_a_dead_letter_and_nothing_is_remembered(stub, client, outage):
+    d = Decoder(registry=client)
+    value = encode(EventKind.ORDER, make_order(1, 1))
+    if outage == "stopped":
+        stub.stop()
+    elif outage == "503":
+        stub.fail_with = 503
+    else:
+        client._rest_client.base_urls = [f"{stub.url}/wrong-path"]
+    with pytest.raises(RegistryUnavailable):
+        d.fetch(d.unknown_ids([value]))
+    assert d.unknown_ids([value]) == {2}  # nothing cached, nothing remembered as missing
+    with pytest.raises(RegistryUnavailable):
+        d.decode(value)
+    stub.start()  # back, on the same port
+    stub.fail_with = None
+    client._rest_client.base_urls = [stub.url]
+    d.fetch(d.unknown_ids([value]))
+    assert d.decode(value)[0] is EventKind.ORDER
 
 
 @pytest.mark.parametrize(("value", "reason"), [
@@ -112,9 +195,14 @@ def test_truncated_and_wrong_types():
     with pytest.raises(DecodeError) as info:
         Decoder().decode(good[:-20])
     assert info.value.reason == "truncated"
-    with pytest.raises(DecodeError) as info:  # an order body framed with the view's id
+    with pytest.raises(DecodeError) as info:  # an order body framed with the view's id: say what it is
         Decoder().decode(confluent_frame(1, encode(EventKind.ORDER, make_order(1, 1))[5:]))
-    assert info.value.reason in ("invalid_data", "truncated")
+    assert info.value.reason == "invalid_data"
+    assert info.value.detail == ("does not decode as shop.events.ProductView (schema id 1) but as "
+                                 "shop.events.OrderCompleted: framed with the wrong schema id")
+    with pytest.raises(DecodeError) as info:
+        Decoder().decode(good[:-20])
+    assert "(shop.events.ProductView (schema id 1))" in info.value.detail
     with pytest.raises(DecodeError) as info:
         Decoder().decode(good + b"\x00\x00")
     assert info.value.reason == "invalid_data"
@@ -135,7 +223,19 @@ def test_writer_schemas_carry_the_parse_hint_so_fastavro_does_not_reparse_them(t
     del rec["experiments"], rec["customer"]
     Decoder().decode(encode(EventKind.ORDER, make_order(1)))
     Decoder(local_ids={7: path}).decode(confluent_frame(7, body(old, rec)))
-    Decoder(registry=FakeRegistry({42: VIEW})).decode(confluent_frame(42, body(VIEW, make_view(1, 1))))
+    registry = Decoder(registry=FakeRegistry({42: VIEW}))
+    registry.fetch({42})
+    registry.decode(confluent_frame(42, body(VIEW, make_view(1, 1))))
     Decoder().decode(single_object_frame(VIEW, body(VIEW, make_view(1, 1))))
     assert len(writers) == 4
     assert all("__fastavro_parsed" in w for w in writers)
+
+
+def test_non_utf8_strings_are_invalid_data():
+    value = bytearray(encode(EventKind.PRODUCT_VIEW, make_view(1, 1)))
+    site = b"shop-1"
+    at = value.index(site)
+    value[at:at + len(site)] = b"\xff\xfe\xfd\xfc\xfb\xfa"  # the same length, not UTF-8
+    with pytest.raises(DecodeError) as info:
+        Decoder().decode(bytes(value))
+    assert (info.value.reason, info.value.detail) == ("invalid_data", "a string in the body is not valid UTF-8")

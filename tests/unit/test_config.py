@@ -95,3 +95,160 @@ def test_vendor_limits_default_to_the_adapters_and_config_overrides_them(tmp_pat
                                                              "batch": {"max_events": 7}}})))
     v = load_config(f, {"CV_KEY": "k"}).vendors["convead"]
     assert (v.concurrency, v.batch.max_events) == (3, 7)
+
+
+def qubit(**over):
+    section = {"sites": {"default": {"tracking_id": "t-secret-1"}}, "options": {}}
+    section.update(over)
+    return minimal(vendors={"qubit": section})
+
+
+@pytest.mark.parametrize("url", [
+    "https://offline-conversions.example.com", "http://127.0.0.1:8088/qubit", "http://127.9.9.9/q",
+    "http://[::1]:8088/qubit", "http://localhost:8088/qubit",
+])
+def test_https_or_loopback_urls_load(url):
+    assert parse_config(qubit(base_url=url)).vendors["qubit"].base_url == url
+
+
+@pytest.mark.parametrize(("over", "field"), [
+    ({"base_url": "http://qubit.example.com"}, "vendors.qubit.base_url"),
+    ({"base_url": "http://10.0.0.1:8080"}, "vendors.qubit.base_url"),
+    ({"base_url": "ftp://qubit.example.com"}, "vendors.qubit.base_url"),
+    ({"base_url": "qubit.example.com/events"}, "vendors.qubit.base_url"),
+    ({"sites": {"default": {"tracking_id": "t", "endpoint": "http://eu.qubit.example.com"}}},
+     "vendors.qubit.sites.default.endpoint"),
+])
+def test_insecure_vendor_urls_refuse_to_start_naming_the_vendor_and_field(over, field):
+    with pytest.raises(ConfigError) as info:
+        parse_config(qubit(**over))
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_allow_insecure_is_per_vendor_and_disabled_vendors_are_not_checked():
+    cfg = parse_config(qubit(base_url="http://qubit.internal", allow_insecure=True))
+    assert cfg.vendors["qubit"].allow_insecure
+    parse_config(qubit(base_url="http://qubit.internal", enabled=False))
+    tracardi = {"sites": {"default": {"source_id": "s", "base_url": "http://tracardi.internal:8686"}},
+                "options": {}}
+    with pytest.raises(ConfigError, match=r"^vendors\.tracardi\.sites\.default\.base_url: "):
+        parse_config(minimal(vendors={"tracardi": tracardi}))
+    parse_config(minimal(vendors={"tracardi": {**tracardi, "allow_insecure": True}}))
+    ql = {"sites": {"a": {"client_key": "k", "endpoint": "http://sdk-events.example.com/events"}}, "options": {}}
+    with pytest.raises(ConfigError, match=r"^vendors\.quicklizard\.sites\.a\.endpoint: "):
+        parse_config(minimal(vendors={"quicklizard": ql}))
+
+
+def test_every_adapters_default_url_passes_the_check():
+    from processor.vendors import REGISTRY
+
+    for name in REGISTRY:  # the defaults are https, or loopback (Tracardi is self-hosted)
+        from processor.config import check_vendor_urls
+        from processor.vendors import adapter_class
+
+        model = adapter_class(name).settings_model()
+        check_vendor_urls(name, model.model_construct(sites={}, allow_insecure=False, base_url=None))
+
+
+SECRETS = ("t-secret-1", "ql-secret-2", "cv-secret-3", "tr-secret-4", "ca-secret-5", "sasl-secret-6",
+           "sr-secret-7", "sr-pass-8")
+
+
+def all_secrets_config(**vendor_over):
+    return minimal(
+        kafka={"bootstrap_servers": "k:9092", "topics": ["t"],
+               "client": {"sasl.username": "u", "sasl.password": "sasl-secret-6"}},
+        schema_registry={"url": "https://sr-user:sr-pass-8@registry.example.com",
+                         "client": {"basic.auth.user.info": "sr-user:sr-secret-7"}},
+        vendors={
+            "qubit": {"sites": {"default": {"tracking_id": "t-secret-1"}}, "options": {}},
+            "quicklizard": {"sites": {"default": {"client_key": "ql-secret-2"}}, "options": {}},
+            "convert": {"sites": {"default": {"account_id": "1", "project_id": "2", "api": "v1",
+                                              "secret": "cv-secret-3"}}, "options": {}},
+            "tracardi": {"sites": {"default": {"source_id": "tr-secret-4"}}, "options": {}},
+            "convead": {"sites": {"default": {"app_key": "ca-secret-5"}}, "options": {}},
+            **vendor_over,
+        })
+
+
+def test_no_secret_in_check_config_output_nor_in_reprs(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(all_secrets_config()))
+    result = CliRunner().invoke(main, ["check-config", str(f)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(f, {})
+    shown = result.output + repr(cfg) + str(cfg) + repr(redacted(cfg))
+    assert [s for s in SECRETS if s in shown] == []
+    assert "https://***@registry.example.com" in result.output
+
+
+@pytest.mark.parametrize("bad", [
+    {"qubit": {"sites": {"default": {"tracking_id": "t-secret-1/../x"}}, "options": {}}},
+    {"convert": {"sites": {"default": {"account_id": "cv-secret-3", "project_id": "2"}}, "options": {}}},
+    {"quicklizard": {"sites": {"default": {"client_key": ["ql-secret-2"]}}, "options": {}}},
+    {"convert": {"sites": {"default": {"account_id": "1", "project_id": "2", "secret": "cv-secret-3"}},
+                 "options": {}}},
+])
+def test_config_errors_never_carry_a_value(bad, tmp_path):
+    """The message, and every exception chained to it (what a traceback would print), name fields only."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(all_secrets_config(**bad))
+    exc: BaseException | None = info.value
+    texts = []
+    while exc is not None:
+        texts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert [s for s in SECRETS if any(s in t for t in texts)] == []
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(all_secrets_config(**bad)))
+    result = CliRunner().invoke(main, ["check-config", str(f)])
+    assert result.exit_code != 0 and [s for s in SECRETS if s in result.output] == []
+
+
+@pytest.mark.parametrize(("args", "warned"), [([], False), (["--host", "::1"], False),
+                                              (["--host", "0.0.0.0"], True), (["--host", "192.0.2.7"], True)])
+def test_sandbox_binds_to_loopback_unless_told_and_says_so(monkeypatch, args, warned):
+    import processor.sandbox.server as server
+
+    bound = []
+
+    async def fake_serve(host, port, vendors, keep):
+        bound.append(host)
+
+    monkeypatch.setattr(server, "serve_forever", fake_serve)
+    result = CliRunner().invoke(main, ["sandbox", *args])
+    assert result.exit_code == 0, result.output
+    assert bound == [args[1] if args else "127.0.0.1"]
+    assert ("not loopback" in result.output) is warned
+
+
+def test_secret_values_are_every_credential_of_the_config():
+    from processor.config import secret_values
+
+    found = secret_values(parse_config(all_secrets_config()))
+    assert set(SECRETS) <= set(found)
+    assert "k:9092" not in found and "t.dlq" not in found
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_logs_mask_secrets_a_library_or_an_exception_would_carry(fmt, capsys):
+    import logging
+
+    from processor.config import secret_values
+    from processor.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("INFO", fmt, secret_values(parse_config(all_secrets_config())))
+        log = logging.getLogger("some.library")
+        log.warning("POST https://offline-conversions.qubit.com/events/%s failed", "t-secret-1")
+        try:
+            raise ValueError("Authorization: Bearer cv-secret-3 refused; sasl-secret-6")
+        except ValueError:
+            log.exception("boom")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    assert "events/***" in err and "Bearer ***" in err and "Traceback" in err
+    assert [s for s in SECRETS if s in err] == []

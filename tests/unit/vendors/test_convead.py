@@ -1,4 +1,4 @@
-"""Convead adapter against the document's examples and NOTES.md, and against its sandbox twin."""
+"""Convead adapter against the document's examples and its clients' behaviour, and against its sandbox twin."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Convert adapter against the document's example and NOTES.md's serving API, and against its sandbox twin."""
+"""Convert adapter against the document's example and the SDKs' serving API, and against its sandbox twin."""
 
 from __future__ import annotations
 

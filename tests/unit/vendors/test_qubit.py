@@ -122,6 +122,85 @@ def test_missing_required_fields_are_rejected_naming_the_field():
     assert len(orjson.loads(req.content)["events"]) == 2
 
 
+@pytest.mark.parametrize(("field", "given", "sent"), [
+    ("product.currency", "eur", "EUR"), ("product.currency", "Usd", "USD"), ("product.currency", " gbp ", "GBP"),
+    ("page.country", "gb", "GB"), ("page.country", "De", "DE"),
+    ("page.language", "en_gb", "en-GB"), ("page.language", "EN-us", "en-US"), ("page.language", "zh-hant-tw",
+                                                                             "zh-Hant-TW"),
+    ("page.language", "de", "de"),
+])
+def test_codes_are_sent_in_the_form_qubit_documents(field, given, sent):
+    (row,) = payload(adapter().plan([as_event(VIEW, with_changes(make_view(1, 1), field, given))]))["events"]
+    assert row[field.split(".")[1]] == sent
+    assert validate_event(row) == (None, [])
+
+
+def test_an_order_currency_is_normalised_too():
+    (row,) = payload(adapter().plan([doc_order(9.99, "usd", "o-1")]))["events"]
+    assert row["basket"]["total"] == {"value": 9.99, "currency": "USD"}
+
+
+@pytest.mark.parametrize(("field", "given", "reason"), [
+    ("product.currency", "euro", "invalid field product.currency: not an ISO 4217 currency code (GBP)"),
+    ("product.currency", "€", "invalid field product.currency: not an ISO 4217 currency code (GBP)"),
+    ("page.country", "GBR", "invalid field page.country: not an ISO 3166-1 alpha-2 country code (GB)"),
+    ("page.language", "english (UK)", "invalid field page.language: not an IETF language tag (en-GB)"),
+    ("order.currency", "$", "invalid field order.currency: not an ISO 4217 currency code (GBP)"),
+])
+def test_a_value_that_is_not_a_code_is_rejected_naming_field_and_form_not_value(field, given, reason):
+    kind, make = (ORDER, make_order) if field.startswith("order") else (VIEW, make_view)
+    plan = adapter(currency="EUR", country="FR", language="fr").plan([as_event(kind, with_changes(make(1), field,
+                                                                                                 given))])
+    assert [r for _, r in plan.rejected] == [reason]  # a default never replaces a value that is there
+    assert given not in reason
+
+
+def test_site_defaults_fill_only_what_the_event_lacks():
+    server_side = make_view(1, 1)
+    server_side["page"].update(language=None, country="", url=None)
+    server_side["product"]["currency"] = ""
+    with_codes = make_view(2, 1)
+    order = with_changes(make_order(3), "order.currency", "")
+    a = adapter(language="de_de", country="de", currency="eur")  # the site's defaults are normalised at load
+    rows = payload(a.plan([as_event(VIEW, server_side), as_event(VIEW, with_codes), as_event(ORDER, order)]))
+    first, second, third = rows["events"]
+    assert (first["language"], first["country"], first["currency"]) == ("de-DE", "DE", "EUR")
+    assert (second["language"], second["country"], second["currency"]) == (
+        with_codes["page"]["language"], with_codes["page"]["country"], "GBP")
+    assert third["basket"]["total"]["currency"] == "EUR"
+    assert all(validate_event(r) == (None, []) for r in rows["events"])
+
+
+@pytest.mark.parametrize(("site", "field"), [({"currency": "euro"}, "currency"), ({"country": "GBR"}, "country"),
+                                             ({"language": "english"}, "language")])
+def test_bad_site_defaults_fail_at_load_naming_the_field(site, field):
+    from processor.config import parse_config
+    from processor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^vendors\.qubit\.sites\.default\.{field}: .*must be"):
+        parse_config({"kafka": {"bootstrap_servers": "k", "topics": ["t"]}, "deadletter": {"topic": "d"},
+                      "vendors": {"qubit": {"sites": {"default": {"tracking_id": "t", **site}}, "options": {}}}})
+
+
+def test_code_memories_agree_with_the_plain_normalisers():
+    """The hot path sends a value as it is when it is in codes.CURRENCIES / COUNTRIES / LANGUAGES: those
+    hold only canonical codes (what the plain normaliser gives back unchanged), and each remembered
+    spelling maps to what the plain normaliser makes of it."""
+    from processor.vendors import codes
+
+    for value in ("eur", "EUR", " usd", "gb", "GB", "en_gb", "en-GB", "zh-hant-tw", "x", None, "", "12"):
+        codes.currency(value), codes.country(value), codes.language(value)
+    kinds = ((codes.CURRENCIES, codes._CURRENCY_SPELLINGS, lambda v: codes._letters(v, 3)),
+             (codes.COUNTRIES, codes._COUNTRY_SPELLINGS, lambda v: codes._letters(v, 2)),
+             (codes.LANGUAGES, codes._LANGUAGE_SPELLINGS, codes._language))
+    for canonical, spellings, plain in kinds:
+        assert canonical and all(plain(code) == code for code in canonical)
+        assert all(plain(value) == code for value, code in spellings.items())
+        assert set(spellings.values()) == canonical
+    assert "eur" not in codes.CURRENCIES and "en_gb" not in codes.LANGUAGES and "gb" not in codes.COUNTRIES
+    assert None not in codes._CURRENCY_SPELLINGS and "x" not in codes._LANGUAGE_SPELLINGS
+
+
 def test_requests_are_grouped_by_tracking_id_and_unknown_sites_rejected():
     a = QubitAdapter(QubitAdapter.settings_model().model_validate({
         "sites": {"shop-2": {"tracking_id": "shop_two"},

@@ -64,8 +64,8 @@ def test_missing_required_fields_are_rejected_naming_the_field():
     no_url = as_event(VIEW, with_changes(with_changes(make_view(2, 1), "product.url", None), "page.url", None), 1)
     no_items = as_event(ORDER, with_changes(make_order(3), "order.items", []), 2)
     plan = adapter().plan([good, no_url, no_items])
-    assert [(e.source.offset, r) for e, r in plan.rejected] == [
-        (1, "missing required field product.url"), (2, "missing required field order.items")]
+    assert [(e.source.offset, r) for e, r in plan.rejected] == [(1, "missing required field product.url")]
+    assert plan.filtered == [no_items]  # an order without lines has nothing to send: filtered, not dead
     assert plan.requests[0].events == [good]
 
 
@@ -94,6 +94,43 @@ def test_partial_failure_maps_back_to_the_failed_event_only():
                                              Verdict.REJECTED]
     assert outcomes[1].reason == "quicklizard failed: bad"
     assert outcomes[3].reason == "quicklizard failed: worse"
+
+
+def planned(a):
+    events = [as_event(VIEW, make_view(i, i), i) for i in range(3)] + [as_event(ORDER, make_order(5, 2), 3)]
+    (req,) = a.plan(events).requests
+    return req, orjson.loads(req.content)
+
+
+def test_a_failed_row_matching_none_sent_fails_closed():
+    """Only events whose rows are all among the processed ones are delivered; the rest are dead letters."""
+    a = adapter()
+    req, rows = planned(a)
+    stray = {**rows[1], "product_id": "rewritten-by-the-vendor"}
+    body = orjson.dumps({"processed": [rows[0], rows[3], rows[4]], "failed": [stray], "errors": ["bad price"]})
+    outcomes = a.interpret(req, Response(200, {}, body))
+    assert [o.verdict for o in outcomes] == [Verdict.DELIVERED, Verdict.REJECTED, Verdict.REJECTED,
+                                             Verdict.DELIVERED]
+    assert outcomes[1].reason == ("quicklizard failed 1 row(s) that match none sent, and this event's rows are "
+                                  "not among the processed ones")
+    for failed, processed in (([stray], []), (["not an object"], None), ([stray], "nonsense")):
+        body = orjson.dumps({"processed": processed, "failed": failed, "errors": ["x"]})
+        assert {o.verdict for o in a.interpret(req, Response(200, {}, body))} == {Verdict.REJECTED}
+    body = orjson.dumps({"processed": [], "failed": {"a": 1}, "errors": []})
+    assert {o.verdict for o in a.interpret(req, Response(200, {}, body))} == {Verdict.RETRYABLE}
+
+
+def test_rows_echoed_with_another_number_format_or_key_order_still_match():
+    a = adapter()
+    order = with_changes(make_order(5, 1), "order.items.0.unit_price", 10.0)
+    (req,) = a.plan([as_event(VIEW, make_view(1, 1), 0), as_event(ORDER, order, 1)]).requests
+    rows = orjson.loads(req.content)
+    echoed = dict(reversed(list(rows[1].items())))
+    assert echoed["price"] == 10.0
+    echoed["price"] = 10  # a server in another language writes 10.0 as 10
+    body = orjson.dumps({"processed": rows[:1], "failed": [echoed], "errors": ["bad"]})
+    assert b'"price":10,' in body or b'"price":10}' in body
+    assert [o.verdict for o in a.interpret(req, Response(200, {}, body))] == [Verdict.DELIVERED, Verdict.REJECTED]
 
 
 @pytest.mark.parametrize(("status", "verdict"), [(500, Verdict.RETRYABLE), (429, Verdict.RETRYABLE),
