@@ -232,9 +232,7 @@ class DeadLetterWriter:
             self.pending -= 1
             if err is None:
                 self.failing = False
-                if error_class is None:
-                    m.parked_acked.labels(vendor).inc()
-                else:
+                if error_class is not None:  # parked records are counted when parked (processor_parked_total)
                     m.dlq_events.labels(vendor, error_class).inc()
                 on_ack()
                 return

@@ -44,6 +44,7 @@ import httpx
 from processor.deadletter import first_failure_ms
 from processor.events import Event
 from processor.isolation import AdaptiveLimit, BreakerState, CircuitBreaker, RateGate
+from processor.logs import where_failed
 from processor.metrics import Metrics, status_class
 from processor.offsets import Settlement, is_revoked
 from processor.vendors.base import DELIVERED, Adapter, Outcome, Response, VendorRequest, Verdict, retryable
@@ -253,7 +254,8 @@ class VendorPipeline:
                 try:
                     plan = self.adapter.plan(pending)
                 except Exception as exc:  # an adapter bug must not lose events or kill the relay
-                    logger.exception("%s adapter failed to plan a batch of %d", self.name, len(pending))
+                    logger.error("%s adapter failed to plan a batch of %d: %s", self.name, len(pending),
+                                 where_failed(exc))
                     self._internal(pending, exc, counts)
                     return
                 for ev in plan.filtered:
@@ -305,7 +307,8 @@ class VendorPipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # last resort: our own bug in this task; its events still settle
-            logger.exception("%s: delivery of %d events failed inside the relay", self.name, len(pending))
+            logger.error("%s: delivery of %d events failed inside the relay: %s", self.name, len(pending),
+                         where_failed(exc))
             done = set(map(id, settled))
             self._internal([ev for ev in pending if id(ev) not in done], exc, counts)
         finally:
@@ -453,8 +456,9 @@ class VendorPipeline:
         resp = Response(r.status_code, r.headers, r.content)
         try:
             outcomes = self.adapter.interpret(req, resp)
-        except Exception:  # an adapter bug: these events are dead-lettered as internal, never lost
-            logger.exception("%s adapter failed to interpret an HTTP %d answer", self.name, r.status_code)
+        except Exception as exc:  # an adapter bug: these events are dead-lettered as internal, never lost
+            logger.error("%s adapter failed to interpret an HTTP %d answer: %s", self.name, r.status_code,
+                         where_failed(exc))
             return _Answer(resp, None)
         if len(outcomes) != n:
             logger.error("%s adapter returned %d outcomes for %d events", self.name, len(outcomes), n)

@@ -57,3 +57,15 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", secrets: Iterable[str]
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def where_failed(exc: BaseException) -> str:
+    """An exception as a log line may show it when its message could carry payload values (a KeyError
+    naming a field value, a ValueError quoting one): its type and the innermost frame, never its text."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} at {last.filename.rsplit('/processor/', 1)[-1]}:{last.lineno} in {last.name}"

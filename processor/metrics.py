@@ -156,8 +156,6 @@ class Metrics:
         self.parked = Counter(
             "processor_parked", "Events parked on the vendor's retry topic, by why", ["vendor", "reason"],
             registry=r)
-        self.parked_acked = Counter(
-            "processor_parked_acked", "Parked records acknowledged by Kafka", ["vendor"], registry=r)
         self.parked_backlog = Gauge(
             "processor_parked_events", "Parked events on the vendor's retry topic not yet redriven",
             ["vendor"], registry=r)

@@ -156,8 +156,11 @@ class ParkedRedrive:
         for r, reason in failed:
             s.dead_letter(r, pipe.name, "undecodable", None, reason, 0, r.first_failure_ms)
         if late or failed:
-            self.metrics.redriven.labels(pipe.name, "expired").inc(len(late))
-            self.metrics.redriven.labels(pipe.name, "dead_lettered").inc(len(failed))
+            m = self.metrics
+            m.redriven.labels(pipe.name, "expired").inc(len(late))
+            m.redriven.labels(pipe.name, "dead_lettered").inc(len(failed))
+            for event, _ in late:
+                m.vendor_events.labels(pipe.name, event.kind.value, "dead_lettered").inc()
         if events:
             pipe.submit_redriven(events)
 

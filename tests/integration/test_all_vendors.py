@@ -39,21 +39,30 @@ def start_relay(broker, topics, sandbox, relays) -> tuple[Any, dict[str, str]]:
 
 
 def wait_settled(relay, kinds: Counter[EventKind]) -> dict[str, dict[str, float]]:
-    """Wait until every vendor settled every event of the kinds it takes; its counts by outcome."""
+    """Wait until every vendor settled every event of the kinds it takes, and every event it parked was
+    redriven and settled; its counts by outcome (``dead_lettered``: every dead letter written for it)."""
     out = {}
     for vendor in REGISTRY:
         want = sum(n for kind, n in kinds.items() if kind in adapter_class(vendor).kinds)
 
         def counts(v: str = vendor) -> dict[str, float]:
+            return {o: relay.metric("processor_vendor_events_total", vendor=v, outcome=o) for o in OUTCOMES}
+
+        def once(v: str = vendor) -> dict[str, float]:
             """By outcome, each event once: a parked event redriven later counts as parked, not again."""
-            out = {o: relay.metric("processor_vendor_events_total", vendor=v, outcome=o) for o in OUTCOMES}
+            out = counts(v)
             for o in OUTCOMES:
                 out[o] -= relay.metric("processor_redriven_events_total", vendor=v, outcome=o)
             return out
 
-        wait_for(lambda c=counts, w=want: sum(c().values()) >= w, 90, f"{vendor} to settle {want} events")
+        def redriven(v: str = vendor) -> bool:
+            return (relay.metric("processor_parked_total", vendor=v)
+                    == relay.metric("processor_redriven_events_total", vendor=v))
+
+        wait_for(lambda c=once, w=want: sum(c().values()) >= w, 90, f"{vendor} to settle {want} events")
+        wait_for(redriven, 90, f"{vendor}'s parked events to be redriven")
+        assert sum(once().values()) == want, (vendor, once())
         out[vendor] = counts()
-        assert sum(out[vendor].values()) == want, (vendor, out[vendor])
     return out
 
 

@@ -252,3 +252,28 @@ def test_logs_mask_secrets_a_library_or_an_exception_would_carry(fmt, capsys):
         root.handlers[:], _ = saved[0], root.setLevel(saved[1])
     assert "events/***" in err and "Bearer ***" in err and "Traceback" in err
     assert [s for s in SECRETS if s in err] == []
+
+
+def test_parking_defaults_budgets_and_retry_topics():
+    from processor.vendors import adapter_class
+
+    vendors = {n: {**adapter_class(n).example_settings("http://127.0.0.1:1")} for n in ("qubit", "convead")}
+    vendors["convead"]["on_outage"] = "block"
+    cfg = load_config_from(minimal(kafka={"bootstrap_servers": "k:9092", "topics": ["shop", "other"],
+                                          "group_id": "g"}, relay={"max_inflight_events": 1000},
+                                   vendors=vendors))
+    assert cfg.retry_topics() == {"qubit": "shop.retry.qubit"}  # a blocking vendor parks nothing
+    assert cfg.vendor_budget("qubit") == 500 and cfg.vendor_budget("convead") == 500  # an equal share
+    vendors["qubit"]["max_inflight_events"] = 50
+    cfg = load_config_from(minimal(parking={"topic_prefix": "r", "enabled": True}, vendors=vendors))
+    assert cfg.retry_topics() == {"qubit": "r.qubit"} and cfg.vendor_budget("qubit") == 50
+    off = load_config_from(minimal(parking={"enabled": False}, vendors=vendors))
+    assert off.retry_topics() == {} and off.retry_topic_prefix() is None
+    with pytest.raises(ConfigError, match="on_outage"):
+        load_config_from(minimal(vendors={"qubit": {**vendors["qubit"], "on_outage": "wait"}}))
+
+
+def load_config_from(data):
+    from processor.config import interpolate
+
+    return parse_config(interpolate(data, "", {**ENV, "QUBIT_TRACKING_ID": "t", "CONVEAD_APP_KEY": "a"}))

@@ -1,0 +1,120 @@
+"""The source's pause bookkeeping across rebalances: one flag describes every assigned partition,
+whether assignments come whole (eager assignors) or incrementally (cooperative-sticky, KIP-848)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from processor.codec import Decoder
+from processor.config import KafkaConfig
+from processor.source import KafkaSource
+
+
+class FakeConsumer:
+    """Records what the source asks of librdkafka's assignment and pause state."""
+
+    def __init__(self) -> None:
+        self.assigned: set[tuple[str, int]] = set()
+        self.paused: set[tuple[str, int]] = set()
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.assigned = {(tp.topic, tp.partition) for tp in tps}
+        self.paused &= self.assigned  # a fresh assignment fetches
+
+    def incremental_assign(self, tps: list[TopicPartition]) -> None:
+        self.assigned |= {(tp.topic, tp.partition) for tp in tps}
+
+    def incremental_unassign(self, tps: list[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in tps}
+        self.assigned -= gone
+        self.paused -= gone
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused |= {(tp.topic, tp.partition) for tp in tps}
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in tps}
+
+    def consume(self, n: int, timeout: float) -> list[object]:
+        return []
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        pass
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
+        return 0, 0
+
+
+def tps(*parts: int) -> list[TopicPartition]:
+    return [TopicPartition("t", p) for p in parts]
+
+
+async def source(strategy: str | None) -> tuple[KafkaSource, FakeConsumer]:
+    client = {"partition.assignment.strategy": strategy} if strategy else {}
+    cfg = KafkaConfig(bootstrap_servers="127.0.0.1:9", topics=["t"], client=client)
+
+    async def on_assign(parts: list[tuple[str, int]]) -> None:
+        pass
+
+    async def on_revoke(parts: list[tuple[str, int]], lost: bool) -> dict[tuple[str, int], int]:
+        return {}
+
+    s = KafkaSource(cfg, Decoder(), asyncio.get_running_loop(), on_assign, on_revoke)
+    fake = FakeConsumer()
+    s.consumer = fake  # type: ignore[assignment]
+    return s, fake
+
+
+async def in_worker(fn, *args):  # the callbacks run on the source's worker thread, as inside consume()
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def test_an_incremental_assign_while_paused_pauses_the_new_partitions_too():
+    s, fake = await source("cooperative-sticky")
+    assert s.incremental
+    await in_worker(s._assign_cb, fake, tps(0, 1))
+    await s.poll(10, 0, pause=True)
+    assert fake.paused == {("t", 0), ("t", 1)} and s.paused
+    await in_worker(s._assign_cb, fake, tps(2))  # one more partition, the others stay assigned and paused
+    assert fake.assigned == {("t", 0), ("t", 1), ("t", 2)}
+    assert fake.paused == fake.assigned
+    await s.poll(10, 0, pause=False)  # the loop's one decision applies to every partition
+    assert fake.paused == set() and not s.paused
+    s.executor.shutdown()
+
+
+async def test_an_incremental_assign_while_fetching_leaves_every_partition_fetching():
+    s, fake = await source("cooperative-sticky")
+    await in_worker(s._assign_cb, fake, tps(0))
+    await in_worker(s._assign_cb, fake, tps(1))
+    assert fake.assigned == {("t", 0), ("t", 1)} and fake.paused == set()
+    await in_worker(s._revoke_cb, fake, tps(0))
+    assert s.assigned == [("t", 1)]
+    s.executor.shutdown()
+
+
+@pytest.mark.parametrize("strategy", [None, "range,roundrobin"])
+async def test_an_eager_reassignment_while_paused_stays_paused(strategy):
+    s, fake = await source(strategy)
+    assert not s.incremental
+    await in_worker(s._assign_cb, fake, tps(0, 1))
+    await s.poll(10, 0, pause=True)
+    await in_worker(s._revoke_cb, fake, tps(0, 1))
+    await in_worker(s._assign_cb, fake, tps(1, 2))  # the whole new assignment, fresh in librdkafka
+    assert fake.assigned == {("t", 1), ("t", 2)} and fake.paused == fake.assigned and s.paused
+    s.executor.shutdown()
+
+
+async def test_single_partitions_can_be_held_paused():
+    s, fake = await source(None)
+    await in_worker(s._assign_cb, fake, tps(0, 1, 2))
+    await s.poll(10, 0, hold={("t", 1)})
+    assert fake.paused == {("t", 1)}
+    await s.poll(10, 0, hold={("t", 2)})
+    assert fake.paused == {("t", 2)}
+    await s.poll(10, 0, hold=set())
+    assert fake.paused == set()
+    s.executor.shutdown()
