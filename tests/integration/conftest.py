@@ -123,6 +123,17 @@ def quicklizard_vendor(sandbox: SandboxProcess, **over: Any) -> dict[str, Any]:
     }
 
 
+def tracardi_vendor(sandbox: SandboxProcess, **over: Any) -> dict[str, Any]:
+    return {
+        "base_url": f"{sandbox.url}/tracardi",
+        "batch": {"max_events": 50, "max_wait_ms": 200},
+        "retry": {"max_attempts": 4, "base_delay_ms": 50, "max_delay_ms": 200, "max_elapsed_s": 10},
+        "sites": {"default": {"source_id": "3ee63fc6-490a-4fd8-bfb3-bf0c8c8d3387"}},  # a source the twin knows
+        "options": {},
+        **over,
+    }
+
+
 class RelayProcess:
     """``processor run`` as a subprocess; metrics on its own port."""
 
