@@ -193,16 +193,25 @@ class RelayProcess:
         self.proc.wait(10)
 
 
-@pytest.fixture
-def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+def relay_starter(workdir: Path) -> tuple[Callable[..., RelayProcess], Callable[[], None]]:
+    """``start(config, name, env)`` starting relays in ``workdir``, and ``kill_all`` for the teardown."""
     started: list[RelayProcess] = []
 
     def start(config: dict[str, Any], name: str = "relay", env: dict[str, str] | None = None) -> RelayProcess:
-        r = RelayProcess(config, tmp_path, f"{name}-{len(started)}", env)
+        r = RelayProcess(config, workdir, f"{name}-{len(started)}", env)
         started.append(r)
         return r
 
+    def kill_all() -> None:
+        for r in started:
+            if r.proc.poll() is None:
+                r.kill()
+
+    return start, kill_all
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    start, kill_all = relay_starter(tmp_path)
     yield start
-    for r in started:
-        if r.proc.poll() is None:
-            r.kill()
+    kill_all()

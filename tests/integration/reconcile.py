@@ -20,8 +20,8 @@ from confluent_kafka import Producer
 
 from processor.codec import Decoder
 from processor.deadletter import headers_dict
-from processor.errors import DecodeError
 from processor.devstack.samples import encode, make_order, make_view, with_changes
+from processor.errors import DecodeError
 from processor.events import EventKind
 
 VENDORS = ("quicklizard", "tracardi")
@@ -137,9 +137,14 @@ class Reconciliation:
                 f"delivered_and_dead={dict(self.delivered_and_dead)} dead_twice={dict(self.dead_twice)} "
                 f"unknown={dict(self.unknown)}")
 
-    def assert_complete(self) -> None:
+    def assert_accounted(self) -> None:
+        """Every produced (event, vendor) pair received or dead-lettered with a reason."""
         assert not self.lost, f"{len(self.lost)} lost, e.g. {self.lost[:5]}"
         assert not self.unreasoned, f"{self.unreasoned} dead letters without a reason"
+
+    def assert_complete(self) -> None:
+        """Accounted for, and the twins received nothing else."""
+        self.assert_accounted()
         assert not self.unknown, f"received events nobody produced: {dict(self.unknown)}"
 
 
@@ -156,6 +161,15 @@ def dead_letter_ids(dlq: Iterable[Any], decoder: Decoder | None = None) -> list[
             event_id = f"{h.get('relay.original_partition')}@{h.get('relay.original_offset')}"
         out.append((event_id, h.get("relay.vendor", ""), h.get("relay.error_class", ""), h.get("relay.reason", "")))
     return out
+
+
+def below_commit(produced: Sequence[Produced], messages: Iterable[Any], committed: dict[int, int]) -> list[Produced]:
+    """The produced events whose offset (found in ``messages``, the topic read back) is below its partition's
+    committed offset: what a commit claims is settled."""
+    decoder = Decoder()
+    ids = {decoder.decode(m.value())[1]["event_id"] for m in messages
+           if m.offset() < committed.get(m.partition(), -1)}
+    return [p for p in produced if p.event_id in ids]
 
 
 def reconcile(produced: Sequence[Produced], received: dict[str, list[Any]], dlq: Iterable[Any]) -> Reconciliation:
