@@ -126,6 +126,17 @@ def quicklizard_vendor(sandbox: SandboxProcess, **over: Any) -> dict[str, Any]:
     }
 
 
+def tracardi_vendor(sandbox: SandboxProcess, **over: Any) -> dict[str, Any]:
+    return {
+        "base_url": f"{sandbox.url}/tracardi",
+        "batch": {"max_events": 50, "max_wait_ms": 200},
+        "retry": {"max_attempts": 4, "base_delay_ms": 50, "max_delay_ms": 200, "max_elapsed_s": 10},
+        "sites": {"default": {"source_id": "3ee63fc6-490a-4fd8-bfb3-bf0c8c8d3387"}},  # a source the twin knows
+        "options": {},
+        **over,
+    }
+
+
 class RelayProcess:
     """``processor run`` as a subprocess; metrics on its own port."""
 
@@ -185,16 +196,25 @@ class RelayProcess:
         self.proc.wait(10)
 
 
-@pytest.fixture
-def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+def relay_starter(workdir: Path) -> tuple[Callable[..., RelayProcess], Callable[[], None]]:
+    """``start(config, name, env)`` starting relays in ``workdir``, and ``kill_all`` for the teardown."""
     started: list[RelayProcess] = []
 
     def start(config: dict[str, Any], name: str = "relay", env: dict[str, str] | None = None) -> RelayProcess:
-        r = RelayProcess(config, tmp_path, f"{name}-{len(started)}", env)
+        r = RelayProcess(config, workdir, f"{name}-{len(started)}", env)
         started.append(r)
         return r
 
+    def kill_all() -> None:
+        for r in started:
+            if r.proc.poll() is None:
+                r.kill()
+
+    return start, kill_all
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    start, kill_all = relay_starter(tmp_path)
     yield start
-    for r in started:
-        if r.proc.poll() is None:
-            r.kill()
+    kill_all()
