@@ -55,6 +55,7 @@ class Relay:
         self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
         self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
         self.exit_code = 0
+        self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
         self._held: list[Any] = []  # a poll's messages waiting for the schema registry
         self.registry_down: str | None = None
         self._registry_retry_at = 0.0
@@ -175,8 +176,8 @@ class Relay:
             try:
                 md = await loop.run_in_executor(None, lambda: self.dlq.producer.list_topics(timeout=5))
             except KafkaException as exc:
-                logger.warning("broker not reachable (%s); retrying in %.0fs", exc.args[0].str() if exc.args else exc,
-                               delay)
+                logger.warning("broker %s not reachable (%s); retrying in %.0fs", self.config.kafka.bootstrap_servers,
+                               exc.args[0].str() if exc.args else exc, delay)
             else:
                 return [t for t in want if t not in md.topics]
             with contextlib.suppress(TimeoutError):
@@ -314,9 +315,10 @@ class Relay:
             logger.info("committed %s", ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items())))
         for p in self.pipelines.values():
             await p.cancel()
-        if self.parked is not None:
-            await self.parked.commit_and_close()
-        await self.source.close()
+        if self.parked is not None and not await self.parked.commit_and_close():
+            self.unclean_exit = True
+        if not await self.source.close():
+            self.unclean_exit = True
         tick_task.cancel()
         await self.dlq.drain(1.0)
         self.settlement.log_summary()

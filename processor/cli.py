@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +43,12 @@ def run(config_path: str, workers: int) -> None:
         sys.exit(run_workers(config_path, workers, config.metrics.port))
     from processor.app import Relay
 
-    sys.exit(asyncio.run(Relay(config).run()))
+    relay = Relay(config)
+    code = asyncio.run(relay.run())
+    if relay.unclean_exit:  # everything settled is committed; a stuck librdkafka thread must not hold the exit
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 @main.command("check-config")

@@ -194,7 +194,7 @@ class DeadLetterWriter:
         self.retry_delay_s = retry_delay_s
         conf = {"acks": "all", "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
                 **producer_config}
-        self.producer = Producer(conf)
+        self.producer = Producer(conf, logger=logging.getLogger("librdkafka"))  # its lines as ours: JSON
         self.pending = 0
         self.failing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -255,8 +255,9 @@ class DeadLetterWriter:
     def _failed(self, topic: str, source: Source, vendor: str, why: str) -> None:
         self.failing = True
         (self.metrics.dlq_failures if topic == self.topic else self.metrics.park_failures).inc()
-        logger.error("write to %s for %s (%s) not acknowledged: %s; retrying in %.1fs",
-                     topic, source.where(), vendor, why, self.retry_delay_s)
+        logger.error("%s write to %s for %s (%s) not acknowledged: %s; retrying in %.1fs",
+                     "dead-letter" if topic == self.topic else "retry-topic", topic, source.where(), vendor, why,
+                     self.retry_delay_s)
 
     def _retry_later(self, topic: str, source: Source, headers: list[tuple[str, bytes]], vendor: str,
                      error_class: str | None, on_ack: Callable[[], None]) -> None:

@@ -165,8 +165,8 @@ class AdaptiveLimit:
             await fut  # release() hands its place over: inflight was counted for us
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self._release_one()
-            else:
+                self._release_one()  # it was handed a place just before the cancel: give it on
+            elif fut in self._waiters:
                 self._waiters.remove(fut)
             raise
 

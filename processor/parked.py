@@ -165,9 +165,10 @@ class ParkedRedrive:
             pipe.submit_redriven(events)
 
     # -- the end ------------------------------------------------------------------------------
-    async def commit_and_close(self) -> None:
-        """After the relay drained its pipelines: commit what settled, leave the group."""
+    async def commit_and_close(self) -> bool:
+        """After the relay drained its pipelines: commit what settled, leave the group (False: the
+        consumer did not close in time)."""
         positions = self.tracker.commit_positions()
         if positions and await self.source.commit(positions):
             self.tracker.mark_committed(positions)
-        await self.source.close()
+        return await self.source.close()

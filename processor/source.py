@@ -235,6 +235,15 @@ class KafkaSource:
     async def commit(self, positions: dict[tuple[str, int], int]) -> bool:
         return await self.loop.run_in_executor(self.executor, self._commit, positions)
 
-    async def close(self) -> None:
-        await self.loop.run_in_executor(self.executor, self.consumer.close)
+    async def close(self, timeout_s: float = 15.0) -> bool:
+        """Leave the group (what settled is committed before this). False when librdkafka did not finish
+        closing in time: the process may then exit without waiting for it (the group coordinator drops
+        the member after its session timeout; nothing uncommitted is lost)."""
+        try:
+            await asyncio.wait_for(self.loop.run_in_executor(self.executor, self.consumer.close), timeout_s)
+        except TimeoutError:
+            logger.error("consumer of %s did not close within %.0fs", ", ".join(self.cfg.topics), timeout_s)
+            self.executor.shutdown(wait=False)
+            return False
         self.executor.shutdown(wait=True)
+        return True
