@@ -129,7 +129,7 @@ def run_demo(rate: float = 50.0, metrics_port: int = 9400, sandbox_port: int = 8
         vendors = list(config["vendors"])
         console.print(f"""
 [bold]local stack is up[/]
-  broker        {broker.bootstrap}   topics {TOPIC} (3 partitions), {DLQ}
+  broker        {broker.bootstrap}   topics {TOPIC} (3 partitions), {DLQ}, {TOPIC}.retry.<vendor>
   sandbox       {sandbox_url}/_sandbox/stats   (what each vendor twin accepted)
   relay         {metrics_url}/metrics   {metrics_url}/readyz
   relay config  {cfg_path}   logs in {WORKDIR}/  (relay.log, sandbox.log, broker.log)
