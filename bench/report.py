@@ -58,8 +58,42 @@ def table(doc: dict[str, Any]) -> Table:
     return t
 
 
+OUTAGE_HEAD = ("Convead's fault", "before isolation", "healthy during ÷ before (min)", "per vendor",
+               "peak parked backlog", "drained after heal s", "redriven/s", "Convead's rate before /s",
+               "peak RSS MB", "lost")
+
+
+def outage_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per fault shape of the outage run (empty when it did not run)."""
+    o = doc.get("outage") or {}
+    rows = []
+    for shape, r in o.get("shapes", {}).items():
+        rec = r["recovery"]
+        per = ", ".join(f"{v} {_f(h['ratio'], 2)}" for v, h in r["healthy"].items())
+        rows.append((f"{shape}: {r['title']}", _f(o["before_isolation"].get(shape), 2),
+                     _f(r["healthy_ratio_min"], 2), per, _f(r["parked_backlog_peak"]),
+                     _f(rec["drain_seconds"], 1) if rec["drained"] else "not drained",
+                     _f(rec.get("drain_rate_per_s")), _f(r["broken"]["normal_per_s"]), _f(r["peak_rss_mb"]),
+                     _f(r["lost"])))
+    return rows
+
+
+def outage_table(doc: dict[str, Any]) -> Table:
+    o = doc["outage"]
+    t = Table(title=f"outage run: {', '.join(o['vendors'])} at {o['rate_events_per_s']:,.0f} events/s, "
+                    f"{o['broken']} broken for {o['outage_s']:g} s after {o['before_s']:g} s")
+    for c in OUTAGE_HEAD:
+        t.add_column(c, justify="left" if c in ("Convead's fault", "per vendor") else "right")
+    for row in outage_rows(doc):
+        t.add_row(*row)
+    return t
+
+
 def print_report(doc: dict[str, Any], console: Console) -> None:
-    console.print(table(doc))
+    if doc["scenarios"] or "backlog" in doc:
+        console.print(table(doc))
+    if doc.get("outage", {}).get("shapes"):
+        console.print(outage_table(doc))
     console.print("events/s: every pre-loaded event settled by every vendor, from the group join on; steady: "
                   "10% -> 90% settled (no start-up, no last batch window), what ratio and scaling use.")
     console.print("scenario latency: a run of its own at half the scenario's measured rate (Kafka timestamp -> "
@@ -99,7 +133,12 @@ def markdown(doc: dict[str, Any]) -> str:
         r = doc["backlog"]
         rows.append(row(f"backlog {r['events']:,} ({r['scenario']})",
                         f"in-flight limit {r['max_inflight_events']:,}", r, latency=False))
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    text = "\n".join("| " + " | ".join(r) + " |" for r in rows) if len(rows) > 2 else ""
+    if outage_rows(doc):
+        out = [OUTAGE_HEAD, tuple("---" if c in ("Convead's fault", "per vendor") else "---:" for c in OUTAGE_HEAD),
+               *outage_rows(doc)]
+        text += ("\n\n" if text else "") + "\n".join("| " + " | ".join(r) + " |" for r in out)
+    return text
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def _kept(messages: Iterator[tuple[bytes, bytes]], keep: list[tuple[bytes, bytes
 
 class Pacer(threading.Thread):
     """Produces ``values`` at ``rate`` messages/s (Kafka CreateTime = the moment of produce) for a
-    bounded number of messages; the latency run's steady load."""
+    bounded number of messages, or until ``stop``; the latency and outage runs' steady load."""
 
     def __init__(self, bootstrap: str, topic: str, values: list[tuple[bytes, bytes]], rate: float,
                  count: int) -> None:
@@ -86,12 +86,17 @@ class Pacer(threading.Thread):
         self.count = count
         self.sent = 0
         self.error: BaseException | None = None
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Stop producing (what was sent is flushed): the outage run's load ends when its backlog drained."""
+        self._stopped.set()
 
     def run(self) -> None:
         try:
             started = time.monotonic()
             source = itertools.cycle(self.values)
-            while self.sent < self.count:
+            while self.sent < self.count and not self._stopped.is_set():
                 due = min(self.count, int((time.monotonic() - started) * self.rate) + 1)
                 while self.sent < due:
                     key, value = next(source)
