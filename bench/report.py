@@ -74,7 +74,7 @@ def outage_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
                      _f(r["healthy_ratio_min"], 2), per, _f(r["parked_backlog_peak"]),
                      _f(rec["drain_seconds"], 1) if rec["drained"] else "not drained",
                      _f(rec.get("drain_rate_per_s")), _f(r["broken"]["normal_per_s"]), _f(r["peak_rss_mb"]),
-                     _f(r["lost"])))
+                     _f(r["lost"]) if r["lost"] is not None else f"? ({r['not_final_at_end']:,} not final)"))
     return rows
 
 
@@ -90,15 +90,24 @@ def outage_table(doc: dict[str, Any]) -> Table:
 
 
 def print_report(doc: dict[str, Any], console: Console) -> None:
-    if doc["scenarios"] or "backlog" in doc:
-        console.print(table(doc))
     if doc.get("outage", {}).get("shapes"):
         console.print(outage_table(doc))
+        console.print("outage: healthy = Qubit, QuickLizard, Tracardi; their delivered rate during the outage ÷ the "
+                      "last 3/4 of the stretch before; drained = every parked event redriven and settled, from the "
+                      "heal; redriven/s over that time.")
+    if not doc["scenarios"]:
+        _targets(doc, console)
+        return
+    console.print(table(doc))
     console.print("events/s: every pre-loaded event settled by every vendor, from the group join on; steady: "
                   "10% -> 90% settled (no start-up, no last batch window), what ratio and scaling use.")
     console.print("scenario latency: a run of its own at half the scenario's measured rate (Kafka timestamp -> "
                   "vendor ack, the relay's histogram); in the --workers and backlog rows it includes the wait in "
                   "the pre-loaded backlog.")
+    _targets(doc, console)
+
+
+def _targets(doc: dict[str, Any], console: Console) -> None:
     for name, t in doc.get("targets", {}).items():
         mark = "[green]met[/]" if t["met"] else "[red]missed[/]"
         console.print(f"  target {name}: want {t['want']}, got {t['got']}: {mark}")

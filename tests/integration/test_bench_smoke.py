@@ -50,7 +50,8 @@ def test_bench_smoke_run_writes_sane_results(tmp_path: Path) -> None:
     assert outage["produced"] > 0 and outage["fault"] == {"error_rate": 1.0, "error_status": 503}
     assert sum(outage["parked_total"].values()) > 0 and outage["recovery"]["drained"]
     for vendor, counts in outage["per_vendor"].items():
-        assert counts["settled_once"] == counts["produced"] == outage["produced"], (vendor, counts)
+        assert counts["unsettled"] == 0 and counts["produced"] == outage["produced"], (vendor, counts)
         assert counts["lost"] == 0 and counts["still_parked"] == 0, (vendor, counts)
+        assert counts.get("vendor_accepted_minus_delivered", 0) == 0, (vendor, counts)
     assert outage["per_vendor"]["convead"]["redriven_delivered"] > 0
     assert set(outage["healthy"]) == {"qubit", "quicklizard", "tracardi"}

@@ -52,9 +52,14 @@ def test_each_event_counts_once_and_what_is_still_parked_is_not_lost():
     c = _counts(delivered=950, parked=320, redriven_delivered=250, redriven_parked=20, redriven_expired=1)
     assert settled_once(c) == 700 + 300
     assert outstanding(c) == 320 - 250 - 20 - 1
-    out = final_counts(c, 1000)
-    assert out["still_parked"] == 49 and out["expired"] == 1 and out["lost"] == 0
-    assert final_counts(c, 1003)["lost"] == 3
+    out = final_counts(c, 1000, accepted=950)
+    assert out["still_parked"] == 49 and out["expired"] == 1 and out["unsettled"] == 0
+    assert out["lost"] is None and out["not_final_at_end"] == 49  # not known while some are still parked
+    assert out["vendor_accepted_minus_delivered"] == 0
+    assert final_counts(c, 1003)["unsettled"] == 3 and "vendor_accepted_minus_delivered" not in final_counts(c, 1)
+    done = _counts(delivered=999, parked=320, redriven_delivered=299, redriven_parked=20, redriven_expired=1)
+    assert final_counts(done, 1000)["lost"] == 0 and final_counts(done, 1000, accepted=1001)[
+        "vendor_accepted_minus_delivered"] == 2
 
 
 def test_the_outage_summary_rates_come_from_the_phases_windows():
