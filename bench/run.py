@@ -17,9 +17,8 @@ from rich.console import Console
 from bench.ceilings import decode_ceiling, mix_ceiling, planned_requests, vendor_ceiling
 from bench.outage import OutageOptions, outage_run
 from bench.outage import targets as outage_targets
-from bench.scenarios import DLQ, RETRY_PREFIX, RelayRun, Scenario, batch_window_ms
+from bench.scenarios import DLQ, RelayRun, Scenario, batch_window_ms
 from bench.stack import Pacer, Stack, produce_all, workload_messages
-from processor.vendors import REGISTRY
 
 TOPIC = "bench.events"
 TARGETS = {"ratio": 0.6, "scaling": 1.7, "p99_over_window_ms": 250, "backlog_rss_mb": 300}
@@ -61,7 +60,7 @@ def run(opts: Options, console: Console) -> dict[str, Any]:
     started = time.monotonic()
     with Stack(workdir) as stack:
         bootstrap = stack.broker.bootstrap
-        stack.broker.create_topics({TOPIC: opts.partitions, DLQ: 1, **{f"{RETRY_PREFIX}.{v}": 1 for v in REGISTRY}})
+        stack.broker.create_topics({TOPIC: opts.partitions, DLQ: 1})  # each relay run creates its retry topics
         values: list[tuple[bytes, bytes]] = []
         doc["decode_ceiling_events_per_s"] = None
         if opts.scenarios:  # the pre-load and the decode ceiling serve the scenarios only

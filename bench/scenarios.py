@@ -45,7 +45,7 @@ SCENARIOS: dict[str, tuple[str, tuple[str, ...]]] = {
     "c": ("all five vendors", ALL),
 }
 DLQ = "bench.dlq"
-RETRY_PREFIX = "bench.retry"  # parking: one retry topic per vendor, bench.retry.<vendor>
+RETRY_PREFIX = "bench.retry"  # parking: one retry topic per vendor and relay run, bench.retry.<run>.<ns>.<vendor>
 T = TypeVar("T")
 
 
@@ -231,7 +231,7 @@ class RelayRun:
 
     def __init__(self, stack: Stack, workdir: Path, name: str, scenario: Scenario, topic: str, events: int,
                  workers: int = 1, pacer: Pacer | None = None, profile_dir: Path | None = None,
-                 retry_prefix: str = RETRY_PREFIX, **relay: Any) -> None:
+                 **relay: Any) -> None:
         self.stack = stack
         self.name = name
         self.scenario = scenario
@@ -239,8 +239,12 @@ class RelayRun:
         self.workers = workers
         self.pacer = pacer
         port = free_port_pair() if workers > 1 else 0
-        self.config = relay_config(stack.broker.bootstrap, topic, f"bench-{name}-{time.time_ns()}",
-                                   scenario.vendors, port, retry_prefix, **relay)
+        ns = time.time_ns()
+        # retry topics of its own: a later run's redrive (a new group, from the earliest offset) must not
+        # deliver what an earlier run parked
+        self.retry_prefix = f"{RETRY_PREFIX}.{name}.{ns}"
+        self.config = relay_config(stack.broker.bootstrap, topic, f"bench-{name}-{ns}", scenario.vendors, port,
+                                   self.retry_prefix, **relay)
         self.config_path = workdir / f"{name}.yaml"
         self.log_path = workdir / f"{name}.log"
         self.ports: list[int] = []
@@ -264,6 +268,7 @@ class RelayRun:
 
     def launch(self, measure: Callable[[subprocess.Popen[bytes], ProcWatch], T]) -> T:
         """Start the relay, ``measure`` it (with its /proc sampler), stop it (SIGTERM, then kill)."""
+        self.stack.broker.create_topics({f"{self.retry_prefix}.{v}": 1 for v in self.config["vendors"]})
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         cmd = [sys.executable, "-m", "processor.cli", "run", "--config", str(self.config_path)]
         if self.workers > 1:

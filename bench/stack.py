@@ -168,7 +168,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _proc_sample(pid: int) -> tuple[float, int, int] | None:
+def proc_sample(pid: int) -> tuple[float, int, int] | None:
     """(cpu seconds of the process and its threads, RSS kB, peak RSS kB)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -205,7 +205,7 @@ class ProcWatch(threading.Thread):
         pids = [self.root, *_children(self.root)]
         with self._lock:
             for pid in pids:
-                s = _proc_sample(pid)
+                s = proc_sample(pid)
                 if s is None:
                     continue
                 cpu, rss, hwm = s

@@ -87,3 +87,7 @@ def test_the_outage_summary_rates_come_from_the_phases_windows():
     assert r["drain_rate_per_s"] == round(2000 / 11, 1) and r["drain_ratio"] == round(2000 / 11 / 100, 3)
     assert r["drain_rate_after_first_redrive_per_s"] == round(2000 / 9, 1)
     assert summarise(marks, 20.0, 40.0, None, 20.0, vendors)["recovery"]["drained"] is False
+    for m in marks:  # nothing parked at all: no drain to measure
+        m.counts[BROKEN].update(parked=0.0, redriven_delivered=0.0, backlog=0.0)
+    r = summarise(marks, 20.0, 40.0, 40.0, 20.0, vendors)["recovery"]
+    assert r["nothing_parked"] and "drain_ratio" not in r
