@@ -67,14 +67,17 @@ def outage_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row per fault shape of the outage run (empty when it did not run)."""
     o = doc.get("outage") or {}
     rows = []
-    for shape, r in o.get("shapes", {}).items():
+    shapes = o.get("shapes", {})
+    order = ("hang", "503", "429")  # the issue's order (the results file sorts its keys)
+    for shape in sorted(shapes, key=lambda k: order.index(k) if k in order else len(order)):
+        r = shapes[shape]
         rec = r["recovery"]
         per = ", ".join(f"{v} {_f(h['ratio'], 2)}" for v, h in r["healthy"].items())
         rows.append((f"{shape}: {r['title']}", _f(o["before_isolation"].get(shape), 2),
                      _f(r["healthy_ratio_min"], 2), per, _f(r["parked_backlog_peak"]),
                      _f(rec["drain_seconds"], 1) if rec["drained"] else "not drained",
                      _f(rec.get("drain_rate_per_s")), _f(r["broken"]["normal_per_s"]), _f(r["peak_rss_mb"]),
-                     _f(r["lost"]) if r["lost"] is not None else f"? ({r['not_final_at_end']:,} not final)"))
+                     _f(r["lost"]) if r["lost"] is not None else f"? ({r['not_final_at_end']:,} pairs not final)"))
     return rows
 
 
