@@ -58,13 +58,59 @@ def table(doc: dict[str, Any]) -> Table:
     return t
 
 
+OUTAGE_HEAD = ("Convead's fault", "before isolation", "healthy during ÷ before (min)", "per vendor",
+               "peak parked backlog", "drained after heal s", "redriven/s", "Convead's rate before /s",
+               "peak RSS MB", "lost")
+
+
+def outage_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per fault shape of the outage run (empty when it did not run)."""
+    o = doc.get("outage") or {}
+    rows = []
+    shapes = o.get("shapes", {})
+    order = ("hang", "503", "429")  # the issue's order (the results file sorts its keys)
+    for shape in sorted(shapes, key=lambda k: order.index(k) if k in order else len(order)):
+        r = shapes[shape]
+        rec = r["recovery"]
+        per = ", ".join(f"{v} {_f(h['ratio'], 2)}" for v, h in r["healthy"].items())
+        rows.append((f"{shape}: {r['title']}", _f(o["before_isolation"].get(shape), 2),
+                     _f(r["healthy_ratio_min"], 2), per, _f(r["parked_backlog_peak"]),
+                     _f(rec["drain_seconds"], 1) if rec["drained"] else "not drained",
+                     _f(rec.get("drain_rate_per_s")), _f(r["broken"]["normal_per_s"]), _f(r["peak_rss_mb"]),
+                     _f(r["lost"]) if r["lost"] is not None else f"? ({r['not_final_at_end']:,} pairs not final)"))
+    return rows
+
+
+def outage_table(doc: dict[str, Any]) -> Table:
+    o = doc["outage"]
+    t = Table(title=f"outage run: {', '.join(o['vendors'])} at {o['rate_events_per_s']:,.0f} events/s, "
+                    f"{o['broken']} broken for {o['outage_s']:g} s after {o['before_s']:g} s")
+    for c in OUTAGE_HEAD:
+        t.add_column(c, justify="left" if c in ("Convead's fault", "per vendor") else "right")
+    for row in outage_rows(doc):
+        t.add_row(*row)
+    return t
+
+
 def print_report(doc: dict[str, Any], console: Console) -> None:
+    if doc.get("outage", {}).get("shapes"):
+        console.print(outage_table(doc))
+        console.print("outage: healthy = Qubit, QuickLizard, Tracardi; their delivered rate during the outage ÷ the "
+                      "last 3/4 of the stretch before; drained = every parked event redriven and settled, from the "
+                      "heal; redriven/s over that time.")
+    if not doc["scenarios"]:
+        _targets(doc, console)
+        return
     console.print(table(doc))
     console.print("events/s: every pre-loaded event settled by every vendor, from the group join on; steady: "
                   "10% -> 90% settled (no start-up, no last batch window), what ratio and scaling use.")
     console.print("scenario latency: a run of its own at half the scenario's measured rate (Kafka timestamp -> "
                   "vendor ack, the relay's histogram); in the --workers and backlog rows it includes the wait in "
                   "the pre-loaded backlog.")
+    _targets(doc, console)
+
+
+def _targets(doc: dict[str, Any], console: Console) -> None:
     for name, t in doc.get("targets", {}).items():
         mark = "[green]met[/]" if t["met"] else "[red]missed[/]"
         console.print(f"  target {name}: want {t['want']}, got {t['got']}: {mark}")
@@ -99,7 +145,12 @@ def markdown(doc: dict[str, Any]) -> str:
         r = doc["backlog"]
         rows.append(row(f"backlog {r['events']:,} ({r['scenario']})",
                         f"in-flight limit {r['max_inflight_events']:,}", r, latency=False))
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    text = "\n".join("| " + " | ".join(r) + " |" for r in rows) if len(rows) > 2 else ""
+    if outage_rows(doc):
+        out = [OUTAGE_HEAD, tuple("---" if c in ("Convead's fault", "per vendor") else "---:" for c in OUTAGE_HEAD),
+               *outage_rows(doc)]
+        text += ("\n\n" if text else "") + "\n".join("| " + " | ".join(r) + " |" for r in out)
+    return text
 
 
 if __name__ == "__main__":

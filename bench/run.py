@@ -1,5 +1,5 @@
 """One benchmark run: stack up, pre-load, both ceilings, the scenarios, the latency, scaling and
-backlog runs; returns the results document that ``bench/results/latest.json`` holds."""
+backlog runs, the outage run; returns the results document that ``bench/results/latest.json`` holds."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from typing import Any
 from rich.console import Console
 
 from bench.ceilings import decode_ceiling, mix_ceiling, planned_requests, vendor_ceiling
-from bench.scenarios import DLQ, RETRY_PREFIX, RelayRun, Scenario, batch_window_ms
+from bench.outage import OutageOptions, outage_run
+from bench.outage import targets as outage_targets
+from bench.scenarios import DLQ, RelayRun, Scenario, batch_window_ms
 from bench.stack import Pacer, Stack, produce_all, workload_messages
-from processor.vendors import REGISTRY
 
 TOPIC = "bench.events"
 TARGETS = {"ratio": 0.6, "scaling": 1.7, "p99_over_window_ms": 250, "backlog_rss_mb": 300}
@@ -36,6 +37,7 @@ class Options:
     transport: str = "aiohttp"
     workdir: Path | None = None
     profile_dir: Path | None = None
+    outage: OutageOptions = field(default_factory=OutageOptions)  # seconds 0: no outage run
 
 
 def _timeout(events: int) -> float:
@@ -58,19 +60,24 @@ def run(opts: Options, console: Console) -> dict[str, Any]:
     started = time.monotonic()
     with Stack(workdir) as stack:
         bootstrap = stack.broker.bootstrap
-        stack.broker.create_topics({TOPIC: opts.partitions, DLQ: 1, **{f"{RETRY_PREFIX}.{v}": 1 for v in REGISTRY}})
-        t = time.perf_counter()
-        values = list(workload_messages(opts.events))
-        produce_all(bootstrap, TOPIC, values)
-        doc["preload_seconds"] = round(time.perf_counter() - t, 2)
-        doc["event_bytes_avg"] = round(sum(len(v) for _, v in values) / max(len(values), 1), 1)
-        console.print(f"pre-loaded {opts.events} events into {TOPIC} ({opts.partitions} partitions) "
-                      f"in {doc['preload_seconds']}s; work dir {workdir}")
+        stack.broker.create_topics({TOPIC: opts.partitions, DLQ: 1})  # each relay run creates its retry topics
+        values: list[tuple[bytes, bytes]] = []
+        doc["decode_ceiling_events_per_s"] = None
+        if opts.scenarios:  # the pre-load and the decode ceiling serve the scenarios only
+            t = time.perf_counter()
+            values = list(workload_messages(opts.events))
+            produce_all(bootstrap, TOPIC, values)
+            doc["preload_seconds"] = round(time.perf_counter() - t, 2)
+            doc["event_bytes_avg"] = round(sum(len(v) for _, v in values) / max(len(values), 1), 1)
+            console.print(f"pre-loaded {opts.events} events into {TOPIC} ({opts.partitions} partitions) "
+                          f"in {doc['preload_seconds']}s; work dir {workdir}")
 
-        dec = decode_ceiling(bootstrap, TOPIC, opts.events)
-        doc["decode_ceiling"] = dec
-        doc["decode_ceiling_events_per_s"] = dec["events_per_s"]
-        console.print(f"decode ceiling: {dec['events_per_s']:.0f} events/s")
+            dec = decode_ceiling(bootstrap, TOPIC, opts.events)
+            doc["decode_ceiling"] = dec
+            doc["decode_ceiling_events_per_s"] = dec["events_per_s"]
+            console.print(f"decode ceiling: {dec['events_per_s']:.0f} events/s")
+        else:
+            console.print(f"no scenario: no pre-load, no decode ceiling; work dir {workdir}")
 
         runs: dict[str, Scenario] = {}
         vendor_ceilings: dict[str, dict[str, Any]] = {}
@@ -144,6 +151,8 @@ def run(opts: Options, console: Console) -> dict[str, Any]:
                         f"{k} {v}" for k, v in run["steady_cores_used"].items()) + f" (of {doc['cores']})")
         if opts.backlog > 0 and scale_key is not None:
             doc["backlog"] = _backlog_run(stack, workdir, runs[scale_key], opts, relay_opts, console)
+        if opts.outage.seconds > 0 and opts.outage.shapes:
+            doc["outage"] = outage_run(stack, workdir, opts.outage, relay_opts, console)
     doc["duration_s"] = round(time.monotonic() - started, 1)
     doc["targets"] = _targets(doc)
     return doc
@@ -245,4 +254,6 @@ def _targets(doc: dict[str, Any]) -> dict[str, Any]:
         b = doc["backlog"]
         out["backlog_rss"] = {"want": f"<= {TARGETS['backlog_rss_mb']} MB", "got": b["peak_rss_mb"],
                               "met": b["peak_rss_mb"] <= TARGETS["backlog_rss_mb"]}
+    if "outage" in doc:
+        out.update(outage_targets(doc["outage"]))
     return out

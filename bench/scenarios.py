@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -44,7 +45,8 @@ SCENARIOS: dict[str, tuple[str, tuple[str, ...]]] = {
     "c": ("all five vendors", ALL),
 }
 DLQ = "bench.dlq"
-RETRY_PREFIX = "bench.retry"  # parking: one retry topic per vendor, bench.retry.<vendor>
+RETRY_PREFIX = "bench.retry"  # parking: one retry topic per vendor and relay run, bench.retry.<run>.<ns>.<vendor>
+T = TypeVar("T")
 
 
 def _batched_choice(model: type[Any]) -> tuple[str, Any] | None:
@@ -99,8 +101,11 @@ class Scenario:
     tags: dict[str, str] = field(default_factory=dict)  # vendor -> "convert:batched" when a variant
 
     @classmethod
-    def build(cls, key: str, sandbox_url: str) -> Scenario:
-        title, specs = SCENARIOS[key]
+    def build(cls, key: str, sandbox_url: str, title: str | None = None,
+              specs: tuple[str, ...] | None = None) -> Scenario:
+        """One of ``SCENARIOS``, or (``title``, ``specs``) of the caller's own (the outage run's)."""
+        if title is None or specs is None:
+            title, specs = SCENARIOS[key]
         sc = cls(key, title)
         for spec in specs:
             got = vendor_settings(spec, sandbox_url)
@@ -117,12 +122,12 @@ class Scenario:
 
 
 def relay_config(bootstrap: str, topic: str, group: str, vendors: dict[str, Any], metrics_port: int,
-                 **relay: Any) -> dict[str, Any]:
+                 retry_prefix: str = RETRY_PREFIX, **relay: Any) -> dict[str, Any]:
     return {
         "kafka": {"bootstrap_servers": bootstrap, "group_id": group, "topics": [topic],
                   "client": dict(LOCAL_CONSUMER_SETTINGS)},
         "deadletter": {"topic": DLQ},
-        "parking": {"topic_prefix": RETRY_PREFIX},
+        "parking": {"topic_prefix": retry_prefix},
         "relay": {"shutdown_grace_s": 20, **relay},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "logging": {"level": "INFO", "format": "json"},
@@ -234,8 +239,12 @@ class RelayRun:
         self.workers = workers
         self.pacer = pacer
         port = free_port_pair() if workers > 1 else 0
-        self.config = relay_config(stack.broker.bootstrap, topic, f"bench-{name}-{time.time_ns()}",
-                                   scenario.vendors, port, **relay)
+        ns = time.time_ns()
+        # retry topics of its own: a later run's redrive (a new group, from the earliest offset) must not
+        # deliver what an earlier run parked
+        self.retry_prefix = f"{RETRY_PREFIX}.{name}.{ns}"
+        self.config = relay_config(stack.broker.bootstrap, topic, f"bench-{name}-{ns}", scenario.vendors, port,
+                                   self.retry_prefix, **relay)
         self.config_path = workdir / f"{name}.yaml"
         self.log_path = workdir / f"{name}.log"
         self.ports: list[int] = []
@@ -255,6 +264,11 @@ class RelayRun:
                    default=0.0)
 
     def run(self, timeout_s: float) -> RunResult:
+        return self.launch(lambda proc, watch: self._measure(proc, watch, timeout_s))
+
+    def launch(self, measure: Callable[[subprocess.Popen[bytes], ProcWatch], T]) -> T:
+        """Start the relay, ``measure`` it (with its /proc sampler), stop it (SIGTERM, then kill)."""
+        self.stack.broker.create_topics({f"{self.retry_prefix}.{v}": 1 for v in self.config["vendors"]})
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         cmd = [sys.executable, "-m", "processor.cli", "run", "--config", str(self.config_path)]
         if self.workers > 1:
@@ -265,7 +279,7 @@ class RelayRun:
         watch = ProcWatch(proc.pid)
         watch.start()
         try:
-            return self._measure(proc, watch, timeout_s)
+            return measure(proc, watch)
         finally:
             watch.stop()
             if proc.poll() is None:
@@ -297,7 +311,8 @@ class RelayRun:
             tail = self.log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"relay {self.name} exited with {proc.returncode}:\n{tail}")
 
-    def _measure(self, proc: subprocess.Popen[bytes], watch: ProcWatch, timeout_s: float) -> RunResult:
+    def wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        """Until every worker answers /readyz (joined its group); its metrics ports are then known."""
         def ready() -> bool:
             self._alive(proc)
             self.ports = self._ports()
@@ -305,6 +320,9 @@ class RelayRun:
                 http_get(f"http://127.0.0.1:{p}/readyz", 2)[0] == 200 for p in self.ports)
 
         wait_for(ready, 90, f"relay {self.name} to join the group", 0.02)
+
+    def _measure(self, proc: subprocess.Popen[bytes], watch: ProcWatch, timeout_s: float) -> RunResult:
+        self.wait_ready(proc)
         others = {name: ProcWatch(pid) for name, pid in self.stack.pids().items()}
         t0 = time.monotonic()
         cpu0 = watch.cpu_seconds()

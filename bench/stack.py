@@ -73,7 +73,7 @@ def _kept(messages: Iterator[tuple[bytes, bytes]], keep: list[tuple[bytes, bytes
 
 class Pacer(threading.Thread):
     """Produces ``values`` at ``rate`` messages/s (Kafka CreateTime = the moment of produce) for a
-    bounded number of messages; the latency run's steady load."""
+    bounded number of messages, or until ``stop``; the latency and outage runs' steady load."""
 
     def __init__(self, bootstrap: str, topic: str, values: list[tuple[bytes, bytes]], rate: float,
                  count: int) -> None:
@@ -86,12 +86,17 @@ class Pacer(threading.Thread):
         self.count = count
         self.sent = 0
         self.error: BaseException | None = None
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Stop producing (what was sent is flushed): the outage run's load ends when its backlog drained."""
+        self._stopped.set()
 
     def run(self) -> None:
         try:
             started = time.monotonic()
             source = itertools.cycle(self.values)
-            while self.sent < self.count:
+            while self.sent < self.count and not self._stopped.is_set():
                 due = min(self.count, int((time.monotonic() - started) * self.rate) + 1)
                 while self.sent < due:
                     key, value = next(source)
@@ -163,7 +168,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _proc_sample(pid: int) -> tuple[float, int, int] | None:
+def proc_sample(pid: int) -> tuple[float, int, int] | None:
     """(cpu seconds of the process and its threads, RSS kB, peak RSS kB)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -200,7 +205,7 @@ class ProcWatch(threading.Thread):
         pids = [self.root, *_children(self.root)]
         with self._lock:
             for pid in pids:
-                s = _proc_sample(pid)
+                s = proc_sample(pid)
                 if s is None:
                     continue
                 cpu, rss, hwm = s

@@ -15,13 +15,14 @@ SCENARIO_KEYS = ("relay_events_per_s", "relay_requests_per_s", "vendor_deliverie
                  "peak_rss_mb", "cpu_s_per_1k", "ratio", "http_ceiling_requests_per_s")
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(210)
 def test_bench_smoke_run_writes_sane_results(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
     cmd = [sys.executable, "-m", "bench", "--events", "300", "--scenarios", "a,c", "--backlog", "1000",
            "--workers", "2", "--latency-seconds", "1", "--http-seconds", "0.2", "--out", str(out),
-           "--workdir", str(tmp_path / "work")]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=140)
+           "--workdir", str(tmp_path / "work"),
+           "--outage-seconds", "3", "--outage-before", "3", "--outage-rate", "200", "--outage-shapes", "503"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     doc = json.loads(out.read_text())
 
@@ -43,4 +44,14 @@ def test_bench_smoke_run_writes_sane_results(tmp_path: Path) -> None:
         assert sc["p50_ms"] is not None and sc["p50_ms"] <= sc["p99_ms"]
     assert doc["scaling"]["workers"] == 2 and doc["scaling"]["relay_events_per_s"] > 0
     assert doc["backlog"]["events"] == 1000 and doc["backlog"]["peak_rss_mb"] > 0
-    assert set(doc["targets"]) >= {f"ratio_{k}" for k in ran} | {"scaling", "backlog_rss"}
+    assert set(doc["targets"]) >= {f"ratio_{k}" for k in ran} | {"scaling", "backlog_rss", "outage_lost"}
+
+    outage = doc["outage"]["shapes"]["503"]  # Convead answering 503 for 3 s: parked, then redriven
+    assert outage["produced"] > 0 and outage["fault"] == {"error_rate": 1.0, "error_status": 503}
+    assert sum(outage["parked_total"].values()) > 0 and outage["recovery"]["drained"]
+    for vendor, counts in outage["per_vendor"].items():
+        assert counts["unsettled"] == 0 and counts["produced"] == outage["produced"], (vendor, counts)
+        assert counts["lost"] == 0 and counts["still_parked"] == 0, (vendor, counts)
+        assert counts.get("vendor_accepted_minus_delivered", 0) == 0, (vendor, counts)
+    assert outage["per_vendor"]["convead"]["redriven_delivered"] > 0
+    assert set(outage["healthy"]) == {"qubit", "quicklizard", "tracardi"}

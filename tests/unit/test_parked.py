@@ -1,0 +1,63 @@
+"""The redrive of parked records: how much of a held partition is handed to its vendor at once."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from processor.codec import Decoder
+from processor.deadletter import dlq_headers
+from processor.devstack.samples import encode, make_view
+from processor.events import EventKind, Source
+from processor.parked import ParkedRedrive
+from processor.redrive import Redrive, RelayRecord
+from tests.unit.test_delivery import Harness, answer
+
+RETRY = "shop.events.retry.fake"
+
+
+def parked(offset: int, next_attempt_ms: int | None = None) -> RelayRecord:
+    value = encode(EventKind.PRODUCT_VIEW, make_view(offset, offset))
+    original = Source("shop.events", 0, offset, 1_000, b"k", value, [])
+    now_ms = int(time.time() * 1000)  # failed just now: within the vendor's retry.max_elapsed_s
+    headers = dlq_headers(original, "fake", "parked", 503, "HTTP 503", 1, now_ms, now_ms, 0)
+    if next_attempt_ms is not None:
+        headers.append(("relay.next_attempt_ms", str(next_attempt_ms).encode()))
+    return RelayRecord.from_source(Source(RETRY, 0, offset, 1_000, b"k", value, headers))
+
+
+def redrive_of(h: Harness, records: list[RelayRecord]) -> ParkedRedrive:
+    """The redrive's release path alone (no Kafka consumer): one held partition of ``h``'s vendor."""
+    r = ParkedRedrive.__new__(ParkedRedrive)
+    r.pipelines, r.vendor_of, r.settlement, r.metrics = {"fake": h.pipe}, {RETRY: "fake"}, h, h.metrics
+    r.tracker = h.tracker
+    h.tracker.assign(RETRY, 0)
+    r.deciders = {"fake": Redrive(h.adapter, Decoder(), h.tracker, max_replays=None)}
+    r.held = {(RETRY, 0): deque(records)}
+    return r
+
+
+async def test_a_held_partition_is_handed_over_batch_after_batch_up_to_half_the_budget():
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100,
+                batch={"max_events": 10})
+    r = redrive_of(h, [parked(i) for i in range(80)])
+    r._release()
+    assert h.pipe.inflight == 50  # half the budget in one release, in batches of the vendor's size
+    assert len(r.held[(RETRY, 0)]) == 30
+    assert await h.pipe.drain(5)
+    assert sorted(h.settled) == list(range(50)) and all(len(c) == 10 for c in h.calls)
+    r._release()  # room again: the rest
+    assert await h.pipe.drain(5)
+    assert sorted(h.settled) == list(range(80)) and not r.held[(RETRY, 0)] and not h.parked
+    await h.pipe.close()
+
+
+async def test_a_record_not_yet_due_holds_its_partition():
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100,
+                batch={"max_events": 10})
+    far = 10 ** 15  # ms: not due in this test's lifetime
+    r = redrive_of(h, [parked(0), parked(1), parked(2, far), parked(3)])
+    r._release()
+    assert h.pipe.inflight == 2 and [x.offset for x in r.held[(RETRY, 0)]] == [2, 3]
+    assert await h.pipe.drain(5)
+    await h.pipe.close()
