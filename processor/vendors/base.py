@@ -58,7 +58,7 @@ class BreakerSettings(Frozen):
     window_s: float = Field(10.0, gt=0)
     min_requests: int = Field(20, ge=1, description="the ratio needs at least this many requests in the window")
     cooldown_s: float = Field(5.0, gt=0, description="open this long before the first probe")
-    max_cooldown_s: float = Field(120.0, gt=0, description="the cooldown doubles up to this while probes fail")
+    max_cooldown_s: float = Field(30.0, gt=0, description="the cooldown doubles up to this while probes fail")
     probes: int = Field(2, ge=1, description="requests let through half-open; all must succeed to close")
 
 
