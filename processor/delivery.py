@@ -169,6 +169,7 @@ class VendorPipeline:
         self.sleep = asyncio.sleep  # replaceable in tests, with the clock
         self.clock = time.monotonic
         self.inflight = 0
+        self._full = False
         self._inflight_gauge = m.inflight.labels(name)
         self._duration = m.request_duration.labels(name)
         self._latency = m.delivery_latency.labels(name)
@@ -181,9 +182,22 @@ class VendorPipeline:
         logger.warning("%s: circuit breaker %s", self.name, state.name.lower().replace("_", "-"))
 
     @property
+    def impaired(self) -> bool:
+        """Down, throttled or slowed: its breaker is not closed, its rate gate holds, or back-pressure
+        cut its concurrency limit. Only an impaired vendor parks what overflows its budget."""
+        return (self.breaker.state is not BreakerState.CLOSED or self.gate.wait_s() > 0
+                or self.limit.current < self.limit.maximum)
+
+    @property
     def full(self) -> bool:
-        """At its budget while it may not park: the source must wait for it (``on_outage: block``)."""
-        return not self.parking and self.inflight >= self.budget
+        """The source must wait for it: at its budget while it may not park (``on_outage: block``), or while
+        it is healthy and merely busy (a backlog being caught up: waiting costs nothing, parking would write
+        and read back every event). Once full, until it is down to half its budget."""
+        if self._full:
+            self._full = self.inflight > self.budget // 2 and not (self.parking and self.impaired)
+        else:
+            self._full = self.inflight >= self.budget and not (self.parking and self.impaired)
+        return self._full
 
     def has_room(self, n: int, share: float = 1.0) -> bool:
         """Can it take ``n`` more events now, within ``share`` of its budget, without parking them (redrive
@@ -199,7 +213,7 @@ class VendorPipeline:
                 self._park_now(events, "breaker_open", CIRCUIT_OPEN, self.breaker.reopens_in())
                 return
             room = self.budget - self.inflight
-            if room < len(events):
+            if room < len(events) and self.impaired:  # a healthy vendor at its budget holds the source instead
                 self._park_now(events[max(0, room):], "budget_full", "vendor at its in-flight budget", 1.0)
                 events = events[:max(0, room)]
         self.inflight += len(events)

@@ -182,15 +182,18 @@ class KafkaSource:
         return out
 
     def _lag(self) -> dict[tuple[str, int], int]:
-        """High watermark minus the committed position, per assigned partition. The watermark is asked of
-        the broker (not librdkafka's cache, which stops moving while a partition is paused)."""
+        """High watermark minus the committed position, per assigned partition. librdkafka's cached
+        watermark moves with every fetch; for a paused partition (no fetches) it would stop, so for those
+        the broker is asked (a round trip each, on this thread: only while paused)."""
         lag = {}
+        paused = self.paused
         for t, p in self.assigned:
             pos = self.positions.get((t, p))
             if pos is None:
                 continue
+            ask = paused or (t, p) in self.held
             try:
-                _lo, hi = self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=2.0, cached=False)
+                _lo, hi = self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=2.0, cached=not ask)
             except KafkaException:
                 continue
             if hi >= 0:

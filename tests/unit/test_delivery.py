@@ -327,16 +327,33 @@ async def test_an_open_breaker_parks_at_intake_and_the_state_is_exported():
     await h.pipe.close()
 
 
-async def test_beyond_its_budget_a_vendor_parks_instead_of_holding():
+async def test_beyond_its_budget_an_impaired_vendor_parks_and_a_healthy_one_holds_the_source():
     h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=3,
                 batch={"max_events": 100})
-    h.pipe.submit_many(h.events(5))
-    assert [p[0] for p in h.parked] == [3, 4] and {p[1] for p in h.parked} == {"budget_full"}
-    assert h.pipe.inflight == 3 and not h.pipe.full  # a parking vendor never holds the source
+    h.pipe.submit_many(h.events(5))  # healthy and merely busy (a backlog): waiting costs nothing
+    assert not h.parked and h.pipe.inflight == 5 and h.pipe.full
     h.pipe.flush()
     assert await h.pipe.drain(5)
-    assert sorted(h.settled) == [0, 1, 2]
+    assert sorted(h.settled) == [0, 1, 2, 3, 4] and not h.pipe.full
+
+    h.pipe.gate.hold(60)  # throttled (a 429's Retry-After): impaired
+    h.pipe.submit_many(h.events(5, start=10))
+    assert [p[0] for p in h.parked] == [13, 14] and {p[1] for p in h.parked} == {"budget_full"}
+    assert h.pipe.inflight == 3 and not h.pipe.full  # a parking vendor never holds the source while impaired
+    await h.pipe.cancel()
     await h.pipe.close()
+
+
+def test_a_full_vendor_holds_the_source_until_half_its_budget_is_left():
+    h = Harness(lambda call, offsets: answer([]), parking=True, budget=10)
+    h.pipe.inflight = 10
+    assert h.pipe.full
+    h.pipe.inflight = 6
+    assert h.pipe.full  # hysteresis: no pause/resume flapping at the limit
+    h.pipe.inflight = 5
+    assert not h.pipe.full
+    h.pipe.inflight = 9
+    assert not h.pipe.full
 
 
 async def test_a_blocking_vendor_at_its_budget_asks_the_source_to_wait():
