@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from bench.outage import SHAPES, OutageOptions
+from bench.outage import BROKEN, SHAPES, VENDORS, OutageOptions
 from bench.report import print_report, write
 from bench.run import Options, run
 
@@ -28,7 +28,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 @click.option("--transport", default="aiohttp", show_default=True, type=click.Choice(["aiohttp", "httpx"]),
               help="httpx transport, for the relay and the HTTP ceiling alike.")
 @click.option("--outage-seconds", type=click.FloatRange(0),
-              help="How long Convead is broken in each shape of the outage run; 0 skips the run  [default: 60]")
+              help="How long the vendor is broken in each shape of the outage run; 0 skips the run  [default: 60]")
+@click.option("--outage-vendor", default=BROKEN, show_default=True, type=click.Choice(VENDORS),
+              help="The vendor the outage run breaks (the others are the healthy ones).")
 @click.option("--outage-rate", default=1500.0, show_default=True, type=click.FloatRange(1),
               help="The outage run's steady load, events/s.")
 @click.option("--outage-before", default=20.0, show_default=True, type=click.FloatRange(1),
@@ -44,7 +46,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
               help="Record each scenario's relay with py-spy into this directory (collapsed stacks).")
 def main(events: int | None, scenarios: str, backlog: int | None, workers: int | None,
          latency_seconds: float | None, http_seconds: float | None, partitions: int,
-         transport: str, outage_seconds: float | None, outage_rate: float, outage_before: float, outage_shapes: str,
+         transport: str, outage_seconds: float | None, outage_vendor: str, outage_rate: float, outage_before: float,
+         outage_shapes: str,
          quick: bool, out: Path, workdir: Path | None, profile_dir: Path | None) -> None:
     """Measure the relay against the decode and HTTP ceilings on the local stack, and through an outage."""
     keys = [k.strip() for k in scenarios.split(",") if k.strip() and k.strip() != "none"]
@@ -65,8 +68,8 @@ def main(events: int | None, scenarios: str, backlog: int | None, workers: int |
         latency_seconds=latency_seconds if latency_seconds is not None else base.latency_seconds,
         http_seconds=http_seconds if http_seconds is not None else base.http_seconds,
         partitions=partitions, transport=transport, workdir=workdir, profile_dir=profile_dir,
-        outage=OutageOptions(seconds=seconds, rate=outage_rate, before_s=outage_before, shapes=shapes,
-                             partitions=partitions),
+        outage=OutageOptions(seconds=seconds, vendor=outage_vendor, rate=outage_rate, before_s=outage_before,
+                             shapes=shapes, partitions=partitions),
     )
     console = Console(width=max(Console().width, 180))
     doc = run(opts, console)

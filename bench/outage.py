@@ -2,14 +2,15 @@
 
 Qubit, QuickLizard, Tracardi and Convead (each with its example settings against the sandbox) take a
 paced stream of ``rate`` events/s. For each fault shape, on a fresh topic, retry topics and relay:
-``before_s`` of steady load, then Convead broken in the sandbox for ``seconds``, then healed; the load
-goes on until Convead's parked backlog is drained (at most ``drain_max_s``), then stops and every event
-is waited for. Everything is read from the relay's own metrics, sampled twice a second:
+``before_s`` of steady load, then one vendor (``vendor``: Convead unless chosen) broken in the sandbox
+for ``seconds``, then healed; the load goes on until its parked backlog is drained (at most
+``drain_max_s``), then stops and every event is waited for. Everything is read from the relay's own
+metrics, sampled twice a second:
 
 * healthy vendors' delivered rate during the outage / before it (``processor_vendor_events_total``);
 * the parked backlog (``processor_parked_events``; and parked minus redriven, from the counters);
 * the time from the heal until the backlog is empty, and the redrive's delivered rate over it
-  (``processor_redriven_events_total``) against Convead's own delivered rate before the outage;
+  (``processor_redriven_events_total``) against the broken vendor's own delivered rate before the outage;
 * per vendor, each event once: lost = produced - (delivered + filtered + dead-lettered + expired), when
   nothing is still parked or unsettled at the end (a redriven event counts once: ``vendor_events``
   minus ``redriven`` by outcome); the sandbox's accepted count checks delivered from the vendor's side.
@@ -33,7 +34,7 @@ from bench.scenarios import RelayRun, Scenario
 from bench.stack import Pacer, ProcWatch, Stack, proc_sample, scrape, total, workload_messages
 
 VENDORS = ("qubit", "quicklizard", "tracardi", "convead")
-BROKEN = "convead"
+BROKEN = "convead"  # the default broken vendor (the issue's table); ``--outage-vendor`` picks another
 EVENT_TWINS = ("qubit", "tracardi", "convead")  # their sandbox twins count accepted events (QuickLizard: rows)
 # (sandbox faults, how the issue names it, healthy vendors' rate during / before measured before isolation)
 SHAPES: dict[str, tuple[dict[str, Any], str, float]] = {
@@ -56,14 +57,15 @@ class OutageOptions:
     shapes: list[str] = field(default_factory=lambda: list(SHAPES))
     drain_max_s: float | None = None  # default: max(60, 3 x seconds)
     partitions: int = 6
+    vendor: str = BROKEN  # the one broken
 
     @property
     def drain_cap_s(self) -> float:
         return self.drain_max_s if self.drain_max_s is not None else max(60.0, 3 * self.seconds)
 
 
-def outage_scenario(sandbox_url: str) -> Scenario:
-    return Scenario.build("outage", sandbox_url, f"{', '.join(VENDORS)} on a steady stream, {BROKEN} broken",
+def outage_scenario(sandbox_url: str, broken: str = BROKEN) -> Scenario:
+    return Scenario.build("outage", sandbox_url, f"{', '.join(VENDORS)} on a steady stream, {broken} broken",
                           VENDORS)
 
 
@@ -132,24 +134,24 @@ def index_at(marks: list[Mark], t: float) -> int:
 
 
 def summarise(marks: list[Mark], t_fault: float, t_heal: float, t_drained: float | None, before_s: float,
-              vendors: list[str]) -> dict[str, Any]:
+              vendors: list[str], broken: str = BROKEN) -> dict[str, Any]:
     """The rates and times of one shape from its marks (pure: unit-tested)."""
     i0 = index_at(marks, t_fault - 0.75 * before_s)  # the first quarter of the stretch is start-up
     i_fault, i_heal = index_at(marks, t_fault), index_at(marks, t_heal)
     healthy = {}
     for v in vendors:
-        if v == BROKEN:
+        if v == broken:
             continue
         before, during = rate(marks, i0, i_fault, v), rate(marks, i_fault, i_heal, v)
         healthy[v] = {"before_per_s": round(before, 1), "during_per_s": round(during, 1),
                       "ratio": round(during / before, 3) if before else None}
-    normal = rate(marks, i0, i_fault, BROKEN)
+    normal = rate(marks, i0, i_fault, broken)
     back = marks[i_heal:]
-    peak_backlog = max((m.counts[BROKEN]["backlog"] for m in marks), default=0.0)
-    peak_outstanding = max((outstanding(m.counts[BROKEN]) for m in marks), default=0.0)
-    closed = next((m.t for m in back if m.counts[BROKEN]["breaker"] == 0), None)
-    start_redriven = marks[i_heal].counts[BROKEN]["redriven_delivered"]
-    first = next((m.t for m in back if m.counts[BROKEN]["redriven_delivered"] > start_redriven), None)
+    peak_backlog = max((m.counts[broken]["backlog"] for m in marks), default=0.0)
+    peak_outstanding = max((outstanding(m.counts[broken]) for m in marks), default=0.0)
+    closed = next((m.t for m in back if m.counts[broken]["breaker"] == 0), None)
+    start_redriven = marks[i_heal].counts[broken]["redriven_delivered"]
+    first = next((m.t for m in back if m.counts[broken]["redriven_delivered"] > start_redriven), None)
     recovery: dict[str, Any] = {
         "breaker_closed_after_s": None if closed is None else round(max(0.0, closed - t_heal), 1),
         "first_redrive_after_s": None if first is None else round(first - t_heal, 1),
@@ -160,7 +162,7 @@ def summarise(marks: list[Mark], t_fault: float, t_heal: float, t_drained: float
         recovery["nothing_parked"] = True  # no backlog to drain (a short 429 is retried in place)
     elif t_drained is not None:
         i_end = index_at(marks, t_drained)
-        redriven = marks[i_end].counts[BROKEN]["redriven_delivered"] - start_redriven
+        redriven = marks[i_end].counts[broken]["redriven_delivered"] - start_redriven
         recovery["redriven_delivered"] = int(redriven)
         recovery["drain_rate_per_s"] = round(redriven / max(t_drained - t_heal, 1e-9), 1)
         if first is not None and t_drained > first:
@@ -169,8 +171,8 @@ def summarise(marks: list[Mark], t_fault: float, t_heal: float, t_drained: float
     ratios = [h["ratio"] for h in healthy.values() if h["ratio"] is not None]
     return {
         "healthy": healthy, "healthy_ratio_min": min(ratios, default=None),
-        "broken": {"vendor": BROKEN, "normal_per_s": round(normal, 1),
-                   "during_per_s": round(rate(marks, i_fault, i_heal, BROKEN), 1)},
+        "broken": {"vendor": broken, "normal_per_s": round(normal, 1),
+                   "during_per_s": round(rate(marks, i_fault, i_heal, broken), 1)},
         "parked_backlog_peak": int(peak_backlog), "parked_outstanding_peak": int(peak_outstanding),
         "recovery": recovery,
     }
@@ -190,6 +192,7 @@ class OutageShape:
     def __init__(self, stack: Stack, workdir: Path, sc: Scenario, shape: str, opts: OutageOptions,
                  values: list[tuple[bytes, bytes]], relay_opts: dict[str, Any]) -> None:
         self.stack, self.sc, self.shape, self.opts = stack, sc, shape, opts
+        self.broken = opts.vendor
         self.topic = f"bench.outage.{shape}.{time.time_ns()}"
         stack.broker.create_topics({self.topic: opts.partitions})
         self.pacer = Pacer(stack.broker.bootstrap, self.topic, values, opts.rate,
@@ -199,7 +202,7 @@ class OutageShape:
 
     def run(self, console: Console) -> dict[str, Any]:
         self.stack.reset_sandbox()
-        _sandbox(self.stack.sandbox_url, f"/_sandbox/faults/{BROKEN}", "DELETE")
+        _sandbox(self.stack.sandbox_url, f"/_sandbox/faults/{self.broken}", "DELETE")
         return self.relay.launch(lambda proc, watch: self._measure(proc, watch, console))
 
     def _mark(self, proc: subprocess.Popen[bytes], t0: float, phase: str) -> Mark:
@@ -224,7 +227,7 @@ class OutageShape:
             time.sleep(min(0.5, max(0.0, end - m.t)))
 
     def _measure(self, proc: subprocess.Popen[bytes], watch: ProcWatch, console: Console) -> dict[str, Any]:
-        o, url = self.opts, self.stack.sandbox_url
+        o, url, b = self.opts, self.stack.sandbox_url, self.broken
         faults, title, _ = SHAPES[self.shape]
         load = [round(x, 2) for x in os.getloadavg()]
         self.relay.wait_ready(proc)
@@ -232,18 +235,18 @@ class OutageShape:
         cpu0 = watch.cpu_seconds()
         self.pacer.start()
         self._until(proc, t0, "before", o.before_s)
-        _sandbox(url, f"/_sandbox/faults/{BROKEN}", "PUT", faults)
+        _sandbox(url, f"/_sandbox/faults/{self.broken}", "PUT", faults)
         t_fault = time.monotonic() - t0
-        console.print(f"  {self.shape}: {BROKEN} broken ({title}) at {t_fault:.1f}s for {o.seconds:g}s...")
+        console.print(f"  {self.shape}: {self.broken} broken ({title}) at {t_fault:.1f}s for {o.seconds:g}s...")
         self._until(proc, t0, "outage", t_fault + o.seconds)
-        _sandbox(url, f"/_sandbox/faults/{BROKEN}", "DELETE")
+        _sandbox(url, f"/_sandbox/faults/{self.broken}", "DELETE")
         t_heal = time.monotonic() - t0
         self._mark(proc, t0, "drain")
 
         emptied: list[float] = []  # when the counters first said every parked record was redriven and settled
 
         def drained(m: Mark) -> bool:  # and the relay's backlog gauge agrees (it is refreshed every 2 s)
-            c = m.counts[BROKEN]
+            c = m.counts[self.broken]
             if outstanding(c) > 0:
                 emptied.clear()  # parked again since (the breaker was still open, say)
             elif not emptied:
@@ -271,9 +274,9 @@ class OutageShape:
             "shape": self.shape, "fault": faults, "title": title, "load_average_at_start": load,
             "rate_events_per_s": o.rate, "before_s": o.before_s, "outage_s": o.seconds,
             "fault_at_s": round(t_fault, 1), "healed_at_s": round(t_heal, 1), "produced": produced,
-            **summarise(self.marks, t_fault, t_heal, t_drained, o.before_s, list(self.sc.vendors)),
+            **summarise(self.marks, t_fault, t_heal, t_drained, o.before_s, list(self.sc.vendors), self.broken),
             "backlog_gauge_zero_after_s": None if t_gauge is None else round(t_gauge - t_heal, 1),
-            "parked_total": {why: int(last[BROKEN][f"parked_{why}"])
+            "parked_total": {why: int(last[self.broken][f"parked_{why}"])
                              for why in ("breaker_open", "budget_full", "retry_budget")},
             "peak_rss_mb": round(watch.peak_rss_mb(), 1),
             "relay_cores_used": round(cpu / max(t_end, 1e-9), 2),
@@ -285,16 +288,16 @@ class OutageShape:
             "sandbox": {v: {k: stats.get(v, {}).get(k, 0) for k in ("requests", "accepted", "rejected", "faults")}
                         for v in self.sc.vendors},
             "timeline": [(round(m.t, 1), m.phase, *(int(m.counts[v]["delivered"]) for v in self.sc.vendors),
-                          int(outstanding(m.counts[BROKEN])), int(m.counts[BROKEN]["backlog"]), round(m.rss_mb))
+                          int(outstanding(m.counts[b])), int(m.counts[b]["backlog"]), round(m.rss_mb))
                          for m in self.marks[:: max(1, len(self.marks) // 120)]],
             "timeline_columns": ["t_s", "phase", *(f"{v}_delivered" for v in self.sc.vendors),
-                                 f"{BROKEN}_parked_outstanding", f"{BROKEN}_parked_backlog_gauge", "relay_rss_mb"],
+                                 f"{b}_parked_outstanding", f"{b}_parked_backlog_gauge", "relay_rss_mb"],
             "log": str(self.relay.log_path),
         }
         r = out["recovery"]
         console.print(f"  {self.shape}: healthy during/before min {out['healthy_ratio_min']}, peak backlog "
                       f"{out['parked_backlog_peak']}, drained {r['drain_seconds']}s after the heal at "
-                      f"{r.get('drain_rate_per_s')}/s ({BROKEN} normally {out['broken']['normal_per_s']}/s), "
+                      f"{r.get('drain_rate_per_s')}/s ({self.broken} normally {out['broken']['normal_per_s']}/s), "
                       f"peak RSS {out['peak_rss_mb']} MB, lost {out['lost']} "
                       f"(not final at the end: {out['not_final_at_end']})")
         return out
@@ -302,18 +305,18 @@ class OutageShape:
 
 def outage_run(stack: Stack, workdir: Path, opts: OutageOptions, relay_opts: dict[str, Any],
                console: Console) -> dict[str, Any]:
-    sc = outage_scenario(stack.sandbox_url)
+    sc = outage_scenario(stack.sandbox_url, opts.vendor)
     doc: dict[str, Any] = {
-        "vendors": list(sc.vendors), "broken": BROKEN, "rate_events_per_s": opts.rate, "before_s": opts.before_s,
+        "vendors": list(sc.vendors), "broken": opts.vendor, "rate_events_per_s": opts.rate, "before_s": opts.before_s,
         "outage_s": opts.seconds, "drain_max_s": opts.drain_cap_s, "partitions": opts.partitions,
         "notes": sc.notes, "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "shapes": {},
         "before_isolation": {k: SHAPES[k][2] for k in SHAPES},
     }
-    if BROKEN not in sc.vendors or len(sc.vendors) < 2:
-        doc["skipped"] = f"needs {BROKEN} and a healthy vendor: {'; '.join(sc.notes)}"
+    if opts.vendor not in sc.vendors or len(sc.vendors) < 2:
+        doc["skipped"] = f"needs {opts.vendor} and a healthy vendor: {'; '.join(sc.notes)}"
         return doc
     values = list(workload_messages(int(min(100_000, max(1_000, opts.rate * 60))), seed=13))
-    console.print(f"outage: {', '.join(sc.vendors)} at {opts.rate:g} events/s; {BROKEN} broken for "
+    console.print(f"outage: {', '.join(sc.vendors)} at {opts.rate:g} events/s; {opts.vendor} broken for "
                   f"{opts.seconds:g}s after {opts.before_s:g}s, shapes {', '.join(opts.shapes)}")
     for shape in opts.shapes:
         doc["shapes"][shape] = OutageShape(stack, workdir, sc, shape, opts, values, relay_opts).run(console)
@@ -342,7 +345,7 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
         "outage_lost": {"want": "0 (every event final at the end)",
                         "got": doc["lost"] if doc["lost"] is not None else f"{doc['not_final_at_end']} not final",
                         "met": doc["lost"] == 0},
-        "outage_drain": {"want": f"redriven/s >= {TARGETS['drain_ratio']}x {BROKEN}'s rate before, every shape",
+        "outage_drain": {"want": f"redriven/s >= {TARGETS['drain_ratio']}x {doc['broken']}'s rate before, every shape",
                          "got": drain if doc["drains_measured"] else "nothing parked",
                          "met": not doc["drains_measured"] or (drain is not None and drain >= TARGETS["drain_ratio"])},
     }
