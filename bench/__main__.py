@@ -31,6 +31,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
               help="How long the vendor is broken in each shape of the outage run; 0 skips the run  [default: 60]")
 @click.option("--outage-vendor", default=BROKEN, show_default=True, type=click.Choice(VENDORS),
               help="The vendor the outage run breaks (the others are the healthy ones).")
+@click.option("--outage-vendors", default=",".join(VENDORS), show_default=True,
+              help="Comma-separated vendors of the outage run, the broken one among them.")
 @click.option("--outage-rate", default=1500.0, show_default=True, type=click.FloatRange(1),
               help="The outage run's steady load, events/s.")
 @click.option("--outage-before", default=20.0, show_default=True, type=click.FloatRange(1),
@@ -46,14 +48,18 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
               help="Record each scenario's relay with py-spy into this directory (collapsed stacks).")
 def main(events: int | None, scenarios: str, backlog: int | None, workers: int | None,
          latency_seconds: float | None, http_seconds: float | None, partitions: int,
-         transport: str, outage_seconds: float | None, outage_vendor: str, outage_rate: float, outage_before: float,
-         outage_shapes: str,
+         transport: str, outage_seconds: float | None, outage_vendor: str, outage_vendors: str, outage_rate: float,
+         outage_before: float, outage_shapes: str,
          quick: bool, out: Path, workdir: Path | None, profile_dir: Path | None) -> None:
     """Measure the relay against the decode and HTTP ceilings on the local stack, and through an outage."""
     keys = [k.strip() for k in scenarios.split(",") if k.strip() and k.strip() != "none"]
     bad = [k for k in keys if k not in ("a", "b", "c")]
     if bad:
         raise click.BadParameter(f"unknown scenario {', '.join(bad)}", param_hint="--scenarios")
+    vendors = tuple(v.strip() for v in outage_vendors.split(",") if v.strip())
+    if any(v not in VENDORS for v in vendors) or outage_vendor not in vendors:
+        raise click.BadParameter(f"vendors among {', '.join(VENDORS)}, {outage_vendor} one of them",
+                                 param_hint="--outage-vendors")
     shapes = [k.strip() for k in outage_shapes.split(",") if k.strip()]
     bad = [k for k in shapes if k not in SHAPES]
     if bad:
@@ -68,8 +74,8 @@ def main(events: int | None, scenarios: str, backlog: int | None, workers: int |
         latency_seconds=latency_seconds if latency_seconds is not None else base.latency_seconds,
         http_seconds=http_seconds if http_seconds is not None else base.http_seconds,
         partitions=partitions, transport=transport, workdir=workdir, profile_dir=profile_dir,
-        outage=OutageOptions(seconds=seconds, vendor=outage_vendor, rate=outage_rate, before_s=outage_before,
-                             shapes=shapes, partitions=partitions),
+        outage=OutageOptions(seconds=seconds, vendor=outage_vendor, vendors=vendors, rate=outage_rate,
+                             before_s=outage_before, shapes=shapes, partitions=partitions),
     )
     console = Console(width=max(Console().width, 180))
     doc = run(opts, console)

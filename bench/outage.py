@@ -1,11 +1,11 @@
-"""The outage run (issue 12): four vendors on a steady stream, one of them broken for a while.
+"""The outage run (issue 12): vendors on a steady stream, one of them broken for a while.
 
-Qubit, QuickLizard, Tracardi and Convead (each with its example settings against the sandbox) take a
-paced stream of ``rate`` events/s. For each fault shape, on a fresh topic, retry topics and relay:
-``before_s`` of steady load, then one vendor (``vendor``: Convead unless chosen) broken in the sandbox
-for ``seconds``, then healed; the load goes on until its parked backlog is drained (at most
-``drain_max_s``), then stops and every event is waited for. Everything is read from the relay's own
-metrics, sampled twice a second:
+Qubit, QuickLizard, Tracardi and Convead (unless ``vendors`` names others; each with its example settings
+against the sandbox) take a paced stream of ``rate`` events/s. For each fault shape, on a fresh topic,
+retry topics and relay: ``before_s`` of steady load, then one vendor (``vendor``: Convead unless chosen)
+broken in the sandbox for ``seconds``, then healed; the load goes on until its parked backlog is drained
+(at most ``drain_max_s``), then stops and every event is waited for. Everything is read from the relay's
+own metrics, sampled twice a second:
 
 * healthy vendors' delivered rate during the outage / before it (``processor_vendor_events_total``);
 * the parked backlog (``processor_parked_events``; and parked minus redriven, from the counters);
@@ -58,15 +58,16 @@ class OutageOptions:
     drain_max_s: float | None = None  # default: max(60, 3 x seconds)
     partitions: int = 6
     vendor: str = BROKEN  # the one broken
+    vendors: tuple[str, ...] = VENDORS  # all of them, the broken one among them
 
     @property
     def drain_cap_s(self) -> float:
         return self.drain_max_s if self.drain_max_s is not None else max(60.0, 3 * self.seconds)
 
 
-def outage_scenario(sandbox_url: str, broken: str = BROKEN) -> Scenario:
-    return Scenario.build("outage", sandbox_url, f"{', '.join(VENDORS)} on a steady stream, {broken} broken",
-                          VENDORS)
+def outage_scenario(sandbox_url: str, broken: str = BROKEN, vendors: tuple[str, ...] = VENDORS) -> Scenario:
+    return Scenario.build("outage", sandbox_url, f"{', '.join(vendors)} on a steady stream, {broken} broken",
+                          vendors)
 
 
 # -- what one scrape says, per vendor -----------------------------------------------------
@@ -305,7 +306,7 @@ class OutageShape:
 
 def outage_run(stack: Stack, workdir: Path, opts: OutageOptions, relay_opts: dict[str, Any],
                console: Console) -> dict[str, Any]:
-    sc = outage_scenario(stack.sandbox_url, opts.vendor)
+    sc = outage_scenario(stack.sandbox_url, opts.vendor, opts.vendors)
     doc: dict[str, Any] = {
         "vendors": list(sc.vendors), "broken": opts.vendor, "rate_events_per_s": opts.rate, "before_s": opts.before_s,
         "outage_s": opts.seconds, "drain_max_s": opts.drain_cap_s, "partitions": opts.partitions,
