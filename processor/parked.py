@@ -9,10 +9,15 @@ same record-to-event path as ``dlq replay`` (``processor.redrive``).
 A partition's records are taken in order, and only while the vendor can take
 them: its breaker is not open, it is not throttled, it holds less than half of
 its budget (the other half stays for live events), and the head record is due
-(``relay.next_attempt_ms``). Otherwise the partition is held: paused, its
-fetched records kept in memory (one fetch at most), so a vendor's backlog waits
-in Kafka. One topic per vendor: one vendor's backlog never sits in front of
-another's.
+(``relay.next_attempt_ms``). A partition is paused while its vendor cannot take
+anything for a while (breaker open, throttled, head record not due), or while the
+records kept in memory for it reach a reservoir (its vendor's budget, at least one
+fetch; resumed at half): a vendor's backlog waits in Kafka. A vendor that is only
+busy keeps its partition fetching up to the reservoir, because librdkafka drops a
+paused partition's prefetched records and fetches them again on resume: pausing
+whenever a record waited cost a broker round trip per handful of records (the
+drain ran at ~600 events/s whatever the vendor's capacity, bench/README.md).
+One topic per vendor: one vendor's backlog never sits in front of another's.
 
 A record that waited past its vendor's ``retry.max_elapsed_s`` since its first
 failure goes to the dead-letter topic as ``exhausted``, with its history; one
@@ -59,6 +64,8 @@ class ParkedRedrive:
                                      "client": {**k.client, "auto.offset.reset": "earliest"}})
         self.source = KafkaSource(kafka, decoder, loop, self._on_assign, self._on_revoke)
         self.held: dict[tuple[str, int], deque[RelayRecord]] = {}
+        self.fetch_batch = k.consume_batch
+        self._full: set[tuple[str, int]] = set()  # partitions paused at their reservoir, until down to half
         self._commit_due = 0.0
         for v in self.topics:
             metrics.parked_backlog.labels(v).set(0)
@@ -76,6 +83,7 @@ class ParkedRedrive:
         for t, p in parts:
             self.tracker.revoke(t, p)
             self.held.pop((t, p), None)
+            self._full.discard((t, p))
         return positions
 
     # -- the loop -------------------------------------------------------------------------
@@ -89,8 +97,7 @@ class ParkedRedrive:
             if now >= self._commit_due:
                 self._commit_due = now + cfg.relay.commit_interval_s
                 commit = self.tracker.commit_positions() or None
-            hold = {key for key, q in self.held.items() if q}
-            poll = await self.source.poll(cfg.kafka.consume_batch, 0.2, None, commit, hold)
+            poll = await self.source.poll(cfg.kafka.consume_batch, 0.2, None, commit, self._holds())
             self._after_commit(poll.committed, poll.lag)
             for msg in poll.raw:
                 if msg.error() is not None:
@@ -106,6 +113,26 @@ class ParkedRedrive:
                 backlog[self.vendor_of[t]] += n
             for v, n in backlog.items():
                 self.metrics.parked_backlog.labels(v).set(n)
+
+    def _holds(self) -> set[tuple[str, int]]:
+        """The partitions to pause now (see the module's docstring)."""
+        now_ms = int(time.time() * 1000)
+        hold = set()
+        for key, q in self.held.items():
+            if not q:
+                self._full.discard(key)
+                continue
+            pipe = self.pipelines[self.vendor_of[key[0]]]
+            if not q[0].due(now_ms) or pipe.breaker.is_open() or pipe.gate.wait_s() > 0:
+                hold.add(key)
+                continue
+            high = max(self.fetch_batch, pipe.budget)
+            if len(q) >= high or (key in self._full and len(q) > high // 2):
+                self._full.add(key)
+                hold.add(key)
+            else:
+                self._full.discard(key)
+        return hold
 
     def _release(self) -> None:
         """Hand each vendor the due head of its held partitions, as much as it can take now."""

@@ -1,4 +1,5 @@
-"""The redrive of parked records: how much of a held partition is handed to its vendor at once."""
+"""The redrive of parked records: how much of a held partition is handed to its vendor at once, and when
+its partition is paused."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def redrive_of(h: Harness, records: list[RelayRecord]) -> ParkedRedrive:
     h.tracker.assign(RETRY, 0)
     r.deciders = {"fake": Redrive(h.adapter, Decoder(), h.tracker, max_replays=None)}
     r.held = {(RETRY, 0): deque(records)}
+    r.fetch_batch, r._full = 10, set()
     return r
 
 
@@ -60,4 +62,37 @@ async def test_a_record_not_yet_due_holds_its_partition():
     r._release()
     assert h.pipe.inflight == 2 and [x.offset for x in r.held[(RETRY, 0)]] == [2, 3]
     assert await h.pipe.drain(5)
+    await h.pipe.close()
+
+
+async def test_a_busy_vendor_keeps_its_partition_fetching_up_to_the_reservoir():
+    """Pausing drops librdkafka's prefetched records: a vendor that merely has no room this moment keeps
+    fetching until its budget's worth of records waits in memory, then is paused until down to half."""
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100,
+                batch={"max_events": 10})
+    r = redrive_of(h, [parked(i) for i in range(80)])
+    r._release()
+    assert h.pipe.inflight == 50 and len(r.held[(RETRY, 0)]) == 30 and r._holds() == set()  # busy: fetching
+    q = r.held[(RETRY, 0)]
+    q.extend(parked(i) for i in range(80, 150))  # 100 waiting: the budget's worth
+    assert r._holds() == {(RETRY, 0)}
+    while len(q) > 51:
+        q.popleft()
+    assert r._holds() == {(RETRY, 0)}  # still above half
+    q.popleft()
+    assert r._holds() == set()  # half: fetching again
+    q.clear()
+    assert r._holds() == set()
+    assert await h.pipe.drain(5)
+    await h.pipe.close()
+
+
+async def test_a_vendor_that_cannot_take_anything_for_a_while_has_its_partition_paused():
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100)
+    r = redrive_of(h, [parked(0, 10 ** 15)])  # not due
+    assert r._holds() == {(RETRY, 0)}
+    r.held[(RETRY, 0)] = deque([parked(1)])
+    assert r._holds() == set()
+    h.pipe.gate.hold(60)  # throttled
+    assert r._holds() == {(RETRY, 0)}
     await h.pipe.close()
