@@ -46,7 +46,8 @@ TARGETS = {"healthy_ratio": 0.9, "rss_mb": 300, "drain_ratio": 1.0}
 OUTCOMES = ("delivered", "filtered", "dead_lettered", "parked")
 REDRIVEN = ("delivered", "filtered", "dead_lettered", "parked", "expired")
 PREFIXES = ("processor_vendor_events_total", "processor_redriven_events_total", "processor_parked_",
-            "processor_vendor_breaker_state")
+            "processor_vendor_breaker_state", "processor_vendor_concurrency_limit", "processor_inflight_events",
+            "processor_source_paused")
 
 
 @dataclass
@@ -80,6 +81,9 @@ def snapshot(ports: list[int], vendors: list[str]) -> dict[str, dict[str, float]
                   for o in REDRIVEN})
         c["backlog"] = total(samples, "processor_parked_events", vendor=v)
         c["breaker"] = total(samples, "processor_vendor_breaker_state", vendor=v)
+        c["limit"] = total(samples, "processor_vendor_concurrency_limit", vendor=v)
+        c["inflight"] = total(samples, "processor_inflight_events", vendor=v)
+        c["source_paused"] = total(samples, "processor_source_paused")
         for why in ("breaker_open", "budget_full", "retry_budget"):
             c[f"parked_{why}"] = total(samples, "processor_parked_total", vendor=v, reason=why)
         out[v] = c
@@ -289,10 +293,12 @@ class OutageShape:
             "sandbox": {v: {k: stats.get(v, {}).get(k, 0) for k in ("requests", "accepted", "rejected", "faults")}
                         for v in self.sc.vendors},
             "timeline": [(round(m.t, 1), m.phase, *(int(m.counts[v]["delivered"]) for v in self.sc.vendors),
-                          int(outstanding(m.counts[b])), int(m.counts[b]["backlog"]), round(m.rss_mb))
+                          int(outstanding(m.counts[b])), int(m.counts[b]["backlog"]), int(m.counts[b]["limit"]),
+                          int(m.counts[b]["inflight"]), int(m.counts[b]["source_paused"]), round(m.rss_mb))
                          for m in self.marks[:: max(1, len(self.marks) // 120)]],
             "timeline_columns": ["t_s", "phase", *(f"{v}_delivered" for v in self.sc.vendors),
-                                 f"{b}_parked_outstanding", f"{b}_parked_backlog_gauge", "relay_rss_mb"],
+                                 f"{b}_parked_outstanding", f"{b}_parked_backlog_gauge", f"{b}_concurrency_limit",
+                                 f"{b}_inflight_events", "source_paused", "relay_rss_mb"],
             "log": str(self.relay.log_path),
         }
         r = out["recovery"]
@@ -311,7 +317,9 @@ def outage_run(stack: Stack, workdir: Path, opts: OutageOptions, relay_opts: dic
         "vendors": list(sc.vendors), "broken": opts.vendor, "rate_events_per_s": opts.rate, "before_s": opts.before_s,
         "outage_s": opts.seconds, "drain_max_s": opts.drain_cap_s, "partitions": opts.partitions,
         "notes": sc.notes, "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "shapes": {},
-        "before_isolation": {k: SHAPES[k][2] for k in SHAPES},
+        # measured on the landed relay in the setup only (Convead broken among the four)
+        "before_isolation": ({k: SHAPES[k][2] for k in SHAPES}
+                             if (opts.vendor, tuple(opts.vendors)) == (BROKEN, VENDORS) else {}),
     }
     if opts.vendor not in sc.vendors or len(sc.vendors) < 2:
         doc["skipped"] = f"needs {opts.vendor} and a healthy vendor: {'; '.join(sc.notes)}"

@@ -58,9 +58,10 @@ def table(doc: dict[str, Any]) -> Table:
     return t
 
 
-OUTAGE_HEAD = ("Convead's fault", "before isolation", "healthy during ÷ before (min)", "per vendor",
-               "peak parked backlog", "drained after heal s", "redriven/s", "Convead's rate before /s",
+OUTAGE_HEAD = ("fault", "before isolation", "healthy during ÷ before (min)", "per vendor",
+               "peak parked backlog", "drained after heal s", "redriven/s", "broken vendor's rate before /s",
                "peak RSS MB", "lost")
+LEFT = ("fault", "per vendor")
 
 
 def outage_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -86,7 +87,7 @@ def outage_table(doc: dict[str, Any]) -> Table:
     t = Table(title=f"outage run: {', '.join(o['vendors'])} at {o['rate_events_per_s']:,.0f} events/s, "
                     f"{o['broken']} broken for {o['outage_s']:g} s after {o['before_s']:g} s")
     for c in OUTAGE_HEAD:
-        t.add_column(c, justify="left" if c in ("Convead's fault", "per vendor") else "right")
+        t.add_column(c, justify="left" if c in LEFT else "right")
     for row in outage_rows(doc):
         t.add_row(*row)
     return t
@@ -95,9 +96,11 @@ def outage_table(doc: dict[str, Any]) -> Table:
 def print_report(doc: dict[str, Any], console: Console) -> None:
     if doc.get("outage", {}).get("shapes"):
         console.print(outage_table(doc))
-        console.print("outage: healthy = Qubit, QuickLizard, Tracardi; their delivered rate during the outage ÷ the "
-                      "last 3/4 of the stretch before; drained = every parked event redriven and settled, from the "
-                      "heal; redriven/s over that time.")
+        o = doc["outage"]
+        healthy = ", ".join(v for v in o["vendors"] if v != o["broken"])
+        console.print(f"outage: healthy = {healthy}; their delivered rate during the outage ÷ the last 3/4 of the "
+                      "stretch before; drained = every parked event redriven and settled, from the heal; redriven/s "
+                      "over that time.")
     if not doc["scenarios"]:
         _targets(doc, console)
         return
@@ -147,7 +150,7 @@ def markdown(doc: dict[str, Any]) -> str:
                         f"in-flight limit {r['max_inflight_events']:,}", r, latency=False))
     text = "\n".join("| " + " | ".join(r) + " |" for r in rows) if len(rows) > 2 else ""
     if outage_rows(doc):
-        out = [OUTAGE_HEAD, tuple("---" if c in ("Convead's fault", "per vendor") else "---:" for c in OUTAGE_HEAD),
+        out = [OUTAGE_HEAD, tuple("---" if c in LEFT else "---:" for c in OUTAGE_HEAD),
                *outage_rows(doc)]
         text += ("\n\n" if text else "") + "\n".join("| " + " | ".join(r) + " |" for r in out)
     return text
