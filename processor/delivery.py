@@ -201,9 +201,14 @@ class VendorPipeline:
 
     def has_room(self, n: int, share: float = 1.0) -> bool:
         """Can it take ``n`` more events now, within ``share`` of its budget, without parking them (redrive
-        asks before it submits)?"""
-        return (not self.breaker.is_open() and self.gate.wait_s() == 0
-                and self.inflight + n <= self.budget * share)
+        asks before it submits)? Not while its breaker is open or its rate gate holds; while half-open, one
+        batch when nothing else is in flight (its probes: more would only be parked again)."""
+        if self.gate.wait_s() > 0:
+            return False
+        state = self.breaker.state
+        if state is BreakerState.CLOSED:
+            return self.inflight + n <= self.budget * share
+        return state is BreakerState.HALF_OPEN and self.inflight == 0 and n <= self.batcher.max_events
 
     # -- intake ------------------------------------------------------------
     def submit_many(self, events: list[Event]) -> None:

@@ -10,6 +10,7 @@ from processor.codec import Decoder
 from processor.deadletter import dlq_headers
 from processor.devstack.samples import encode, make_view
 from processor.events import EventKind, Source
+from processor.isolation import BreakerState
 from processor.parked import ParkedRedrive
 from processor.redrive import Redrive, RelayRecord
 from tests.unit.test_delivery import Harness, answer
@@ -95,4 +96,27 @@ async def test_a_vendor_that_cannot_take_anything_for_a_while_has_its_partition_
     assert r._holds() == set()
     h.pipe.gate.hold(60)  # throttled
     assert r._holds() == {(RETRY, 0)}
+    await h.pipe.close()
+
+
+async def test_a_half_open_vendor_is_handed_one_batch_at_a_time_for_its_probes():
+    """Half-open, the breaker lets only its probes through: more redriven events would only be parked again,
+    and with no live events the redrive's batch is what probes the vendor."""
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100,
+                batch={"max_events": 10})
+    r = redrive_of(h, [parked(i) for i in range(40)])
+    h.pipe.breaker._set(BreakerState.HALF_OPEN)
+    r._release()
+    assert h.pipe.inflight == 10 and len(r.held[(RETRY, 0)]) == 30
+    r._release()  # that batch still in flight: nothing more
+    assert h.pipe.inflight == 10
+    assert await h.pipe.drain(5)
+    r._release()  # one probe (one request of this fake vendor) succeeded: another batch for the second
+    assert h.pipe.inflight == 10 and len(r.held[(RETRY, 0)]) == 20
+    assert await h.pipe.drain(5)
+    assert h.pipe.breaker.state is BreakerState.CLOSED  # both probes succeeded
+    r._release()
+    assert h.pipe.inflight == 20  # closed: up to half the budget again, the rest
+    assert await h.pipe.drain(5)
+    assert sorted(h.settled) == list(range(40)) and not h.parked
     await h.pipe.close()
