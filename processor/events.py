@@ -59,6 +59,26 @@ class Source:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
+class FromSource:
+    """What wraps a message (``source``) and stands for it where its place is asked: its topic,
+    partition and offset (the offset tracker and the dead-letter writer read these)."""
+
+    __slots__ = ()
+    source: Source
+
+    @property
+    def topic(self) -> str:
+        return self.source.topic
+
+    @property
+    def partition(self) -> int:
+        return self.source.partition
+
+    @property
+    def offset(self) -> int:
+        return self.source.offset
+
+
 class Event(Source):
     """One decoded event on its way to the vendors: its message's fields (an Event is its own
     ``Source``: one object a message, not two) plus the decoded record.

@@ -48,7 +48,7 @@ from processor.codec import Decoder
 from processor.deadletter import headers_dict, prior_replay_count, replayed_headers
 from processor.delivery import Sender, VendorPipeline
 from processor.errors import DecodeError
-from processor.events import Event, Source
+from processor.events import Event, FromSource, Source
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker
 from processor.vendors.base import Adapter
@@ -89,7 +89,7 @@ def _int(value: str | None) -> int | None:
 
 
 @dataclass(slots=True)
-class RelayRecord:
+class RelayRecord(FromSource):
     """One record of the relay's format, read back from a topic: ``source`` is the record itself (its
     own topic, partition and offset; key, value and headers as written), the rest its ``relay.*``
     fields (None where a header is missing or does not parse)."""
@@ -125,18 +125,6 @@ class RelayRecord:
     @classmethod
     def from_message(cls, msg: Any) -> RelayRecord:
         return cls.from_source(Source.from_message(msg))
-
-    @property
-    def topic(self) -> str:
-        return self.source.topic
-
-    @property
-    def partition(self) -> int:
-        return self.source.partition
-
-    @property
-    def offset(self) -> int:
-        return self.source.offset
 
     @property
     def failed_ms(self) -> int | None:

@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from processor.codec import Decoder
 from processor.config import KafkaConfig
 from processor.errors import DecodeError
-from processor.events import Event, EventKind, Source
+from processor.events import Event, EventKind, FromSource, Source
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ Partitions = list[tuple[str, int]]
 
 
 @dataclass(slots=True)
-class Decoded:
+class Decoded(FromSource):
     """A message that is not an event to route: undecodable (``error``) or of a schema the relay does
     not route (``kind`` None). Routable records come out of ``decode_all`` as Events directly."""
 
@@ -41,18 +41,6 @@ class Decoded:
     record: dict[str, Any] | None = None
     error: DecodeError | None = None
     slot: Any = None  # its offset tracker slot, as an Event's (settled once the dead-letter topic has it)
-
-    @property
-    def topic(self) -> str:
-        return self.source.topic
-
-    @property
-    def partition(self) -> int:
-        return self.source.partition
-
-    @property
-    def offset(self) -> int:
-        return self.source.offset
 
 
 @dataclass

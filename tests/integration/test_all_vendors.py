@@ -87,6 +87,20 @@ def test_every_vendor_receives_what_it_takes(broker, topics, sandbox, relays):
         assert secret not in log
 
 
+def settled_and_dead_letters(broker, topics, relay, kinds) -> tuple[dict[str, dict[str, float]], list]:
+    """Every event settled by every vendor, the source committed to its end, and the dead-letter topic
+    holding exactly what the relay counted as dead-lettered, per vendor: (settled counts, dlq records)."""
+    settled = wait_settled(relay, kinds)
+    wait_for(lambda: committed(broker.bootstrap, topics.group, topics.events)
+             == end_offsets(broker.bootstrap, topics.events), 30, "commits to the end")
+    dead = sum(c["dead_lettered"] for c in settled.values())
+    dlq = read_all(broker.bootstrap, topics.dlq, expect=int(dead))
+    assert len(dlq) == dead
+    by_vendor = Counter(headers_dict(m.headers())["relay.vendor"] for m in dlq)
+    assert by_vendor == {v: c["dead_lettered"] for v, c in settled.items() if c["dead_lettered"]}
+    return settled, dlq
+
+
 def test_partial_failures_and_invalid_events_dead_letter_only_those_for_that_vendor(broker, topics, sandbox,
                                                                                      relays):
     messages, kinds = workload_messages(300)
@@ -101,14 +115,7 @@ def test_partial_failures_and_invalid_events_dead_letter_only_those_for_that_ven
     produce(broker.bootstrap, topics.events, messages)
     relay, _ = start_relay(broker, topics, sandbox, relays)
 
-    settled = wait_settled(relay, kinds)
-    wait_for(lambda: committed(broker.bootstrap, topics.group, topics.events)
-             == end_offsets(broker.bootstrap, topics.events), 30, "commits to the end")
-    dead = sum(c["dead_lettered"] for c in settled.values())
-    dlq = read_all(broker.bootstrap, topics.dlq, expect=int(dead))
-    assert len(dlq) == dead
-    by_vendor = Counter(headers_dict(m.headers())["relay.vendor"] for m in dlq)
-    assert by_vendor == {v: c["dead_lettered"] for v, c in settled.items() if c["dead_lettered"]}
+    settled, dlq = settled_and_dead_letters(broker, topics, relay, kinds)
     # the injected failures hit every vendor; the rest of each batch was delivered all the same
     for vendor, counts in settled.items():
         assert counts["delivered"] > 0, (vendor, counts)

@@ -131,15 +131,20 @@ def test_rebalance_one_two_one_loses_nothing(broker, topics, sandbox, relays, as
     assert incremental == (assignor == "cooperative-sticky"), first_revoke
 
 
+def retried_in_place(cfg: dict[str, Any], max_attempts: int, max_elapsed_s: float) -> None:
+    """QuickLizard in block mode without a breaker: what fails is retried in place (200-500 ms apart),
+    never parked, until ``max_attempts`` or ``max_elapsed_s``."""
+    cfg["vendors"]["quicklizard"].update(on_outage="block", breaker=NO_BREAKER)
+    cfg["vendors"]["quicklizard"]["retry"] = {"max_attempts": max_attempts, "base_delay_ms": 200,
+                                              "max_delay_ms": 500, "max_elapsed_s": max_elapsed_s}
+
+
 def test_revoke_mid_retry_does_not_dead_letter_twice(broker, topics, sandbox, relays):
     """A revoke whose drain outlasts the grace: the revoked events are redelivered to their next owner, so the
     old pipelines must give them up, not keep retrying them into a second dead letter."""
     sandbox.faults("quicklizard", error_rate=1.0)  # down: every QuickLizard batch retries until exhausted
     cfg = fault_config(broker, topics, sandbox, shutdown_grace_s=1, max_inflight_events=5000)  # never paused
-    # retried in place (no parking, no breaker) until exhausted
-    cfg["vendors"]["quicklizard"].update(on_outage="block", breaker=NO_BREAKER)
-    cfg["vendors"]["quicklizard"]["retry"] = {"max_attempts": 50, "base_delay_ms": 200, "max_delay_ms": 500,
-                                              "max_elapsed_s": 6}
+    retried_in_place(cfg, max_attempts=50, max_elapsed_s=6)
     events = fault_events(300)
     produce(broker.bootstrap, topics.events, [(e.key, e.value) for e in events])
     a = relays(cfg, "a")
@@ -162,9 +167,7 @@ def test_rebalance_while_paused_keeps_fetching(broker, topics, sandbox, relays):
     resumes later, so the same flaw stalls only when that share brings it below the resume mark.)"""
     sandbox.faults("quicklizard", error_rate=1.0)  # down: nothing settles, the in-flight limit is reached at once
     cfg = fault_config(broker, topics, sandbox, max_inflight_events=100, shutdown_grace_s=1)
-    cfg["vendors"]["quicklizard"].update(on_outage="block", breaker=NO_BREAKER)  # holds the source at its budget
-    cfg["vendors"]["quicklizard"]["retry"] = {"max_attempts": 100, "base_delay_ms": 200, "max_delay_ms": 500,
-                                              "max_elapsed_s": 20}
+    retried_in_place(cfg, max_attempts=100, max_elapsed_s=20)  # and holds the source at its budget
     events = fault_events(1000)
     produce(broker.bootstrap, topics.events, [(e.key, e.value) for e in events])
     a = relays(cfg, "a")
