@@ -11,8 +11,9 @@ them: its breaker is not open, it is not throttled, it holds less than half of
 its budget (the other half stays for live events), and the head record is due
 (``relay.next_attempt_ms``). A partition is paused while its vendor cannot take
 anything for a while (breaker open, throttled, head record not due), or while the
-records kept in memory for it reach a reservoir (its vendor's budget, at least one
-fetch; resumed at half): a vendor's backlog waits in Kafka. A vendor that is only
+records kept in memory for it reach a reservoir (half its vendor's budget, what it
+may hand over at once; at least one fetch; resumed at half): a vendor's backlog
+waits in Kafka. A vendor that is only
 busy keeps its partition fetching up to the reservoir, because librdkafka drops a
 paused partition's prefetched records and fetches them again on resume: pausing
 whenever a record waited cost a broker round trip per handful of records (the
@@ -60,8 +61,11 @@ class ParkedRedrive:
                          for v in self.topics}
         k = config.kafka
         group = config.parking.group_id or f"{k.group_id}.redrive"
+        # the reservoir is the redrive's buffer: librdkafka's own prefetch (32 MB for the input topics) need
+        # only cover a fetch or two
         kafka = k.model_copy(update={"topics": list(self.topics.values()), "group_id": group,
-                                     "client": {**k.client, "auto.offset.reset": "earliest"}})
+                                     "client": {"queued.max.messages.kbytes": 8192, **k.client,
+                                                "auto.offset.reset": "earliest"}})
         self.source = KafkaSource(kafka, decoder, loop, self._on_assign, self._on_revoke)
         self.held: dict[tuple[str, int], deque[RelayRecord]] = {}
         self.fetch_batch = k.consume_batch
@@ -126,7 +130,7 @@ class ParkedRedrive:
             if not q[0].due(now_ms) or pipe.breaker.is_open() or pipe.gate.wait_s() > 0:
                 hold.add(key)
                 continue
-            high = max(self.fetch_batch, pipe.budget)
+            high = max(self.fetch_batch, pipe.budget // 2)  # what it may hand over at once
             if len(q) >= high or (key in self._full and len(q) > high // 2):
                 self._full.add(key)
                 hold.add(key)

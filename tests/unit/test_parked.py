@@ -68,16 +68,16 @@ async def test_a_record_not_yet_due_holds_its_partition():
 
 async def test_a_busy_vendor_keeps_its_partition_fetching_up_to_the_reservoir():
     """Pausing drops librdkafka's prefetched records: a vendor that merely has no room this moment keeps
-    fetching until its budget's worth of records waits in memory, then is paused until down to half."""
+    fetching until half its budget's worth of records waits in memory, then is paused until down to half."""
     h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100,
                 batch={"max_events": 10})
     r = redrive_of(h, [parked(i) for i in range(80)])
     r._release()
     assert h.pipe.inflight == 50 and len(r.held[(RETRY, 0)]) == 30 and r._holds() == set()  # busy: fetching
     q = r.held[(RETRY, 0)]
-    q.extend(parked(i) for i in range(80, 150))  # 100 waiting: the budget's worth
+    q.extend(parked(i) for i in range(80, 100))  # 50 waiting: what it may hand over at once
     assert r._holds() == {(RETRY, 0)}
-    while len(q) > 51:
+    while len(q) > 26:
         q.popleft()
     assert r._holds() == {(RETRY, 0)}  # still above half
     q.popleft()
