@@ -199,11 +199,16 @@ class VendorPipeline:
             self._full = self.inflight >= self.budget and not (self.parking and self.impaired)
         return self._full
 
+    @property
+    def blocked(self) -> bool:
+        """It takes nothing for a while: its breaker is open or its rate gate holds."""
+        return self.gate.wait_s() > 0 or self.breaker.is_open()
+
     def has_room(self, n: int, share: float = 1.0) -> bool:
         """Can it take ``n`` more events now, within ``share`` of its budget, without parking them (redrive
         asks before it submits)? Not while its breaker is open or its rate gate holds; while half-open, one
         batch when nothing else is in flight (its probes: more would only be parked again)."""
-        if self.gate.wait_s() > 0:
+        if self.blocked:
             return False
         state = self.breaker.state
         if state is BreakerState.CLOSED:
