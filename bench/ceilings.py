@@ -29,9 +29,9 @@ from fastavro import parse_schema, schemaless_reader
 from processor.batching import Batcher
 from processor.codec import EMBEDDED_IDS, Decoder, load_canonical_schemas
 from processor.config import load_config
-from processor.delivery import make_sender
 from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS
 from processor.events import Event, Source
+from processor.transport import make_sender
 from processor.vendors import adapter_class
 from processor.vendors.base import Adapter, VendorRequest
 
@@ -151,3 +151,61 @@ def mix_ceiling(per_vendor: dict[str, dict[str, Any]]) -> dict[str, float]:
     events_per_s = 1 / cost if cost else 0.0
     requests_per_s = sum(v["requests_per_event"] for v in per_vendor.values()) * events_per_s
     return {"events_per_s": round(events_per_s, 1), "requests_per_s": round(requests_per_s, 1)}
+
+
+async def _client_round(send: Any, requests: list[VendorRequest], count: int, concurrency: int) -> float:
+    """CPU seconds of this process to send ``count`` requests, ``concurrency`` at a time (a gather of
+    workers, as the relay sends a batch's requests)."""
+    it = iter(range(count))
+
+    async def worker() -> None:
+        for i in it:
+            req = requests[i % len(requests)]
+            await send(req)
+
+    t0 = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.process_time() - t0
+
+
+async def _client_ceiling(adapter: Adapter[Any, Any], requests: list[VendorRequest], concurrency: int,
+                          count: int, rounds: int) -> dict[str, Any]:
+    import aiohttp
+
+    sender = make_sender(adapter)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency))
+    statuses: dict[str, list[int]] = {"relay_sender": [], "aiohttp": []}
+
+    async def via_sender(req: VendorRequest) -> None:
+        r = await sender.request(req.method, req.url, req.content, req.headers)
+        statuses["relay_sender"].append(r.status_code)
+
+    async def via_aiohttp(req: VendorRequest) -> None:
+        async with session.request(req.method, req.url, data=req.content, headers=req.headers) as r:
+            await r.read()
+            statuses["aiohttp"].append(r.status)
+
+    cpu: dict[str, list[float]] = {"relay_sender": [], "aiohttp": []}
+    try:
+        for send in (via_sender, via_aiohttp):  # warm-up: connections open, code paths hot
+            await _client_round(send, requests, concurrency * 4, concurrency)
+        for _ in range(rounds):  # alternating: the machine's drift falls on both alike
+            cpu["relay_sender"].append(await _client_round(via_sender, requests, count, concurrency))
+            cpu["aiohttp"].append(await _client_round(via_aiohttp, requests, count, concurrency))
+    finally:
+        await sender.aclose()
+        await session.close()
+    per = {k: sorted(v)[len(v) // 2] / count * 1e6 for k, v in cpu.items()}  # median round, us a request
+    return {"vendor": adapter.name, "concurrency": concurrency, "requests_per_round": count, "rounds": rounds,
+            "relay_sender_cpu_us_per_request": round(per["relay_sender"], 1),
+            "aiohttp_cpu_us_per_request": round(per["aiohttp"], 1),
+            "sender_over_aiohttp": round(per["relay_sender"] / max(per["aiohttp"], 1e-9), 2),
+            "non_2xx": {k: sum(s >= 300 for s in v) for k, v in statuses.items()}}
+
+
+def client_ceiling(adapter: Adapter[Any, Any], requests: list[VendorRequest], concurrency: int = 32,
+                   count: int = 2000, rounds: int = 3) -> dict[str, Any]:
+    """Client CPU a request: the relay's sender (``make_sender``, as the relay sends) against aiohttp's own
+    client, the same requests to the same sandbox at the same concurrency, in alternating rounds; the
+    median round of each. The sandbox is another process: only the client's CPU is counted."""
+    return asyncio.run(_client_ceiling(adapter, requests, concurrency, count, rounds))

@@ -110,7 +110,27 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
     console.print("scenario latency: a run of its own at half the scenario's measured rate (Kafka timestamp -> "
                   "vendor ack, the relay's histogram); in the --workers and backlog rows it includes the wait in "
                   "the pre-loaded backlog.")
+    if "client_ceiling" in doc:
+        console.print(client_table(doc))
     _targets(doc, console)
+
+
+def client_table(doc: dict[str, Any]) -> Table:
+    """The client ceiling row: the relay's sender and aiohttp's own client on the same requests, and each
+    scenario's relay CPU a request, all in, over the bare client's."""
+    c = doc["client_ceiling"]
+    t = Table(title=f"client ceiling: {c['vendor']}'s requests, {c['concurrency']} concurrent, median of "
+                    f"{c['rounds']} alternating rounds of {c['requests_per_round']:,}")
+    cols = ("relay sender us/req", "aiohttp client us/req", "sender ÷ aiohttp",
+            *(f"scenario {k}: relay all in ÷ aiohttp" for k, sc in doc["scenarios"].items()
+              if "relay_over_bare_client" in sc))
+    for col in cols:
+        t.add_column(col, justify="right")
+    t.add_row(_f(c["relay_sender_cpu_us_per_request"], 1), _f(c["aiohttp_cpu_us_per_request"], 1),
+              _f(c["sender_over_aiohttp"], 2),
+              *(_f(sc["relay_over_bare_client"], 2) for sc in doc["scenarios"].values()
+                if "relay_over_bare_client" in sc))
+    return t
 
 
 def _targets(doc: dict[str, Any], console: Console) -> None:

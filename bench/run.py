@@ -14,14 +14,15 @@ from typing import Any
 
 from rich.console import Console
 
-from bench.ceilings import decode_ceiling, mix_ceiling, planned_requests, vendor_ceiling
+from bench.ceilings import client_ceiling, decode_ceiling, mix_ceiling, planned_requests, vendor_ceiling
 from bench.outage import OutageOptions, outage_run
 from bench.outage import targets as outage_targets
 from bench.scenarios import DLQ, RelayRun, Scenario, batch_window_ms
 from bench.stack import Pacer, Stack, produce_all, workload_messages
 
 TOPIC = "bench.events"
-TARGETS = {"ratio": 0.6, "scaling": 1.7, "p99_over_window_ms": 250, "backlog_rss_mb": 300}
+TARGETS = {"ratio": 0.6, "scaling": 1.7, "p99_over_window_ms": 250, "backlog_rss_mb": 300,
+           "relay_over_bare_client": 1.4}
 
 
 @dataclass
@@ -118,6 +119,7 @@ def run(opts: Options, console: Console) -> dict[str, Any]:
                 entry["half_load"] = lat
                 entry.update({f"{q}_ms": lat[f"{q}_ms"] for q in ("p50", "p95", "p99")})
         if runs:
+            doc["client_ceiling"] = _client_ceiling(runs, doc, values, opts, console)
             top = "c" if "c" in runs else max(runs, key=lambda k: len(runs[k].vendors))
             doc["http_ceiling_scenario"] = top
             doc["http_ceiling_requests_per_s"] = doc["scenarios"][top]["http_ceiling_requests_per_s"]
@@ -170,6 +172,26 @@ def _http_ceiling(sc: Scenario, values: list[tuple[bytes, bytes]], opts: Options
                 "non_2xx": 0}
         per_vendor[name] = {**cache[tag], "requests_per_event": round(len(requests) / max(sampled, 1), 4)}
     return {**mix_ceiling(per_vendor), "sampled_events": sampled, "per_vendor": per_vendor}
+
+
+def _client_ceiling(runs: dict[str, Scenario], doc: dict[str, Any], values: list[tuple[bytes, bytes]],
+                    opts: Options, console: Console) -> dict[str, Any]:
+    """The relay's sender against aiohttp's own client on the smallest requests of the run (Convead's form
+    POSTs where it ran), and each scenario's relay CPU a request (all in) against the bare client's."""
+    vendor = "convead" if any("convead" in sc.vendors for sc in runs.values()) else next(iter(runs.values())).vendors[0]
+    sc = next(sc for sc in runs.values() if vendor in sc.vendors)
+    planned, _ = planned_requests({vendor: sc.vendors[vendor]}, sc.env, values, opts.sample)
+    adapter, requests = planned[vendor]
+    out = client_ceiling(adapter, requests, count=max(500, int(2000 * opts.http_seconds / 3)))
+    bare = out["aiohttp_cpu_us_per_request"]
+    for key in runs:
+        entry = doc["scenarios"][key]
+        entry["relay_over_bare_client"] = round(entry["relay_cpu_us_per_request"] / max(bare, 1e-9), 2)
+    console.print(f"client ceiling ({vendor}, {out['concurrency']} concurrent): relay sender "
+                  f"{out['relay_sender_cpu_us_per_request']} us/request, aiohttp's client {bare} us/request "
+                  f"({out['sender_over_aiohttp']}x); relay all in over the bare client: " + ", ".join(
+                      f"{k} {doc['scenarios'][k]['relay_over_bare_client']}x" for k in runs))
+    return out
 
 
 def _per_relay_core(res: dict[str, Any]) -> float | None:
@@ -254,6 +276,11 @@ def _targets(doc: dict[str, Any]) -> dict[str, Any]:
         b = doc["backlog"]
         out["backlog_rss"] = {"want": f"<= {TARGETS['backlog_rss_mb']} MB", "got": b["peak_rss_mb"],
                               "met": b["peak_rss_mb"] <= TARGETS["backlog_rss_mb"]}
+    b = doc["scenarios"].get("b", {})
+    if "relay_over_bare_client" in b:
+        out["request_cost_b"] = {"want": f"<= {TARGETS['relay_over_bare_client']}x aiohttp's client a request",
+                                 "got": b["relay_over_bare_client"],
+                                 "met": b["relay_over_bare_client"] <= TARGETS["relay_over_bare_client"]}
     if "outage" in doc:
         out.update(outage_targets(doc["outage"]))
     return out

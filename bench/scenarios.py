@@ -205,6 +205,7 @@ class RunResult:
             "p99_ms": _r(self.latency_ms["p99"]),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "cpu_s_per_1k": round(self.cpu_s / max(self.events, 1) * 1000, 4),
+            "relay_cpu_us_per_request": round(self.cpu_s / max(self.requests, 1) * 1e6, 1),
             # cores busy during the run: the relay's, and what the sandbox and the broker took beside it
             "cores_used": {"relay": round(self.cpu_s / s, 2),
                            **{k: round(v / s, 2) for k, v in self.stack_cpu_s.items()}},

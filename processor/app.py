@@ -16,7 +16,7 @@ from confluent_kafka import KafkaException
 from processor.codec import Decoder
 from processor.config import Config
 from processor.deadletter import DeadLetterWriter
-from processor.delivery import VendorPipeline, make_sender
+from processor.delivery import VendorPipeline
 from processor.errors import RegistryUnavailable
 from processor.health import HealthServer
 from processor.metrics import Metrics
@@ -24,6 +24,7 @@ from processor.offsets import OffsetTracker, Settlement
 from processor.parked import ParkedRedrive
 from processor.routing import Router
 from processor.source import KafkaSource, Partitions
+from processor.transport import make_sender
 from processor.vendors import adapter_class
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Delivery: the one place that does vendor HTTP, retries and per-event outcomes.
 
-Per vendor: one long-lived ``Sender`` (an httpx transport with explicit pool
+Per vendor: one long-lived sender (``processor.transport``: explicit pool
 limits and timeouts), a batcher, a budget of unsettled events, a circuit
 breaker, an adaptive concurrency limit and a rate gate (``processor.isolation``).
 A closed batch is planned by the adapter, sent, and every event's outcome
@@ -34,7 +34,6 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from operator import attrgetter
 from typing import Any
@@ -47,6 +46,7 @@ from processor.isolation import AdaptiveLimit, BreakerState, CircuitBreaker, Rat
 from processor.logs import where_failed
 from processor.metrics import Metrics, status_class
 from processor.offsets import Settlement, is_revoked
+from processor.transport import HttpSender
 from processor.vendors.base import DELIVERED, Adapter, Outcome, Response, VendorRequest, Verdict, retryable
 
 logger = logging.getLogger(__name__)
@@ -56,47 +56,6 @@ _timestamp = attrgetter("timestamp_ms")
 CIRCUIT_OPEN = "circuit open"
 PARK_REASONS = ("breaker_open", "budget_full", "retry_budget")
 REDRIVE_OUTCOMES = ("delivered", "filtered", "dead_lettered", "parked", "expired")
-
-
-class Sender:
-    """The relay's one HTTP call: an httpx Request handed to an httpx transport, its body read.
-
-    httpx.AsyncClient wraps every request in layers a relay does not use: a cookie jar (a vendor's
-    cookies are never sent back), auth and redirect handling (an answer is the answer: adapters
-    classify 3xx), default-header merging. They cost ~40% of the relay's time when a vendor takes one
-    event a request; going to the transport directly sends ~60% more requests a second on the same
-    HTTP stack (bench/README.md). Transport errors are httpx's, as they were through the client."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout | None = None) -> None:
-        self.transport = transport
-        self._timeout = (timeout or httpx.Timeout(10.0)).as_dict()
-
-    async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> httpx.Response:
-        request = httpx.Request(method, url, content=content, headers=headers,
-                                extensions={"timeout": self._timeout})
-        response = await self.transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
-
-
-def make_sender(adapter: Adapter[Any, Any], transport: str = "aiohttp") -> Sender:
-    """The vendor's sender: pool limits from its concurrency, its timeouts; ``transport`` is aiohttp's
-    (via httpx-aiohttp, the default: ~10x the requests/s of httpx's own here) or httpx's own."""
-    s = adapter.settings
-    limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency,
-                          keepalive_expiry=30)
-    timeout = httpx.Timeout(s.timeout.total_s, connect=s.timeout.connect_s)
-    if transport == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        return Sender(AiohttpTransport(limits=limits), timeout)
-    return Sender(httpx.AsyncHTTPTransport(limits=limits), timeout)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -132,7 +91,7 @@ class _Answer:
 class VendorPipeline:
     """Batches, sends, retries, parks and settles one vendor's events."""
 
-    def __init__(self, adapter: Adapter[Any, Any], client: Sender, metrics: Metrics, settlement: Settlement,
+    def __init__(self, adapter: Adapter[Any, Any], client: HttpSender, metrics: Metrics, settlement: Settlement,
                  budget: int, parking: bool) -> None:
         from processor.batching import Batcher
 

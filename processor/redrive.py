@@ -46,11 +46,12 @@ from typing import Any, Protocol
 
 from processor.codec import Decoder
 from processor.deadletter import headers_dict, prior_replay_count, replayed_headers
-from processor.delivery import Sender, VendorPipeline
+from processor.delivery import VendorPipeline
 from processor.errors import DecodeError
 from processor.events import Event, FromSource, Source
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker
+from processor.transport import HttpSender
 from processor.vendors.base import Adapter
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class Redrive:
         self.counts: Counter[str] = Counter()  # scanned, each Decision, failed_again
         self.reports: list[Report] = []
 
-    def attach(self, sender: Sender, metrics: Metrics, budget: int = 20_000) -> VendorPipeline:
+    def attach(self, sender: HttpSender, metrics: Metrics, budget: int = 20_000) -> VendorPipeline:
         """The vendor's live-path pipeline (adapter, batching, concurrency, breaker, retries in place: a
         replay does not park), reporting its outcomes here: settled into this redrive's tracker, what
         fails again written back."""

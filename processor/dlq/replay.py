@@ -24,12 +24,12 @@ from typing import Any
 from processor.app import _is_shared_client_key, build_decoder
 from processor.config import Config
 from processor.deadletter import DeadLetterWriter
-from processor.delivery import make_sender
 from processor.dlq.topic import DlqTopic, check_vendor, replay_group
 from processor.dlq.view import masked_request
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker
 from processor.redrive import Filters, Redrive, Report, Triage
+from processor.transport import make_sender
 from processor.vendors import Adapter, adapter_class
 from processor.vendors.base import VendorRequest
 

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIO_KEYS = ("relay_events_per_s", "relay_requests_per_s", "vendor_deliveries_per_s", "p50_ms", "p99_ms",
-                 "peak_rss_mb", "cpu_s_per_1k", "ratio", "http_ceiling_requests_per_s")
+                 "peak_rss_mb", "cpu_s_per_1k", "ratio", "http_ceiling_requests_per_s",
+                 "relay_cpu_us_per_request")
 
 
 @pytest.mark.timeout(210)
@@ -42,6 +43,10 @@ def test_bench_smoke_run_writes_sane_results(tmp_path: Path) -> None:
         assert sc["cpu_s_per_1k"] > 0
         assert 0 < sc["ratio"] == max(sc["ratio_decode"], sc["ratio_http"])
         assert sc["p50_ms"] is not None and sc["p50_ms"] <= sc["p99_ms"]
+    client = doc["client_ceiling"]  # scenario c has Convead: its form POSTs, through both clients
+    assert client["vendor"] == "convead" and client["non_2xx"] == {"relay_sender": 0, "aiohttp": 0}
+    assert client["relay_sender_cpu_us_per_request"] > 0 and client["aiohttp_cpu_us_per_request"] > 0
+    assert all(sc["relay_over_bare_client"] > 0 for sc in ran.values())
     assert doc["scaling"]["workers"] == 2 and doc["scaling"]["relay_events_per_s"] > 0
     assert doc["backlog"]["events"] == 1000 and doc["backlog"]["peak_rss_mb"] > 0
     assert set(doc["targets"]) >= {f"ratio_{k}" for k in ran} | {"scaling", "backlog_rss", "outage_lost"}

@@ -11,11 +11,12 @@ import httpx
 import orjson
 import pytest
 
-from processor.delivery import Sender, VendorPipeline, backoff_delay, parse_retry_after
+from processor.delivery import VendorPipeline, backoff_delay, parse_retry_after
 from processor.devstack.samples import as_event, make_view
 from processor.events import Event, EventKind
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker
+from processor.transport import Sender
 from processor.vendors.base import (
     DELIVERED,
     Adapter,

@@ -10,12 +10,12 @@ import orjson
 
 from processor.codec import Decoder
 from processor.deadletter import dlq_headers, headers_dict, replayed_headers
-from processor.delivery import Sender
 from processor.devstack.samples import encode, make_order, make_view
 from processor.events import EventKind, Source
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker
 from processor.redrive import Decision, Filters, Redrive, RelayRecord
+from processor.transport import Sender
 from tests.unit.test_delivery import FakeAdapter
 
 DLQ = "shop.events.dlq"

@@ -1,0 +1,133 @@
+"""The relay's HTTP senders: one call, ``request(method, url, content, headers)``, answering with a
+``Reply`` (status, headers, body) or raising one of httpx's errors.
+
+* ``Sender`` hands an ``httpx.Request`` to any httpx transport (httpx's own, or ``httpx.MockTransport``
+  in tests) and reads the body.
+* ``AiohttpSender``, the default, goes straight onto aiohttp's client: no ``httpx.Request`` and no
+  ``httpx.Response`` per request (URL parsing, header normalisation, a byte stream and its decoder),
+  which is most of what the relay paid per request on top of aiohttp's own client (bench/README.md,
+  the client ceiling row). What the relay sees is unchanged: aiohttp's errors are translated to
+  httpx's with httpx-aiohttp's own mapping, and a body with a ``Content-Encoding`` is decoded by httpx,
+  so a garbled compressed body raises ``httpx.DecodingError`` as it did through httpx.
+
+Neither follows redirects (an answer is the answer: adapters classify 3xx) nor keeps cookies.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import aiohttp
+import httpx
+from httpx_aiohttp.transport import map_aiohttp_exceptions
+
+
+class Reply(Protocol):
+    """What a sender answers with; ``httpx.Response`` is one."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+
+class HttpSender(Protocol):
+    """What the delivery pipeline sends through."""
+
+    async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> Reply: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Answered:
+    """A reply read off aiohttp: the status, the headers (case-insensitive) and the body as sent."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+
+
+class Sender:
+    """An ``httpx.Request`` handed to an httpx transport, its body read.
+
+    httpx.AsyncClient wraps every request in layers a relay does not use (a cookie jar, auth and
+    redirect handling, default-header merging): the transport is called directly. Transport errors
+    are httpx's, as they are through the client."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout | None = None) -> None:
+        self.transport = transport
+        self._timeout = (timeout or httpx.Timeout(10.0)).as_dict()
+
+    async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> Reply:
+        request = httpx.Request(method, url, content=content, headers=headers,
+                                extensions={"timeout": self._timeout})
+        response = await self.transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+class AiohttpSender:
+    """aiohttp's client with the vendor's pool limits and timeouts, nothing in between.
+
+    The session is made on first use (inside the running event loop). Timeouts as httpx-aiohttp sets
+    them from an ``httpx.Timeout``: connect -> ``sock_connect``, read -> ``sock_read``, pool -> ``connect``
+    (the wait for a pooled connection)."""
+
+    def __init__(self, limits: httpx.Limits, timeout: httpx.Timeout | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._limits = limits
+        t = (timeout or httpx.Timeout(10.0)).as_dict()
+        self._timeout = aiohttp.ClientTimeout(sock_connect=t.get("connect"), sock_read=t.get("read"),
+                                              connect=t.get("pool"))
+        self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._limits.max_connections or 0, ssl=self._ssl,
+                                         keepalive_timeout=self._limits.keepalive_expiry)
+        self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                              auto_decompress=False, timeout=self._timeout)
+        return self._session
+
+    async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> Reply:
+        session = self._session or self._open()
+        with map_aiohttp_exceptions():
+            async with session.request(method, url, data=content or None, headers=headers,
+                                       allow_redirects=False) as r:
+                body = await r.read()
+                status, raw = r.status, r.headers
+        if "Content-Encoding" in raw:  # rare for a vendor's answer: httpx decodes it, as it did
+            return httpx.Response(status, headers=list(r.raw_headers), content=body)
+        return Answered(status, raw, body)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def make_sender(adapter: Any, transport: str = "aiohttp") -> HttpSender:
+    """The vendor's sender: pool limits from its concurrency, its timeouts; ``transport`` is aiohttp's
+    client (the default) or httpx's own transport."""
+    s = adapter.settings
+    limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency,
+                          keepalive_expiry=30)
+    timeout = httpx.Timeout(s.timeout.total_s, connect=s.timeout.connect_s)
+    if transport == "aiohttp":
+        return AiohttpSender(limits, timeout)
+    return Sender(httpx.AsyncHTTPTransport(limits=limits), timeout)
