@@ -40,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import Field, SecretStr
@@ -69,9 +69,14 @@ UID_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz-"
 DROPPED_NOTE = "visitor_uid_dropped"
 DELIVERED_DROPPED = Outcome(Verdict.DELIVERED, note=DROPPED_NOTE)
 
+_FORM_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+_FORM_BYTE = [bytes((b,)) if b in _FORM_SAFE else b"+" if b == 0x20 else b"%%%02X" % b for b in range(256)]
+
+
 def form_quote(raw: bytes) -> bytes:
-    """Form encoding as Convead's clients send it (PHP urlencode; ~ is kept, which every form decoder reads alike)."""
-    return quote_plus(raw, safe="-_.").encode()
+    """Form encoding as Convead's clients send it (PHP urlencode; ~ is kept, which every form decoder reads alike):
+    ``quote_plus(raw, safe="-_.")``, a table lookup a byte (the stdlib calls a function a byte)."""
+    return b"".join(map(_FORM_BYTE.__getitem__, raw))
 
 
 class ConveadSite(Frozen):

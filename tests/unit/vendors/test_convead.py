@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote_plus, urlencode
 
 import httpx
 import orjson
@@ -90,6 +90,14 @@ def test_form_encoding_is_php_urlencode_and_round_trips(text):
     quoted = form_quote(text.encode()).decode("ascii")
     assert parse_qsl("x=" + quoted, keep_blank_values=True, errors="strict") == [("x", text)]
     assert quoted == urlencode({"x": text})[2:]
+
+
+def test_form_encoding_is_the_stdlibs_quote_plus_for_every_byte():
+    every = bytes(range(256))
+    assert form_quote(every) == quote_plus(every, safe="-_.").encode()
+    for n in range(1, 200):
+        raw = bytes((i * 37 + n) % 256 for i in range(n))
+        assert form_quote(raw) == quote_plus(raw, safe="-_.").encode()
 
 
 def test_events_one_request_each_and_only_invalid_ones_rejected():
