@@ -4,14 +4,44 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 IMAGE  ?= event-relay:dev
 
-.PHONY: install run test lint unit integration bench image deploy-assets clean
+.PHONY: install system-tools run test lint unit integration bench image deploy-assets clean
+
+# the programs from outside PyPI that `make test` runs: prometheus and promtool (the alert-rule tests and the
+# scrape end to end), both in Debian's package `prometheus`. As root they are installed here; otherwise the
+# recipe names what to install and fails.
+SYSTEM_TOOLS := prometheus promtool
+SYSTEM_PACKAGES := prometheus
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory apt-install \
+		APT_WHY="$(PYTHON) -m venv (the virtualenv of make install)" APT_PACKAGES=python3-venv
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		$(MAKE) --no-print-directory apt-install APT_WHY="$${missing# }" APT_PACKAGES="$(SYSTEM_PACKAGES)" || exit 1; \
+		for t in $$missing; do command -v $$t >/dev/null 2>&1 || { \
+			echo "make: $$t is still not on PATH after installing $(SYSTEM_PACKAGES)" >&2; exit 1; }; done; \
+	fi
+
+# apt-install APT_PACKAGES=... APT_WHY=...: as root, install the Debian packages (apt-get update first when the
+# package lists do not know them); otherwise say exactly what to install, and fail
+.PHONY: apt-install
+apt-install:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make: $(APT_WHY) missing; install the Debian package(s) $(APT_PACKAGES) as root:" >&2; \
+		echo "    sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)" >&2; \
+		exit 1; \
+	fi; \
+	echo "make: $(APT_WHY) missing; installing the Debian package(s) $(APT_PACKAGES)"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	if ! apt-cache show $(APT_PACKAGES) >/dev/null 2>&1; then apt-get update -qq; fi; \
+	apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null
 
 run: install
 	$(BIN)/processor demo
@@ -20,13 +50,13 @@ lint: install
 	$(BIN)/ruff check processor tests $(wildcard bench) deploy
 	$(BIN)/hadolint deploy/Dockerfile
 
-test: install lint
+test: install system-tools lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-integration: install
+integration: install system-tools
 	$(BIN)/pytest -q tests/integration
 
 bench: install

@@ -33,14 +33,14 @@ METRIC_NAME = re.compile(r"\b(processor_[a-z0-9_]+|up)\b(?!\s*\()")
 
 def tool(name: str) -> str:
     """A binary from the virtualenv (the dev extras ship kubectl, hadolint) or PATH (Debian's prometheus and
-    promtool, installed by .ci/run); missing is a failure, never a skip."""
+    promtool, which `make test` installs as root); missing is a failure, never a skip."""
     local = Path(sys.executable).parent / name
     if local.exists():
         return str(local)
     found = shutil.which(name)
     if found is None:
         raise AssertionError(f"{name} is not installed: `make install` brings kubectl and hadolint, "
-                             f"`apt-get install prometheus` brings prometheus and promtool (see .ci/run)")
+                             f"`apt-get install prometheus` brings prometheus and promtool (`make test` installs it as root)")
     return found
 
 
