@@ -1,5 +1,6 @@
 """Configuration: a YAML file, ``${VAR}`` secrets from the environment, and
-``PROCESSOR__SECTION__KEY=value`` environment overrides, validated into
+``PROCESSOR__SECTION__KEY=value`` environment overrides (typed by the model: a string setting takes the
+value as written, lists and sections take JSON), validated into
 frozen models that forbid unknown keys. Everything is validated before the
 relay connects to anything; an error names the field (``vendors.qubit.sites.default.tracking_id``).
 """
@@ -8,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
 from processor.codec import DEFAULT_SCHEMAS_DIR
 from processor.errors import ConfigError
@@ -156,23 +160,76 @@ def interpolate(node: Any, path: str, env: Mapping[str, str]) -> Any:
     return node
 
 
-def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
+def _field_type(keys: list[str]) -> Any:
+    """The annotation of the setting at ``keys`` (lower-cased path from the top), None where the model
+    does not say (a key under ``kafka.client``, a vendor not in the registry)."""
+    tp: Any = Config
+    for depth, key in enumerate(keys):
+        if depth == 1 and keys[0] == "vendors":
+            if key not in REGISTRY:
+                return None
+            tp = adapter_class(key).settings_model()
+            continue
+        tp = _without_none(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(key)
+            if field is None:
+                return None
+            tp = field.annotation
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    return tp
+
+
+def _without_none(tp: Any) -> Any:
+    """``X | None`` -> X."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _is_structured(tp: Any) -> bool:
+    """A list, mapping or model: what an environment variable can only give as JSON."""
+    tp = _without_none(tp)
+    origin = typing.get_origin(tp) or tp
+    return origin in (list, dict, set, frozenset, tuple) or (isinstance(tp, type) and issubclass(tp, BaseModel))
+
+
+def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
     """PROCESSOR__KAFKA__BOOTSTRAP_SERVERS=host:9092 -> data['kafka']['bootstrap_servers'].
 
-    Keys are lower-cased; values are parsed as YAML scalars (numbers, booleans, lists)."""
+    Keys are lower-cased. The value is typed by the config model, as pydantic-settings does: it stays the
+    string as written (a string setting takes ``0123`` or ``yes`` as such; pydantic makes a number or a
+    boolean of it where the field is one), and a list, mapping or section takes JSON. Returns setting path ->
+    variable name, so an error can name the variable; no error carries the value."""
+    applied: dict[str, str] = {}
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX):
             continue
         keys = [k.lower() for k in var[len(ENV_PREFIX):].split("__") if k]
         if not keys:
             continue
+        path = ".".join(keys)
+        value: Any = env[var]
+        if _is_structured(_field_type(keys)):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{path}: {var} is not valid JSON (this setting takes a JSON list or "
+                                  f"object from the environment)") from None
         node = data
         for k in keys[:-1]:
             child = node.get(k)
             if not isinstance(child, dict):
                 child = node[k] = {}
             node = child
-        node[keys[-1]] = yaml.safe_load(env[var])
+        node[keys[-1]] = value
+        applied[path] = var
+    return applied
 
 
 def _format_error(exc: ValidationError, prefix: str = "") -> str:
@@ -193,9 +250,15 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    _apply_overrides(raw, env)
+    applied = _apply_overrides(raw, env)
     data = interpolate(raw, "", env)
-    return parse_config(data)
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        named = sorted(var for path, var in applied.items() if path in str(exc))
+        if not named:
+            raise
+        raise ConfigError(f"{exc} (set by the environment: {', '.join(named)})") from exc
 
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})

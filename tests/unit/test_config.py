@@ -277,3 +277,59 @@ def load_config_from(data):
     from processor.config import interpolate
 
     return parse_config(interpolate(data, "", {**ENV, "QUBIT_TRACKING_ID": "t", "CONVEAD_APP_KEY": "a"}))
+
+
+# environment overrides are typed by the config model: a string field takes the value as written
+
+
+def _with_env(tmp_path, env, **over):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(minimal(**over)))
+    return load_config(f, env)
+
+
+@pytest.mark.parametrize("value", ["0123", "yes", "no", "1e3", "null", "~", "[abc", "0x1F", "true"])
+def test_override_of_a_string_setting_stays_the_string(tmp_path, value):
+    cfg = _with_env(tmp_path, {"PROCESSOR__KAFKA__CLIENT__SASL.PASSWORD": value,
+                               "PROCESSOR__DEADLETTER__TOPIC": value})
+    assert cfg.kafka.client["sasl.password"] == value
+    assert cfg.deadletter.topic == value
+
+
+def test_override_numbers_and_booleans_typed_by_the_model(tmp_path):
+    cfg = _with_env(tmp_path, {"PROCESSOR__KAFKA__CONSUME_BATCH": "0123", "PROCESSOR__PARKING__ENABLED": "no",
+                               "PROCESSOR__RELAY__STALL_AFTER_S": "1e3", "PROCESSOR__METRICS__PORT": "9401"})
+    assert cfg.kafka.consume_batch == 123
+    assert cfg.parking.enabled is False
+    assert cfg.relay.stall_after_s == 1000.0
+    assert cfg.metrics.port == 9401
+
+
+def test_override_of_a_list_takes_json(tmp_path):
+    cfg = _with_env(tmp_path, {"PROCESSOR__KAFKA__TOPICS": '["a", "b"]'})
+    assert cfg.kafka.topics == ["a", "b"]
+
+
+def test_override_of_a_vendor_setting_typed_by_the_vendor_model(tmp_path):
+    cfg = _with_env(tmp_path, {"PROCESSOR__VENDORS__QUICKLIZARD__SITES__DEFAULT__CLIENT_KEY": "0123",
+                               "PROCESSOR__VENDORS__QUICKLIZARD__BATCH__MAX_EVENTS": "50"},
+                    vendors={"quicklizard": {"sites": {"default": {"client_key": "k"}}, "options": {}}})
+    assert cfg.vendors["quicklizard"].sites["default"].client_key.get_secret_value() == "0123"
+    assert cfg.vendors["quicklizard"].batch.max_events == 50
+
+
+@pytest.mark.parametrize(("var", "value", "field"), [
+    ("PROCESSOR__KAFKA__CONSUME_BATCH", "s3cr3t-not-a-number", "kafka.consume_batch"),
+    ("PROCESSOR__PARKING__ENABLED", "s3cr3t-maybe", "parking.enabled"),
+    ("PROCESSOR__KAFKA__TOPICS", "[s3cr3t-abc", "kafka.topics"),
+    ("PROCESSOR__KAFKA__CLIENT", "{s3cr3t", "kafka.client"),
+    ("PROCESSOR__VENDORS__QUICKLIZARD__BATCH__MAX_EVENTS", "s3cr3t", "vendors.quicklizard.batch.max_events"),
+])
+def test_malformed_override_names_the_field_never_the_value(tmp_path, var, value, field):
+    with pytest.raises(ConfigError) as err:
+        _with_env(tmp_path, {var: value},
+                  vendors={"quicklizard": {"sites": {"default": {"client_key": "k"}}, "options": {}}})
+    text = str(err.value)
+    assert field in text and var in text
+    assert "s3cr3t" not in text
+    assert "s3cr3t" not in repr(err.value.__cause__) and "s3cr3t" not in str(err.value.__cause__)
