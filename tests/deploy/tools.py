@@ -40,7 +40,7 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise AssertionError(f"{name} is not installed: `make install` brings kubectl and hadolint, "
-                             f"`apt-get install prometheus` brings prometheus and promtool (`make test` installs it as root)")
+                             f"`apt-get install prometheus` brings prometheus and promtool (`make test` does, as root)")
     return found
 
 
