@@ -14,7 +14,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from processor.codec import Decoder
-from processor.config import Config
+from processor.config import SHARED_CLIENT_PREFIXES, Config
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline
 from processor.errors import RegistryUnavailable
@@ -65,11 +65,8 @@ class Relay:
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
         cfg = self.config
-        producer_conf = {k: v for k, v in cfg.kafka.client.items() if _is_shared_client_key(k)}
-        producer_conf.update(cfg.deadletter.producer)
-        producer_conf["bootstrap.servers"] = cfg.kafka.bootstrap_servers
-        self.dlq = DeadLetterWriter(cfg.deadletter.topic, producer_conf, self.metrics, cfg.deadletter.retry_delay_s,
-                                    cfg.retry_topic_prefix())
+        self.dlq = DeadLetterWriter(cfg.deadletter.topic, cfg.producer_settings(), self.metrics,
+                                    cfg.deadletter.retry_delay_s, cfg.retry_topic_prefix())
         self.settlement = Settlement(self.tracker, self.dlq)
         self.router = Router(self.tracker, self.settlement, self.metrics)
         parks = cfg.retry_topics()
@@ -341,9 +338,6 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-_PRODUCER_SHARED_PREFIXES = ("security.", "sasl.", "ssl.", "client.id", "socket.", "broker.", "api.version")
-
-
 def _is_shared_client_key(key: str) -> bool:
     """Kafka client settings that apply to the dead-letter producer as well (connection and auth)."""
-    return key.startswith(_PRODUCER_SHARED_PREFIXES)
+    return key.startswith(SHARED_CLIENT_PREFIXES)

@@ -1,5 +1,5 @@
-"""Command line: ``processor run``, ``processor check-config``, ``processor dlq inspect|replay``, ``processor sandbox``,
-``processor demo``."""
+"""Command line: ``processor run``, ``processor check-config``, ``processor topics create|check``,
+``processor dlq inspect|replay``, ``processor sandbox``, ``processor demo``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,77 @@ def check_config(config_path: str) -> None:
     config = _load(config_path)
     click.echo(yaml.safe_dump(redacted(config), sort_keys=False))
     click.echo(f"# {config_path}: OK ({', '.join(config.enabled_vendors()) or 'no vendors enabled'})", err=True)
+    from processor.topics import needed_topics
+
+    click.echo("# topics it needs (`processor topics create|check`):", err=True)
+    for need in needed_topics(config):
+        click.echo(f"#   {need.name}  ({need.role})", err=True)
+
+
+@main.group()
+def topics() -> None:
+    """Create and verify the topics a config needs: the dead-letter topic and each parking vendor's retry
+    topic (input topics are the producers': checked, never created)."""
+
+
+_config_option = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                              help="The relay's YAML config file.")
+_timeout_option = click.option("--timeout", "timeout_s", default=30.0, show_default=True, type=float,
+                               help="Seconds to wait for Kafka to answer.")
+
+
+@topics.command("create")
+@_config_option
+@click.option("--partitions", type=click.IntRange(1),
+              help="Partitions of each new topic [default: as many as the first input topic has].")
+@click.option("--replication-factor", default=-1, show_default=True, type=int,
+              help="Replicas of each new topic (-1: the broker's default.replication.factor).")
+@click.option("--retry-retention-margin-hours", default=24.0, show_default=True, type=click.FloatRange(0),
+              help="A retry topic keeps records its vendor's retry.max_elapsed_s plus this long.")
+@click.option("--deadletter-retention-days", default=14.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="retention.ms of the dead-letter topic (time to inspect and replay).")
+@_timeout_option
+def topics_create(config_path: str, partitions: int | None, replication_factor: int,
+                  retry_retention_margin_hours: float, deadletter_retention_days: float, timeout_s: float) -> None:
+    """Create the dead-letter and retry topics that do not exist yet; existing ones are left alone (run
+    `topics check` to verify them). Safe to run on every deploy."""
+    from confluent_kafka import KafkaException
+
+    from processor.topics import DAY_MS, HOUR_MS, CreateOptions, create
+
+    config = _load(config_path)
+    options = CreateOptions(partitions, replication_factor, int(retry_retention_margin_hours * HOUR_MS),
+                            int(deadletter_retention_days * DAY_MS))
+    try:
+        result = create(config, options, timeout_s=timeout_s)
+    except KafkaException as exc:
+        raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
+    for topic, what in result.items():
+        click.echo(f"{topic}: {what}")
+
+
+@topics.command("check")
+@_config_option
+@_timeout_option
+def topics_check(config_path: str, timeout_s: float) -> None:
+    """Verify every topic the config needs exists with a leader per partition, is writable, keeps parked
+    records at least retry.max_elapsed_s and takes the largest record the relay writes. Exits 1 naming
+    each topic that does not fit."""
+    from confluent_kafka import KafkaException
+
+    from processor.topics import check, needed_topics
+
+    config = _load(config_path)
+    try:
+        problems = check(config, timeout_s=timeout_s)
+    except KafkaException as exc:
+        raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
+    if problems:
+        for line in problems:
+            click.echo(line, err=True)
+        raise click.ClickException(f"{len(problems)} problem(s) with the topics of {config_path}")
+    for need in needed_topics(config):
+        click.echo(f"{need.name}: ok ({need.role})")
 
 
 @main.command()

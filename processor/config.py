@@ -30,6 +30,8 @@ from processor.vendors.base import Frozen, VendorSettings
 ENV_PREFIX = "PROCESSOR__"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+# kafka.client keys that apply to every Kafka client of the relay (connection and auth), not only the consumer
+SHARED_CLIENT_PREFIXES = ("security.", "sasl.", "ssl.", "client.id", "socket.", "broker.", "api.version")
 _SECRET_KEY = re.compile(r"(password|secret|sasl\.|token|key|credentials|user\.info)", re.I)
 
 
@@ -136,6 +138,17 @@ class Config(Frozen):
         if prefix is None:
             return {}
         return {n: f"{prefix}.{n}" for n, v in self.enabled_vendors().items() if v.on_outage == "park"}
+
+    def client_settings(self) -> dict[str, Any]:
+        """The ``kafka.client`` settings every Kafka client of the relay shares (connection and auth:
+        security.*, sasl.*, ssl.* ...) with the bootstrap servers: for the producers and the admin client."""
+        shared = {k: v for k, v in self.kafka.client.items() if k.startswith(SHARED_CLIENT_PREFIXES)}
+        return {**shared, "bootstrap.servers": self.kafka.bootstrap_servers}
+
+    def producer_settings(self) -> dict[str, Any]:
+        """The dead-letter and parking producer's settings: the shared ones and ``deadletter.producer``."""
+        return {**self.client_settings(), **self.deadletter.producer,
+                "bootstrap.servers": self.kafka.bootstrap_servers}
 
     def vendor_budget(self, name: str) -> int:
         """Unsettled events vendor ``name`` may hold: its own setting, or an equal share of the relay's."""

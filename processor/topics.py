@@ -1,0 +1,221 @@
+"""The topics a config needs, and ``processor topics create|check``: provision and verify them with
+confluent-kafka's AdminClient.
+
+The relay reads its input topics (producers own them: checked, never created), writes dead letters to
+``deadletter.topic`` and parks on one retry topic per vendor with ``on_outage: park``. A retry topic must
+keep a parked record until the relay redrives or expires it: its ``retention.ms`` at least the vendor's
+``retry.max_elapsed_s`` and no ``retention.bytes`` limit, or parked events are deleted before they are
+redriven. The dead-letter and retry topics must take every record the relay's producer may write
+(``max.message.bytes`` at least the producer's ``message.max.bytes``). Every partition needs a leader and
+the relay's principal needs WRITE, or the relay cannot settle what it writes there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource, NewTopic, ResourceType
+
+from processor.config import Config
+
+logger = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+PRODUCER_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
+DEFAULT_RETRY_MARGIN_MS = DAY_MS  # retry topics keep a parked record this long past its expiry by default
+DEFAULT_DEADLETTER_RETENTION_MS = 14 * DAY_MS  # time to inspect and replay dead letters
+
+
+@dataclass(frozen=True)
+class TopicNeed:
+    """A topic the config needs and what it must hold: ``min_retention_ms`` (None: no floor) and
+    ``min_message_bytes`` (None: the relay does not write it)."""
+
+    name: str
+    role: str  # input, dead-letter, retry:<vendor>
+    min_retention_ms: int | None = None
+    min_message_bytes: int | None = None
+
+    @property
+    def written(self) -> bool:
+        return self.min_message_bytes is not None
+
+
+def producer_message_max_bytes(config: Config) -> int:
+    """The largest record the relay's dead-letter and parking producer sends."""
+    return int(config.producer_settings().get("message.max.bytes", PRODUCER_MESSAGE_MAX_BYTES))
+
+
+def needed_topics(config: Config) -> list[TopicNeed]:
+    """Input topics, the dead-letter topic, and each parking vendor's retry topic, in that order."""
+    biggest = producer_message_max_bytes(config)
+    needs = [TopicNeed(t, "input") for t in config.kafka.topics]
+    needs.append(TopicNeed(config.deadletter.topic, "dead-letter", None, biggest))
+    for vendor, topic in config.retry_topics().items():
+        max_elapsed_ms = int(config.vendors[vendor].retry.max_elapsed_s * 1000)
+        needs.append(TopicNeed(topic, f"retry:{vendor}", max_elapsed_ms, biggest))
+    return needs
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    partitions: int | None = None  # None: as many as the first input topic has
+    replication_factor: int = -1  # -1: the broker's default.replication.factor
+    retry_margin_ms: int = DEFAULT_RETRY_MARGIN_MS
+    deadletter_retention_ms: int = DEFAULT_DEADLETTER_RETENTION_MS
+
+
+def topic_settings(need: TopicNeed, options: CreateOptions) -> dict[str, str]:
+    """The topic configs ``create`` sets on a dead-letter or retry topic."""
+    if need.min_retention_ms is not None:
+        retention = need.min_retention_ms + options.retry_margin_ms
+    else:
+        retention = options.deadletter_retention_ms
+    return {"retention.ms": str(retention), "retention.bytes": "-1", "cleanup.policy": "delete",
+            "max.message.bytes": str(need.min_message_bytes)}
+
+
+def admin_client(config: Config) -> AdminClient:
+    return AdminClient({**config.client_settings(), "log_level": 3}, logger=logging.getLogger("librdkafka"))
+
+
+def _raise_kafka(exc: KafkaException, doing: str) -> KafkaException:
+    err = exc.args[0] if exc.args else None
+    return KafkaException(f"{doing}: {err.str() if isinstance(err, KafkaError) else exc}")
+
+
+def create(config: Config, options: CreateOptions, admin: AdminClient | None = None,
+           timeout_s: float = 30.0) -> dict[str, str]:
+    """Create the dead-letter and retry topics that do not exist (idempotent: existing topics are left as
+    they are; ``check`` says whether they fit). Returns topic -> 'created' or 'exists'. Input topics are the
+    producers' and never created. Raises KafkaException naming the topic when the broker refuses."""
+    admin = admin or admin_client(config)
+    try:
+        existing = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise _raise_kafka(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
+    partitions = options.partitions
+    if partitions is None:
+        first = config.kafka.topics[0]
+        if first not in existing or existing[first].error is not None:
+            raise KafkaException(f"input topic {first} does not exist to take the partition count from; "
+                                 "pass --partitions")
+        partitions = len(existing[first].partitions)
+    result: dict[str, str] = {}
+    new = []
+    for need in needed_topics(config):
+        if not need.written:
+            continue
+        if need.name in existing and existing[need.name].error is None:
+            result[need.name] = "exists"
+            continue
+        new.append(NewTopic(need.name, partitions, options.replication_factor,
+                            config=topic_settings(need, options)))
+    if not new:
+        return result
+    for topic, future in admin.create_topics(new, request_timeout=timeout_s).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args and isinstance(exc.args[0], KafkaError) and \
+                    exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                result[topic] = "exists"  # created meanwhile (another run)
+                continue
+            raise _raise_kafka(exc, f"cannot create {topic}") from exc
+        logger.info("created topic %s (%d partitions)", topic, partitions)
+        result[topic] = "created"
+    return result
+
+
+def _number(configs: dict[str, Any], key: str) -> int | None:
+    entry = configs.get(key)
+    if entry is None or entry.value is None:
+        return None
+    return int(entry.value)
+
+
+def _config_problems(need: TopicNeed, configs: dict[str, Any]) -> list[str]:
+    problems = []
+    if need.min_retention_ms is not None:
+        retention = _number(configs, "retention.ms")
+        if retention is None:
+            problems.append(f"{need.name}: the broker does not report retention.ms; it must be at least "
+                            f"{need.min_retention_ms} ms ({need.role}: retry.max_elapsed_s) or -1")
+        elif 0 <= retention < need.min_retention_ms:
+            problems.append(f"{need.name}: retention.ms {retention} is shorter than {need.min_retention_ms} "
+                            f"({need.role}: retry.max_elapsed_s); parked events would be deleted before they are "
+                            "redriven or expire")
+        size_cap = _number(configs, "retention.bytes")
+        if size_cap is not None and size_cap >= 0:
+            problems.append(f"{need.name}: retention.bytes {size_cap} deletes parked events by size; set it to -1")
+    if need.min_message_bytes is not None:
+        biggest = _number(configs, "max.message.bytes")
+        if biggest is None:
+            problems.append(f"{need.name}: the broker does not report max.message.bytes; it must be at least "
+                            f"{need.min_message_bytes} (the producer's message.max.bytes)")
+        elif biggest < need.min_message_bytes:
+            problems.append(f"{need.name}: max.message.bytes {biggest} is smaller than {need.min_message_bytes} "
+                            "(the producer's message.max.bytes): larger dead letters or parked records would "
+                            "be refused")
+    return problems
+
+
+def check(config: Config, admin: AdminClient | None = None, timeout_s: float = 30.0) -> list[str]:
+    """What does not fit, one line per problem naming the topic (empty: every topic fits): a topic
+    missing, a partition without a leader, no WRITE for the relay on a topic it writes, a retention or
+    ``max.message.bytes`` short of the config."""
+    admin = admin or admin_client(config)
+    needs = needed_topics(config)
+    try:
+        existing = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise _raise_kafka(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
+    problems: list[str] = []
+    present = []
+    for need in needs:
+        md = existing.get(need.name)
+        if md is None or md.error is not None:
+            problems.append(f"{need.name}: missing ({need.role} topic)")
+            continue
+        leaderless = sorted(p for p, part in md.partitions.items() if part.leader < 0)
+        if leaderless:
+            problems.append(f"{need.name}: partitions {leaderless} have no leader (not writable)")
+        if need.written:
+            present.append(need)
+    if not present:
+        return problems
+    resources = [ConfigResource(ResourceType.TOPIC, n.name) for n in present]
+    described = admin.describe_configs(resources, request_timeout=timeout_s)
+    by_name = {r.name: f for r, f in described.items()}
+    for need in present:
+        try:
+            configs = by_name[need.name].result()
+        except KafkaException as exc:
+            problems.append(f"{need.name}: cannot describe its configs ({_raise_kafka(exc, 'describe')})")
+            continue
+        problems.extend(_config_problems(need, configs))
+    problems.extend(_write_problems(admin, present, timeout_s))
+    return problems
+
+
+def _write_problems(admin: AdminClient, needs: list[TopicNeed], timeout_s: float) -> list[str]:
+    """Topics the broker says the relay's principal may not write (brokers without an authorizer, or that
+    do not report operations, allow everything: nothing to say)."""
+    from confluent_kafka import TopicCollection
+
+    futures = admin.describe_topics(TopicCollection([n.name for n in needs]), request_timeout=timeout_s,
+                                    include_authorized_operations=True)
+    problems = []
+    for name, future in futures.items():
+        try:
+            ops = future.result().authorized_operations
+        except KafkaException as exc:
+            problems.append(f"{name}: cannot describe it ({_raise_kafka(exc, 'describe')})")
+            continue
+        if ops and AclOperation.WRITE not in ops and AclOperation.ALL not in ops:
+            problems.append(f"{name}: the relay's principal may not WRITE to it")
+    return problems
