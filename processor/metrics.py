@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 30, 60, 120, 300)
@@ -92,9 +95,23 @@ class BulkHistogramChild:
             below = at_most
 
 
+def relay_version() -> str:
+    """The installed event-relay's version ("unknown" when run from a tree that was not installed)."""
+    try:
+        return version("event-relay")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        # the process's memory, CPU, file descriptors and start time (process_*, Linux /proc) and the
+        # Python build (python_info): prometheus_client registers these on its global registry only
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Info("processor_build", "The relay's version", registry=r)
+        self.build_info.info({"version": relay_version()})
         self.events_consumed = Counter(
             "processor_events_consumed", "Messages consumed from Kafka", ["topic"], registry=r)
         self.decode_failures = Counter(

@@ -41,6 +41,9 @@ VSEL = SEL + ', vendor=~"$vendor"'
 ERRSEL = VSEL + ', status_class!="2xx"'
 DLQSEL = SEL + ', vendor=~"$vendor|none"'  # records no vendor got (undecodable, unroutable) carry vendor "none"
 RATE = "$__rate_interval"
+# kube-state-metrics' restart counter of the relay's container (its own job; the pods' own labels)
+KSM_RESTARTS = "kube_pod_container_status_restarts_total"
+KSM_SEL = 'namespace=~"$namespace", pod=~"$pod", container="relay"'
 
 
 def rate(series: str, selector: str = SEL) -> str:
@@ -63,6 +66,7 @@ class P:
     kind: str = "timeseries"  # timeseries, stat or state (state timeline)
     mappings: dict[str, tuple[str, str]] = field(default_factory=dict)  # value -> (text, color)
     width: int = 8
+    names_only: bool = False  # a stat panel showing its series' legends (labels such as a version), not values
 
 
 PANELS: list[tuple[str, list[P]]] = [
@@ -157,6 +161,26 @@ PANELS: list[tuple[str, list[P]]] = [
            (f"sum by (vendor, outcome) ({rate('processor_redriven_events_total', VSEL)})",
             "redriven {{vendor}} {{outcome}}")], unit="ops"),
     ]),
+    ("Process", [
+        P("Memory per pod", "Resident memory (RSS: what the container's memory limit counts) and virtual "
+          "memory of each relay process.",
+          [(f"max by (pod) (process_resident_memory_bytes{{{SEL}}})", "{{pod}} resident"),
+           (f"max by (pod) (process_virtual_memory_bytes{{{SEL}}})", "{{pod}} virtual")], unit="bytes"),
+        P("CPU per pod", "CPU time used per second (cores) by each relay process, librdkafka's threads included.",
+          [(f"sum by (pod) ({rate('process_cpu_seconds_total')})", "{{pod}}")], unit="short"),
+        P("Restarts", "Relay processes started in the last hour per pod, as Prometheus saw them (changes of "
+          "the start time), and container restarts from kube-state-metrics.",
+          [(f"sum by (pod) (changes(process_start_time_seconds{{{SEL}}}[1h]))", "{{pod}} starts seen"),
+           (f"sum by (pod) (increase({KSM_RESTARTS}{{{KSM_SEL}}}[1h]))", "{{pod}} container restarts")]),
+        P("Open file descriptors", "Open file descriptors per relay process (sockets to Kafka and the vendors) "
+          "and its limit.",
+          [(f"max by (pod) (process_open_fds{{{SEL}}})", "{{pod}} open"),
+           (f"min by (pod) (process_max_fds{{{SEL}}})", "{{pod}} limit")]),
+        P("Build info", "The relay's version and Python's, per pod (two versions at once: a rollout).",
+          [(f"max by (pod, version) (processor_build_info{{{SEL}}})", "{{pod}} relay {{version}}"),
+           (f"max by (pod, version) (python_info{{{SEL}}})", "{{pod}} python {{version}}")],
+          kind="stat", names_only=True),
+    ]),
 ]
 
 
@@ -173,6 +197,8 @@ def _panel(p: P, panel_id: int) -> db.Panel:
     if p.mappings:
         builder = builder.mappings([ValueMap({v: ValueMappingResult(text=t, color=c, index=i)
                                               for i, (v, (t, c)) in enumerate(p.mappings.items())})])
+    if p.names_only:
+        builder = builder.text_mode(common.BigValueTextMode.NAME)
     if p.kind == "timeseries":
         builder = builder.legend(VizLegendOptions().display_mode(common.LegendDisplayMode.TABLE)
                                  .placement(common.LegendPlacement.BOTTOM).show_legend(True)
@@ -191,10 +217,9 @@ def dashboard() -> db.Dashboard:
          .description("The event relay: Kafka to vendor HTTP APIs. Alert runbooks point at these panels.")
          .tooltip(DashboardCursorSync.CROSSHAIR).time("now-3h", "now").refresh("30s").timezone("browser")
          .with_variable(db.DatasourceVariable("datasource").label("Data source").type("prometheus"))
-         .with_variable(_variable("namespace", "Namespace",
-                                  'label_values(processor_events_consumed_total{job="event-relay"}, namespace)'))
-         .with_variable(_variable("pod", "Pod", 'label_values(processor_events_consumed_total'
-                                  '{job="event-relay", namespace=~"$namespace"}, pod)'))
+         # from `up`: every relay target, idle ones too (a relay without partitions has consumed nothing)
+         .with_variable(_variable("namespace", "Namespace", 'label_values(up{job="event-relay"}, namespace)'))
+         .with_variable(_variable("pod", "Pod", 'label_values(up{job="event-relay", namespace=~"$namespace"}, pod)'))
          .with_variable(_variable("vendor", "Vendor", 'label_values(processor_vendor_requests_total'
                                   '{job="event-relay", namespace=~"$namespace"}, vendor)')))
     panel_id = 0

@@ -28,7 +28,8 @@ EXAMPLE_CONFIG = DEPLOY / "config" / "relay.example.yaml"
 # series suffixes each exposition type produces
 _SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
              "gauge": ("",), "summary": ("", "_sum", "_count", "_created")}
-METRIC_NAME = re.compile(r"\b(processor_[a-z0-9_]+|up)\b(?!\s*\()")
+# the relay's own families, prometheus_client's process and platform collectors', and `up`
+METRIC_NAME = re.compile(r"\b(processor_[a-z0-9_]+|process_[a-z0-9_]+|python_info|up)\b(?!\s*\()")
 
 
 def tool(name: str) -> str:
@@ -88,7 +89,8 @@ def exposition_series_names() -> dict[str, str]:
 
 
 def metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects (``up`` and ``processor_*``; function names excluded)."""
+    """The metric names an expression selects (``up``, ``processor_*``, ``process_*``, ``python_info``;
+    function names excluded)."""
     return set(METRIC_NAME.findall(re.sub(r"\{[^}]*\}", "{}", expr)))
 
 

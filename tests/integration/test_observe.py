@@ -4,9 +4,11 @@ dashboard query returns data, and an alert rule fires when its condition is made
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import subprocess
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from processor.devstack.broker import free_port
 from processor.devstack.kafka_io import produce
 from processor.devstack.samples import encode, make_view, with_changes
 from processor.events import EventKind
+from processor.metrics import relay_version
 from tests.deploy.tools import RULES, concrete, dashboard_targets, load_dashboard, tool
 from tests.integration.conftest import http_json, http_text, wait_for
 from tests.integration.test_all_vendors import start_relay, wait_settled, workload_messages
@@ -34,8 +37,36 @@ CHUNKS = 4
 LIVE_ALERT = "RelayVendorErrorRatioHigh"
 
 
+# kube-state-metrics as the cluster would expose the relay's container (the Restarts panel and the restart
+# alerts read it): a static exposition on loopback, scraped with its own labels kept (honor_labels)
+KSM_EXPOSITION = (b'kube_pod_container_status_restarts_total{namespace="e2e",pod="event-relay-0",container="relay"} 2\n'
+                  b'kube_pod_container_status_restarts_total{namespace="e2e",pod="other-0",container="app"} 5\n')
+
+
+class _KsmHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(KSM_EXPOSITION)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def kube_state_metrics() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KsmHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
 class PrometheusProcess:
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, target: str, ksm_target: str) -> None:
         rules = yaml.safe_load(RULES.read_text())
         for group in rules["groups"]:
             for rule in group["rules"]:
@@ -47,7 +78,9 @@ class PrometheusProcess:
             "rule_files": ["rules.yaml"],
             # the labels the ServiceMonitor gives the relay's targets in Kubernetes
             "scrape_configs": [{"job_name": "event-relay", "static_configs": [
-                {"targets": [target], "labels": {"namespace": "e2e", "pod": "event-relay-0"}}]}],
+                {"targets": [target], "labels": {"namespace": "e2e", "pod": "event-relay-0"}}]},
+                {"job_name": "kube-state-metrics", "honor_labels": True, "static_configs": [
+                    {"targets": [ksm_target]}]}],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -84,13 +117,13 @@ class PrometheusProcess:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[str], PrometheusProcess]]:
+def prometheus(tmp_path: Path, kube_state_metrics: str) -> Iterator[Callable[[str], PrometheusProcess]]:
     started: list[PrometheusProcess] = []
 
     def start(target: str) -> PrometheusProcess:
         workdir = tmp_path / "prometheus"
         workdir.mkdir()
-        started.append(PrometheusProcess(workdir, target))
+        started.append(PrometheusProcess(workdir, target, kube_state_metrics))
         return started[-1]
 
     yield start
@@ -159,6 +192,12 @@ def test_prometheus_scrapes_the_relay_and_every_panel_has_data(broker, topics, s
     dead = series("Dead letters by vendor and error class")
     assert {"vendor": REFUSING, "error_class": "rejected"} in dead
     assert {"vendor": "none", "error_class": "undecodable"} in dead
+    # the process panels: the relay's own memory and version, its container's restarts from kube-state-metrics
+    assert prom.value('max(process_resident_memory_bytes{job="event-relay"})') > 10_000_000  # type: ignore[operator]
+    assert series("Build info") == [{"pod": "event-relay-0", "version": relay_version()}]
+    restarts = next(e for t, e in dashboard_targets(load_dashboard()) if t == "Restarts" and "kube_" in e)
+    assert [s["metric"] for s in prom.query_range(concrete(restarts, RATE_INTERVAL), start)] == [
+        {"pod": "event-relay-0"}]
 
     # the refusing vendor's error ratio fires its alert; the vendors that answered well stay silent
     def firing() -> dict[str, dict[str, str]]:

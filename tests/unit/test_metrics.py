@@ -19,3 +19,19 @@ def test_observe_since_matches_one_observation_per_timestamp():
         bulk.observe_since(now_s, iter(stamps))
         assert bulk.counts == one.counts
         assert abs(bulk.sum - one.sum) < 1e-6 * max(1.0, one.sum)
+
+
+def test_registry_carries_the_process_and_platform_collectors_and_the_build_info():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from processor.metrics import Metrics, relay_version
+
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(Metrics().registry).decode())}
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds", "process_start_time_seconds",
+                 "python_info"):
+        assert name in families, name
+    assert families["process_resident_memory_bytes"].samples[0].value > 0
+    (build,) = families["processor_build_info"].samples
+    assert build.name == "processor_build_info" and build.labels == {"version": relay_version()}
+    assert relay_version() != "unknown"  # installed by make install
