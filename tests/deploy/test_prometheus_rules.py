@@ -4,6 +4,7 @@ PrometheusRule is the rules file."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 
 from tests.deploy.tools import DEPLOY, RULE_TESTS, RULES, alerts, load_dashboard, load_script, panels, run, tool
 
-RUNBOOK = ("summary", "description", "dashboard", "action")
+RUNBOOK = ("summary", "description", "dashboard", "action", "runbook_url")
 
 
 def load_build():  # type: ignore[no-untyped-def]
@@ -59,7 +60,10 @@ def test_every_alert_carries_its_runbook():
         assert set(RUNBOOK) <= set(annotations), alert["alert"]
         assert annotations["dashboard"] in titles, (alert["alert"], annotations["dashboard"])
         assert alert["labels"]["severity"] in {"warning", "critical"}
-        assert 'job="event-relay"' in alert["expr"], alert["alert"]
+        if "kube_" in alert["expr"]:  # kube-state-metrics: the relay's container or Deployment
+            assert 'container="relay"' in alert["expr"] or 'deployment="event-relay"' in alert["expr"], alert["alert"]
+        else:
+            assert 'job="event-relay"' in alert["expr"], alert["alert"]
     replay = [a["alert"] for a in alerts() if "processor dlq replay" in a["annotations"]["action"]]
     assert "RelayDeadLetterRateHigh" in replay
 
@@ -71,3 +75,33 @@ def test_prometheusrule_is_generated_from_the_rules_file():
     rule = yaml.safe_load(committed)
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+RUNBOOK_FILE = DEPLOY / "RUNBOOK.md"
+RUNBOOK_URL = "https://github.com/yourco/event-relay/blob/main/deploy/RUNBOOK.md#"
+
+
+def runbook_sections() -> dict[str, str]:
+    """GitHub's anchor of each `## ` heading of deploy/RUNBOOK.md -> the section's text."""
+    sections: dict[str, str] = {}
+    for chunk in RUNBOOK_FILE.read_text().split("\n## ")[1:]:
+        heading, _, body = chunk.partition("\n")
+        sections[re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")] = body
+    return sections
+
+
+def test_every_alert_links_its_runbook_section():
+    """runbook_url opens a section of deploy/RUNBOOK.md that says what it means, what to check, what to do,
+    and gives the commands."""
+    sections = runbook_sections()
+    linked = set()
+    for alert in alerts():
+        url = alert["annotations"]["runbook_url"]
+        assert url.startswith(RUNBOOK_URL), alert["alert"]
+        anchor = url[len(RUNBOOK_URL):]
+        assert anchor in sections, (alert["alert"], anchor)
+        body = sections[anchor]
+        for part in ("**What it means.**", "**What to check.**", "**What to do.**", "```sh\n"):
+            assert part in body, (alert["alert"], part)
+        linked.add(anchor)
+    assert linked == set(sections)  # no section for an alert that is gone
