@@ -142,7 +142,8 @@ class Relay:
         missing = await self._missing_topics()
         if missing:
             logger.error("topics missing: %s. Create them (the dead-letter topic, and one retry topic per vendor "
-                         "that parks), or set parking.enabled: false", ", ".join(missing))
+                         "that parks) with `processor topics create --config FILE`, or set parking.enabled: false",
+                         ", ".join(missing))
             await self.health.stop()
             return 2
         if self.stopping.is_set():

@@ -333,3 +333,15 @@ def test_malformed_override_names_the_field_never_the_value(tmp_path, var, value
     assert field in text and var in text
     assert "s3cr3t" not in text
     assert "s3cr3t" not in repr(err.value.__cause__) and "s3cr3t" not in str(err.value.__cause__)
+
+
+def test_check_config_lists_the_topics_the_config_needs(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(minimal(vendors={
+        "quicklizard": {"sites": {"default": {"client_key": "k"}}, "options": {}},
+        "tracardi": {"sites": {"default": {"source_id": "s"}}, "options": {}, "on_outage": "block",
+                     "base_url": "https://tracardi.example"}})))
+    result = CliRunner().invoke(main, ["check-config", str(f)])
+    assert result.exit_code == 0, result.output
+    listed = [line.split()[1:] for line in result.stderr.splitlines() if line.startswith("#   ")]
+    assert listed == [["t", "(input)"], ["t.dlq", "(dead-letter)"], ["t.retry.quicklizard", "(retry:quicklizard)"]]
