@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource, NewTopic, ResourceType
 
 from processor.config import Config
@@ -83,7 +83,8 @@ def admin_client(config: Config) -> AdminClient:
     return AdminClient({**config.client_settings(), "log_level": 3}, logger=logging.getLogger("librdkafka"))
 
 
-def _raise_kafka(exc: KafkaException, doing: str) -> KafkaException:
+def _kafka_error(exc: KafkaException, doing: str) -> KafkaException:
+    """A KafkaException saying what was being done and librdkafka's reason (for the CLI to print)."""
     err = exc.args[0] if exc.args else None
     return KafkaException(f"{doing}: {err.str() if isinstance(err, KafkaError) else exc}")
 
@@ -97,7 +98,7 @@ def create(config: Config, options: CreateOptions, admin: AdminClient | None = N
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:
-        raise _raise_kafka(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
+        raise _kafka_error(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
     partitions = options.partitions
     if partitions is None:
         first = config.kafka.topics[0]
@@ -125,7 +126,7 @@ def create(config: Config, options: CreateOptions, admin: AdminClient | None = N
                     exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 result[topic] = "exists"  # created meanwhile (another run)
                 continue
-            raise _raise_kafka(exc, f"cannot create {topic}") from exc
+            raise _kafka_error(exc, f"cannot create {topic}") from exc
         logger.info("created topic %s (%d partitions)", topic, partitions)
         result[topic] = "created"
     return result
@@ -173,7 +174,7 @@ def check(config: Config, admin: AdminClient | None = None, timeout_s: float = 3
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:
-        raise _raise_kafka(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
+        raise _kafka_error(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
     problems: list[str] = []
     present = []
     for need in needs:
@@ -195,7 +196,7 @@ def check(config: Config, admin: AdminClient | None = None, timeout_s: float = 3
         try:
             configs = by_name[need.name].result()
         except KafkaException as exc:
-            problems.append(f"{need.name}: cannot describe its configs ({_raise_kafka(exc, 'describe')})")
+            problems.append(f"{need.name}: cannot describe its configs ({_kafka_error(exc, 'describe')})")
             continue
         problems.extend(_config_problems(need, configs))
     problems.extend(_write_problems(admin, present, timeout_s))
@@ -205,8 +206,6 @@ def check(config: Config, admin: AdminClient | None = None, timeout_s: float = 3
 def _write_problems(admin: AdminClient, needs: list[TopicNeed], timeout_s: float) -> list[str]:
     """Topics the broker says the relay's principal may not write (brokers without an authorizer, or that
     do not report operations, allow everything: nothing to say)."""
-    from confluent_kafka import TopicCollection
-
     futures = admin.describe_topics(TopicCollection([n.name for n in needs]), request_timeout=timeout_s,
                                     include_authorized_operations=True)
     problems = []
@@ -214,7 +213,7 @@ def _write_problems(admin: AdminClient, needs: list[TopicNeed], timeout_s: float
         try:
             ops = future.result().authorized_operations
         except KafkaException as exc:
-            problems.append(f"{name}: cannot describe it ({_raise_kafka(exc, 'describe')})")
+            problems.append(f"{name}: cannot describe it ({_kafka_error(exc, 'describe')})")
             continue
         if ops and AclOperation.WRITE not in ops and AclOperation.ALL not in ops:
             problems.append(f"{name}: the relay's principal may not WRITE to it")
