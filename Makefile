@@ -29,8 +29,8 @@ system-tools:
 			echo "make: $$t is still not on PATH after installing $(SYSTEM_PACKAGES)" >&2; exit 1; }; done; \
 	fi
 
-# apt-install APT_PACKAGES=... APT_WHY=...: as root, install the Debian packages (apt-get update first when the
-# package lists do not know them); otherwise say exactly what to install, and fail
+# apt-install APT_PACKAGES=... APT_WHY=...: as root, install the Debian packages (after apt-get update when the
+# package lists are missing or stale); otherwise say exactly what to install, and fail
 .PHONY: apt-install
 apt-install:
 	@if [ "$$(id -u)" != 0 ]; then \
@@ -40,8 +40,8 @@ apt-install:
 	fi; \
 	echo "make: $(APT_WHY) missing; installing the Debian package(s) $(APT_PACKAGES)"; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	if ! apt-cache show $(APT_PACKAGES) >/dev/null 2>&1; then apt-get update -qq; fi; \
-	apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null
+	apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null 2>&1 || { \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; }
 
 run: install
 	$(BIN)/processor demo
