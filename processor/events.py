@@ -79,14 +79,21 @@ class FromSource:
         return self.source.offset
 
 
+# ``Event.invalid`` before validation (processor.validation): compared by identity, never filled.
+UNCHECKED: dict[str, str] = {}
+
+
 class Event(Source):
     """One decoded event on its way to the vendors: its message's fields (an Event is its own
     ``Source``: one object a message, not two) plus the decoded record.
 
     ``slot`` is the offset tracker's slot: settling the event for a vendor
-    decrements it; the offset is committable once every vendor settled."""
+    decrements it; the offset is committable once every vendor settled.
 
-    __slots__ = ("kind", "record", "size", "slot")
+    ``invalid`` is what ``processor.validation`` found: None for a valid event, else field key ->
+    reason; ``UNCHECKED`` until it ran."""
+
+    __slots__ = ("invalid", "kind", "record", "size", "slot")
 
     def __init__(self, kind: EventKind, record: dict[str, Any], topic: str, partition: int, offset: int,
                  timestamp_ms: int | None, key: bytes | None, value: bytes,
@@ -96,6 +103,7 @@ class Event(Source):
         self.record = record
         self.size = len(value)
         self.slot: Any = None
+        self.invalid: dict[str, str] | None = UNCHECKED
 
     @classmethod
     def of(cls, kind: EventKind, record: dict[str, Any], source: Source) -> Event:

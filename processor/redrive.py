@@ -52,6 +52,7 @@ from processor.events import Event, FromSource, Source
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker
 from processor.transport import HttpSender
+from processor.validation import validate
 from processor.vendors.base import Adapter
 
 logger = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ class Redrive:
             return Decision.NOT_TAKEN, None, ""
         ts = r.original_timestamp_ms if r.original_timestamp_ms is not None else src.timestamp_ms
         event = Event(kind, record, src.topic, src.partition, src.offset, ts, src.key, src.value, src.headers)
+        validate(event)  # as routing does: the adapter rejects what breaks a rule on a field it needs
         return Decision.DELIVER, event, ""
 
     def triage(self, records: Sequence[RelayRecord]) -> Triage:

@@ -2,8 +2,9 @@
 
 A poll's messages are registered with the offset tracker in consume order (each
 with the number of vendors that must settle it), then each vendor's pipeline gets
-the poll's events of its kinds as one list. A vendor that does not take a kind
-counts those events as filtered. What is not an event to route (undecodable, or
+the poll's events of its kinds as one list, validated first (processor.validation:
+each vendor's adapter rejects an event that breaks a rule on a field it needs). A
+vendor that does not take a kind counts those events as filtered. What is not an event to route (undecodable, or
 a valid record of a schema the relay does not route) goes to the dead-letter
 topic, settled once Kafka acknowledged it.
 """
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from processor.events import Event, EventKind
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, Settlement
+from processor.validation import validate_all
 
 if TYPE_CHECKING:
     from processor.delivery import VendorPipeline
@@ -58,6 +60,7 @@ class Router:
                 if d.kind is None:
                     self._undeliverable(d)  # type: ignore[arg-type]
             events = [d for d in batch if d.kind is not None]  # type: ignore[misc]
+        validate_all(events)  # once, before the fan-out: each adapter rejects what breaks a rule it needs
         for pipe, only in self.routes:
             pipe.submit_many(events if only is None else [ev for ev in events if ev.kind in only])
         if any(self.filtered_by.values()):

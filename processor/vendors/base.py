@@ -7,10 +7,18 @@ sender in ``processor.delivery`` does HTTP, retries, dead letters and metrics.
 
 Adding a vendor: one module here defining an ``Adapter`` subclass, one line
 in ``processor.vendors.REGISTRY``, its sandbox twin, its tests.
+
+Each adapter declares ``needs``: the canonical fields it sends and needs, as
+``processor.validation`` names them. ``plan`` rejects, before the adapter's
+``build`` sees it, an event that breaks a validation rule on one of those
+fields (reason: the field and what is wrong); the other vendors still get it.
+Bodies are encoded with ``json_body``: strict RFC 8259 JSON, never ``null``,
+``NaN`` or ``Infinity``.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +28,8 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 
-from processor.events import Event, EventKind
+from processor.events import UNCHECKED, Event, EventKind
+from processor.validation import reason, validate
 
 SiteT = TypeVar("SiteT", bound=BaseModel)
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
@@ -190,6 +199,42 @@ class InvalidField(ValueError):
         self.field_path = field_path
 
 
+class NotJSON(ValueError):
+    """A body would carry a value JSON cannot (NaN, Infinity) or one we never send (null): a relay bug
+    (an adapter sends a field it does not declare in ``needs``), never sent."""
+
+
+def json_body(obj: Any) -> bytes:
+    """``obj`` as strict RFC 8259 JSON, refusing what orjson would write as ``null`` silently (NaN,
+    Infinity) and ``None`` itself: NotJSON naming the path. The walk runs only when the body holds
+    ``null`` (a string containing it, or a bug): one byte search on the common path."""
+    body = orjson.dumps(obj)
+    if b"null" in body:
+        path = _not_json(obj, "")
+        if path is not None:
+            raise NotJSON(f"{path or 'body'} would be sent as null")
+    return body
+
+
+def _not_json(value: Any, path: str) -> str | None:
+    """The path of the first None or non-finite float in ``value``, or None."""
+    if value is None:
+        return path
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _not_json(v, f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _not_json(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 def require(value: Any, field_path: str) -> Any:
     """``value`` if present (not None, not empty), else MissingField naming the canonical field."""
     if not value and (value is None or value == "" or value == []):  # a truthy value is present: one test
@@ -208,6 +253,9 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
     notes: ClassVar[tuple[str, ...]] = ()
     secret_fields: ClassVar[tuple[str, ...]] = ()  # site fields holding credentials (scrubbed from reasons)
     site_url_fields: ClassVar[tuple[str, ...]] = ()  # per-site URL overrides (checked for https at load)
+    # canonical fields this vendor sends and needs (processor.validation's keys): an event breaking a rule
+    # on one of them is rejected for this vendor, naming the field
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: VendorSettings[SiteT, OptionsT]) -> None:
         self.settings = settings
@@ -245,10 +293,39 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
     def takes(self, kind: EventKind) -> bool:
         return kind in self.enabled_kinds
 
-    @abstractmethod
     def plan(self, events: Sequence[Event]) -> Plan:
-        """Turn a batch into requests. Events missing required fields go to ``Plan.rejected``
-        with a reason naming the field; events this vendor does not want go to ``Plan.filtered``."""
+        """Turn a batch into requests: events breaking a validation rule on a field this vendor
+        ``needs`` are rejected naming it (one set intersection an invalid event; nothing for a valid
+        one), the rest go to ``build``. An event not validated yet (tests, tools) is validated here."""
+        needs = self.needs
+        if not needs:
+            return self.build(events)
+        bad: list[tuple[Event, str]] | None = None
+        for ev in events:
+            invalid = ev.invalid
+            if invalid is None:
+                continue
+            if invalid is UNCHECKED:
+                invalid = validate(ev)
+                if invalid is None:
+                    continue
+            hit = needs.intersection(invalid)
+            if hit:
+                if bad is None:
+                    bad = []
+                bad.append((ev, reason(invalid, hit)))
+        if bad is None:
+            return self.build(events)
+        refused = {id(ev) for ev, _ in bad}
+        plan = self.build([ev for ev in events if id(ev) not in refused])
+        plan.rejected.extend(bad)
+        return plan
+
+    @abstractmethod
+    def build(self, events: Sequence[Event]) -> Plan:
+        """Turn valid events into requests (through ``plan``). Events missing required fields go to
+        ``Plan.rejected`` with a reason naming the field; events this vendor does not want go to
+        ``Plan.filtered``."""
 
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
         """One outcome per ``request.events`` entry, in order. Default: by status only."""

@@ -21,6 +21,14 @@ guest_uid, visitor_info?, properties}`` with the page fields when known:
 * ``visitor_info`` (first_name, last_name, email, phone from ``customer``)
   only where the site enables ``send_visitor_info`` (default off: PII).
 
+What it needs (``needs``, checked by processor.validation before ``build``): the site id, product
+and order ids, finite, non-negative prices and revenue, order lines of at least 1 unit; it sends no
+timestamp, so an ``event_time`` in seconds does not stop a Convead event. Where the document is
+silent: an empty product name is left out (``product_name`` is optional); a price or revenue of 0 is
+sent as 0.0; an order without lines (a gift card, a voucher) is a ``purchase`` by its ``revenue``
+without ``items`` (the document's purchase is an order id and a revenue; items describe the lines
+when there are some); a site id no config names (and no ``default``) is rejected naming the site id.
+
 ``domain`` is the site's ``domain`` setting (the domain registered in
 Convead: an unlisted one is silently dropped by Convead), else the page's
 host; an event with neither is rejected naming ``page.url``.
@@ -46,6 +54,16 @@ import orjson
 from pydantic import Field, SecretStr
 
 from processor.events import Event, EventKind
+from processor.validation import (
+    ITEM_PRODUCT_ID,
+    ITEM_QUANTITY,
+    ITEM_UNIT_PRICE,
+    ORDER_ID,
+    ORDER_TOTAL,
+    PRODUCT_ID,
+    PRODUCT_PRICE,
+    SITE_ID,
+)
 from processor.vendors.base import (
     DELIVERED,
     Adapter,
@@ -60,6 +78,7 @@ from processor.vendors.base import (
     VendorRequest,
     VendorSettings,
     Verdict,
+    json_body,
     require,
     status_outcome,
 )
@@ -126,19 +145,20 @@ def _view_properties(product: dict[str, Any], page_url: str | None) -> dict[str,
 
 
 def _purchase_properties(order: dict[str, Any]) -> dict[str, Any]:
+    props = {"order_id": require(order["order_id"], "order.order_id"), "revenue": order["total"]}
+    if not order["items"]:
+        return props  # a gift card, a voucher: a purchase by its revenue
     items = []
-    for i, item in enumerate(require(order["items"], "order.items")):
-        qnt = item["quantity"]
-        if qnt is None or qnt < 1:
-            raise MissingField(f"order.items[{i}].quantity")
+    for i, item in enumerate(order["items"]):  # quantities are at least 1 (processor.validation)
         line = {"product_id": require(item["product_id"], f"order.items[{i}].product_id"),
-                "qnt": qnt, "price": item["unit_price"]}
+                "qnt": item["quantity"], "price": item["unit_price"]}
         if item["image_url"]:
             line["product_image_url"] = item["image_url"]
         if item["url"]:
             line["product_url"] = item["url"]
         items.append(line)
-    return {"order_id": require(order["order_id"], "order.order_id"), "revenue": order["total"], "items": items}
+    props["items"] = items
+    return props
 
 
 class ConveadAdapter(Adapter[ConveadSite, NoOptions]):
@@ -151,6 +171,8 @@ class ConveadAdapter(Adapter[ConveadSite, NoOptions]):
     default_concurrency = 32  # one request per visitor/session/event: parallelism carries the throughput
     notes = (DROPPED_NOTE,)
     secret_fields = ("app_key",)
+    needs = frozenset({SITE_ID, PRODUCT_ID, PRODUCT_PRICE, ORDER_ID, ORDER_TOTAL, ITEM_PRODUCT_ID,
+                       ITEM_UNIT_PRICE, ITEM_QUANTITY})
 
     example_env = {"CONVEAD_APP_KEY": "demo-convead-app-key"}
 
@@ -209,9 +231,9 @@ class ConveadAdapter(Adapter[ConveadSite, NoOptions]):
             body += b"&visitor_uid=" + visitor_uid.encode()  # [0-9a-z-] needs no quoting
         if guest_uid:
             body += b"&guest_uid=" + form_quote(guest_uid.encode())
-        return body + b"&data=" + form_quote(orjson.dumps(data)), dropped
+        return body + b"&data=" + form_quote(json_body(data)), dropped
 
-    def plan(self, events: Sequence[Event]) -> Plan:
+    def build(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         for event in events:
             site = self.routes.get(event.record["site_id"], self.default_route)

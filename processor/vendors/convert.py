@@ -21,6 +21,14 @@ orders (``conversion`` with ``goalData`` amount/productsCount/transactionId in v
 experiments nor a configured goal is filtered. The visitor id is ``vendor_ids["convert_visitor_id"]``,
 else ``visitor.visitor_id`` (the document asks for no format; ``visitor_id_fallback: false`` turns it off).
 
+What it needs (``needs``, checked by processor.validation before ``build``): the site id, non-empty
+experience and variation ids, a finite, non-negative ``order.total`` (``r`` / ``amount``) and order
+lines of at least 1 unit (``prc`` / ``productsCount``); it sends no timestamp and no price, so an
+``event_time`` in seconds or a NaN product price does not stop a Convert event. Where the document is
+silent: an order without lines (a gift card, a voucher) is a transaction by its revenue, sent with
+``prc`` 0 (the document describes ``tr`` by its amount; no product was ordered); a total of 0 is
+sent as 0.0; a site id no config names (and no ``default``) is rejected naming the site id.
+
 With ``base_url`` set (the sandbox) the project id becomes a path segment: ``{base_url}/{pid}/track`` and
 ``{base_url}/{pid}/v1/track/{aid}/{pid}``; a ``{project_id}`` placeholder in ``base_url`` is filled instead.
 Every request carries a User-Agent with ``ConvertAgent/1.0`` (without one the firewall answers 301; the
@@ -40,6 +48,7 @@ import orjson
 from pydantic import Field, PositiveInt, SecretStr, model_validator
 
 from processor.events import Event, EventKind
+from processor.validation import EXPERIENCE_ID, ITEM_QUANTITY, ORDER_TOTAL, SITE_ID, VARIATION_ID
 from processor.vendors import codes
 from processor.vendors.base import (
     DELIVERED,
@@ -53,6 +62,7 @@ from processor.vendors.base import (
     Response,
     VendorRequest,
     Verdict,
+    json_body,
     rejected,
     require,
     retryable,
@@ -177,10 +187,9 @@ def segments(rec: dict[str, Any], ep: _Endpoint) -> dict[str, Any] | None:
 
 
 def _order_totals(order: dict[str, Any]) -> tuple[float, int]:
+    """Revenue and units ordered (quantities are at least 1: processor.validation); no lines: 0 units."""
     count = 0
-    for i, item in enumerate(require(order["items"], "order.items")):
-        if item["quantity"] is None or item["quantity"] < 1:
-            raise MissingField(f"order.items[{i}].quantity")
+    for item in order["items"]:
         count += item["quantity"]
     return float(require(order["total"], "order.total")), count
 
@@ -194,6 +203,7 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
     default_concurrency = 32  # one request per visitor/session/event: parallelism carries the throughput
     notes = ("firewall_301", "not_200")
     secret_fields = ("secret",)
+    needs = frozenset({SITE_ID, EXPERIENCE_ID, VARIATION_ID, ORDER_TOTAL, ITEM_QUANTITY})
 
     example_env = {"CONVERT_TRACKING_SECRET": "demo-convert-secret"}
 
@@ -284,7 +294,7 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
         fallback: str = require(visitor["visitor_id"], "visitor.visitor_id")
         return fallback
 
-    def plan(self, events: Sequence[Event]) -> Plan:
+    def build(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         visitors: dict[tuple[_Endpoint, str], _Visitor] = {}
         v1_groups: dict[_Endpoint, list[_Visitor]] = {}  # one request per v1 endpoint, visitors in order
@@ -343,7 +353,7 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
             if seg:
                 body["seg"] = seg
             body["vid"], body["ev"] = acc.vid, acc.rows
-        return VendorRequest(url=ep.url, content=orjson.dumps(body), events=events, headers=ep.headers,
+        return VendorRequest(url=ep.url, content=json_body(body), events=events, headers=ep.headers,
                              context=spans)
 
     @staticmethod

@@ -5,8 +5,19 @@ and ``sdk-events.quicklizard.com`` are both documented; the account's
 integration settings name the right one, so it is configurable per site). A
 product view is one ``view`` event; an order is one ``conversion`` event per
 line item with ``price`` = unit price x units (a float with a decimal point,
-as QuickLizard's clients send it). An order without lines has nothing to send:
-it is filtered, not dead-lettered.
+as QuickLizard's clients send it). An order without lines (a gift card, a
+voucher) has no product sold to report: it is filtered, not dead-lettered.
+
+What it needs (``needs``, checked by processor.validation before ``build``):
+the site id, the product id and a finite, non-negative price of a view, and of
+each order line its product id, unit price and a quantity of at least 1; an
+event breaking one of those rules is dead-lettered naming the field. It sends
+no timestamp, so an ``event_time`` in seconds does not stop a QuickLizard
+event. Where the document is silent: a price of 0 is sent as ``0.0`` (free
+items and samples are sold; "a valid float" includes 0); the product name is
+not sent; a line whose unit price x units overflows a float is rejected naming
+its unit price; a site id no config names (and no ``default``) is rejected
+naming the site id.
 
 The response ``{processed, failed, errors}`` is mapped back per event: a
 canonical event is rejected when any of its rows is in ``failed`` (rows are
@@ -26,10 +37,12 @@ import orjson
 from pydantic import Field, SecretStr
 
 from processor.events import Event, EventKind
+from processor.validation import ITEM_PRODUCT_ID, ITEM_QUANTITY, ITEM_UNIT_PRICE, PRODUCT_ID, PRODUCT_PRICE, SITE_ID
 from processor.vendors.base import (
     DELIVERED,
     Adapter,
     Frozen,
+    InvalidField,
     MissingField,
     NoOptions,
     Outcome,
@@ -37,10 +50,13 @@ from processor.vendors.base import (
     Response,
     VendorRequest,
     VendorSettings,
+    json_body,
     rejected,
     require,
     status_outcome,
 )
+
+_INF = float("inf")
 
 
 class QuickLizardSite(Frozen):
@@ -80,6 +96,8 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
     default_base_url = "https://evt.quicklizard.com/events"
     secret_fields = ("client_key",)
     site_url_fields = ("endpoint",)
+    needs = frozenset({SITE_ID, PRODUCT_ID, PRODUCT_PRICE, ITEM_PRODUCT_ID, ITEM_UNIT_PRICE,
+                       ITEM_QUANTITY})
 
     example_env = {"QUICKLIZARD_CLIENT_KEY": "demo-client-key"}
 
@@ -127,12 +145,13 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
             return []  # nothing sold: nothing to send (the event is filtered)
         out = []
         for i, item in enumerate(items):
-            units = item["quantity"]
-            if units is None or units < 1:
-                raise MissingField(f"order.items[{i}].quantity")
+            units = item["quantity"]  # at least 1 (processor.validation)
+            price = round(float(require(item["unit_price"], f"order.items[{i}].unit_price")) * units, 2)
+            if price == _INF:
+                raise InvalidField(f"order.items[{i}].unit_price", "unit price x quantity is not a finite number")
             row = {
                 "client_key": route.client_key,
-                "price": round(float(require(item["unit_price"], f"order.items[{i}].unit_price")) * units, 2),
+                "price": price,
                 "product_id": require(item["product_id"], f"order.items[{i}].product_id"),
                 "event": "conversion",
             }
@@ -144,7 +163,7 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
             out.append(row)
         return out
 
-    def plan(self, events: Sequence[Event]) -> Plan:
+    def build(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         by_url: dict[str, tuple[list[Event], list[dict[str, Any]], list[int]]] = {}
         routes, default = self.routes, self.default_route
@@ -155,7 +174,7 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
                 continue
             try:
                 rows = self.rows(event, route)
-            except MissingField as exc:
+            except (MissingField, InvalidField) as exc:
                 plan.rejected.append((event, str(exc)))
                 continue
             if not rows:
@@ -169,7 +188,7 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
             all_rows.extend(rows)
             counts.append(len(rows))
         for url, (evs, all_rows, counts) in by_url.items():
-            plan.requests.append(VendorRequest(url=url, content=orjson.dumps(all_rows), events=evs,
+            plan.requests.append(VendorRequest(url=url, content=json_body(all_rows), events=evs,
                                                headers=self._headers, context=(all_rows, counts)))
         return plan
 

@@ -24,6 +24,14 @@ Idempotency: the canonical ``event_id`` is sent as each event's ``id``, which
 Tracardi keeps as the stored event id, so a resend overwrites instead of
 duplicating: our at-least-once retries are idempotent at Tracardi.
 
+What it needs (``needs``, checked by processor.validation before ``build``): the site id, the event
+id, ``event_time`` (``context.time``), product and order ids, and finite, non-negative prices and
+totals with order lines of at least 1 unit: all of them are sent, so an event breaking a rule on any
+is dead-lettered naming the field. Where the document is silent (properties are free-form): an empty
+product or line name is left out, not sent empty; a price or total of 0 is sent as 0.0; an order
+without lines is sent with ``items: []`` and ``itemCount: 0``; a site id no config names (and no
+``default``) is rejected naming the site id.
+
 Outcomes (one payload = all its events): 200 delivered (``profile_changed``
 when Tracardi answers a different profile id than we sent); 401 unknown or
 disabled source -> rejected, a configuration error noted ``bad_source``; 406
@@ -43,6 +51,18 @@ import orjson
 from pydantic import Field, SecretStr, StringConstraints
 
 from processor.events import Event, EventKind
+from processor.validation import (
+    EVENT_ID,
+    EVENT_TIME,
+    ITEM_PRODUCT_ID,
+    ITEM_QUANTITY,
+    ITEM_UNIT_PRICE,
+    ORDER_ID,
+    ORDER_TOTAL,
+    PRODUCT_ID,
+    PRODUCT_PRICE,
+    SITE_ID,
+)
 from processor.vendors.base import (
     DELIVERED,
     Adapter,
@@ -55,6 +75,7 @@ from processor.vendors.base import (
     VendorRequest,
     VendorSettings,
     Verdict,
+    json_body,
     rejected,
     require,
     status_outcome,
@@ -116,6 +137,8 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
     notes = ("bad_source", "profile_changed", "profile_created")
     secret_fields = ("source_id",)
     site_url_fields = ("base_url",)
+    needs = frozenset({SITE_ID, EVENT_ID, EVENT_TIME, PRODUCT_ID, PRODUCT_PRICE, ORDER_ID, ORDER_TOTAL,
+                       ITEM_PRODUCT_ID, ITEM_UNIT_PRICE, ITEM_QUANTITY})
 
     example_env = {"TRACARDI_SOURCE_ID": "3ee63fc6-490a-4fd8-bfb3-bf0c8c8d3387"}  # the document's source id
 
@@ -143,9 +166,11 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         out: dict[str, Any] = {"id": require(rec["event_id"], "event_id"), "type": site.types[kind]}
         if kind is EventKind.PRODUCT_VIEW:
             p = rec["product"]
-            props: dict[str, Any] = {"product": p["name"], "price": p["price"],
-                                     "productId": require(p["product_id"], "product.product_id"),
-                                     "currency": p["currency"], "categories": p["categories"]}
+            props: dict[str, Any] = {}
+            _put(props, "product", p["name"])
+            props["price"] = p["price"]
+            props["productId"] = require(p["product_id"], "product.product_id")
+            props["currency"], props["categories"] = p["currency"], p["categories"]
             _put(props, "sku", p["sku"])
             _put(props, "url", p["url"])
             _put(props, "imageUrl", p["image_url"])
@@ -154,9 +179,10 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
             items = []
             units = 0
             for i, it in enumerate(o["items"]):
-                item = {"productId": require(it["product_id"], f"order.items[{i}].product_id"),
-                        "product": it["name"], "quantity": it["quantity"], "price": it["unit_price"],
-                        "categories": it["categories"]}
+                item = {"productId": require(it["product_id"], f"order.items[{i}].product_id")}
+                _put(item, "product", it["name"])
+                item["quantity"], item["price"] = it["quantity"], it["unit_price"]
+                item["categories"] = it["categories"]
                 _put(item, "sku", it["sku"])
                 _put(item, "url", it["url"])
                 units += it["quantity"]
@@ -200,7 +226,7 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         payload["events"] = []
         return payload
 
-    def plan(self, events: Sequence[Event]) -> Plan:
+    def build(self, events: Sequence[Event]) -> Plan:
         plan = Plan()
         groups: dict[tuple[str, str | None, str | None], tuple[_Site, list[Event], dict[str, Any]]] = {}
         sites, default = self.routes, self.default_route
@@ -231,7 +257,7 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
             group[1].append(event)
             group[2]["events"].append(body)
         for (site_key, profile_id, _), (site, evs, payload) in groups.items():
-            plan.requests.append(VendorRequest(url=site.url, content=orjson.dumps(payload), events=evs,
+            plan.requests.append(VendorRequest(url=site.url, content=json_body(payload), events=evs,
                                                headers=self._headers, context=(site_key, profile_id)))
         return plan
 

@@ -44,7 +44,7 @@ class FakeAdapter(Adapter[FakeSite, NoOptions]):
     Site = FakeSite
     default_base_url = "http://fake.test/events"
 
-    def plan(self, events: Sequence[Event]) -> Plan:
+    def build(self, events: Sequence[Event]) -> Plan:
         body = orjson.dumps([e.source.offset for e in events])
         return Plan(requests=[VendorRequest(self.base_url, body, list(events))])
 
@@ -268,7 +268,7 @@ def test_parse_retry_after():
 class PerEventAdapter(FakeAdapter):
     """One request per event, like Convead: the case where planning ahead would build every body."""
 
-    def plan(self, events: Sequence[Event]) -> Plan:
+    def build(self, events: Sequence[Event]) -> Plan:
         self.planned = getattr(self, "planned", 0) + len(events)
         return Plan(requests=[VendorRequest(self.base_url, orjson.dumps([e.source.offset]), [e]) for e in events])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, quote_plus, urlencode
+from urllib.parse import parse_qs, parse_qsl, quote_plus, urlencode
 
 import httpx
 import orjson
@@ -110,15 +110,17 @@ def test_events_one_request_each_and_only_invalid_ones_rejected():
               as_event(ORDER, zero_qnt, 5), as_event(ORDER, make_order(7), 6),
               as_event(VIEW, with_changes(make_view(8, 8), "page.url", "http://[::1/p/8"), 7)]
     plan = adapter().plan(events)
-    assert [(e.source.offset, r) for e, r in plan.rejected] == [
+    assert sorted((e.source.offset, r) for e, r in plan.rejected) == [
         (1, "invalid field visitor.vendor_ids.convead_visitor_uid: only 0-9, a-z and - are allowed"),
         (2, "missing required field visitor.vendor_ids.convead_visitor_uid or visitor.vendor_ids.convead_guest_uid"),
         (3, "missing required field page.url"),
-        (4, "missing required field order.items"),
-        (5, "missing required field order.items[1].quantity"),
+        (5, "order.items[1].quantity is 0, not a count of units sold (at least 1)"),
         (7, "invalid field page.url: not a URL"),
     ]
-    assert [r.events for r in plan.requests] == [[events[0]], [events[6]]]
+    # an order without lines (a gift card) is a purchase by its revenue, without items
+    assert [r.events for r in plan.requests] == [[events[0]], [events[4]], [events[6]]]
+    gift = orjson.loads(parse_qs(plan.requests[1].content.decode())["data"][0])["properties"]
+    assert gift == {"order_id": "O-6-1", "revenue": make_order(6)["order"]["total"]}
     # with the site's domain configured, an event without a page url is fine
     (req,) = adapter(domain="shop.example.com").plan([events[3]]).requests
     data = form(req)["data"]

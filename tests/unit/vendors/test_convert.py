@@ -154,10 +154,13 @@ def test_missing_required_fields_are_rejected_naming_the_field():
     no_qty = as_event(ORDER, with_changes(make_order(5), "order.items.0.quantity", 0), 2)
     no_bucket = as_event(VIEW, with_changes(make_view(7, 1), "experiments.0.variation_id", ""), 3)
     plan = adapter().plan([good, no_items, no_qty, no_bucket])
-    assert [(e.source.offset, r) for e, r in plan.rejected] == [
-        (1, "missing required field order.items"), (2, "missing required field order.items[0].quantity"),
-        (3, "missing required field experiments[0].variation_id")]
-    assert [r.events for r in plan.requests] == [[good]]
+    assert sorted((e.source.offset, r) for e, r in plan.rejected) == [
+        (2, "order.items[0].quantity is 0, not a count of units sold (at least 1)"),
+        (3, "experiments[0].variation_id is empty")]
+    # an order without lines (a gift card) is a transaction by its revenue: tr with prc 0
+    assert [r.events for r in plan.requests] == [[good], [no_items]]
+    (tr,) = [row for row in orjson.loads(plan.requests[1].content)["ev"] if row["evt"] == "tr"]
+    assert (tr["r"], tr["prc"]) == (make_order(3)["order"]["total"], 0)
 
 
 def test_visitor_id_falls_back_unless_disabled():

@@ -154,8 +154,8 @@ def test_missing_required_fields_are_rejected_naming_the_field():
     bad = [as_event(kind, with_changes(rec, path, ""), i + 1) for i, (kind, path, rec) in enumerate(cases)]
     plan = adapter().plan([good, *bad])
     assert [(e.source.offset, r) for e, r in plan.rejected] == [
-        (1, "missing required field product.product_id"), (2, "missing required field order.order_id"),
-        (3, "missing required field order.items[1].product_id"), (4, "missing required field event_id")]
+        (1, "product.product_id is empty"), (2, "order.order_id is empty"),
+        (3, "order.items[1].product_id is empty"), (4, "event_id is empty")]
     assert [r.events for r in plan.requests] == [[good]]
 
 

@@ -1,0 +1,154 @@
+"""processor.validation: each rule, its reason, and that a valid event costs no object."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from processor import validation
+from processor.devstack.samples import make_order, make_view, with_changes
+from processor.events import UNCHECKED, Event, EventKind, Source
+from processor.validation import check, validate, validate_all
+from processor.vendors.base import NotJSON, json_body
+
+VIEW, ORDER = EventKind.PRODUCT_VIEW, EventKind.ORDER
+T = 1_764_000_000_000  # event time of the samples (2025-11-24)
+KAFKA_TS = T + 5_000  # the message's Kafka timestamp
+DOUBLES = [(VIEW, "product.price", "product.price", "product.price"),
+           (ORDER, "order.total", "order.total", "order.total"),
+           (ORDER, "order.items.1.unit_price", "order.items.unit_price", "order.items[1].unit_price")]
+NOT_FINITE = [(math.nan, "NaN"), (math.inf, "Infinity"), (-math.inf, "-Infinity")]
+
+
+def sample(kind: EventKind) -> dict:
+    return make_view(1, 1, event_time=T) if kind is VIEW else make_order(1, 3, event_time=T)
+
+
+def test_valid_events_have_no_violations_and_build_nothing():
+    assert check(VIEW, sample(VIEW), KAFKA_TS) is None
+    assert check(ORDER, sample(ORDER), KAFKA_TS) is None
+    # what the schemas allow and the rules keep: a free product, a free order, an order without lines
+    assert check(VIEW, with_changes(sample(VIEW), "product.price", 0.0), KAFKA_TS) is None
+    assert check(ORDER, with_changes(sample(ORDER), "order.total", 0.0), KAFKA_TS) is None
+    assert check(ORDER, with_changes(sample(ORDER), "order.items", []), KAFKA_TS) is None
+    assert check(VIEW, with_changes(sample(VIEW), "product.name", ""), KAFKA_TS) is None
+
+
+@pytest.mark.parametrize(("kind", "path", "key", "named"), DOUBLES)
+@pytest.mark.parametrize(("value", "word"), NOT_FINITE)
+def test_every_double_must_be_finite(kind, path, key, named, value, word):
+    assert check(kind, with_changes(sample(kind), path, value), KAFKA_TS) == {key: f"{named} is {word}"}
+
+
+@pytest.mark.parametrize(("kind", "path", "key", "named"), DOUBLES)
+def test_amounts_are_not_negative(kind, path, key, named):
+    assert check(kind, with_changes(sample(kind), path, -0.5), KAFKA_TS) == {key: f"{named} is negative (-0.5)"}
+
+
+@pytest.mark.parametrize(("event_time", "why"), [
+    (1_764_000_000, "event_time 1764000000 looks like seconds, not milliseconds"),
+    (0, "event_time 0 is before 2001-01-01 (epoch milliseconds)"),
+    (-1, "event_time -1 is before 2001-01-01 (epoch milliseconds)"),
+    (-1_764_000_000_000, "event_time -1764000000000 is before 2001-01-01 (epoch milliseconds)"),
+    (978_307_199_999, "event_time 978307199999 is before 2001-01-01 (epoch milliseconds)"),
+    (KAFKA_TS + 86_400_001, f"event_time {KAFKA_TS + 86_400_001} is more than a day ahead of the message's timestamp"),
+    (32_503_680_000_000, "event_time 32503680000000 is more than a day ahead of the message's timestamp"),
+    (T * 1000, f"event_time {T * 1000} looks like microseconds, not milliseconds"),
+])
+@pytest.mark.parametrize("kind", [VIEW, ORDER])
+def test_event_time_is_epoch_milliseconds_in_a_plausible_window(kind, event_time, why):
+    assert check(kind, with_changes(sample(kind), "event_time", event_time), KAFKA_TS) == {"event_time": why}
+
+
+@pytest.mark.parametrize("event_time", [978_307_200_000, KAFKA_TS + 86_400_000, KAFKA_TS - 10 * 365 * 86_400_000])
+def test_event_time_window_bounds_are_inclusive(event_time):
+    assert check(VIEW, with_changes(sample(VIEW), "event_time", event_time), KAFKA_TS) is None
+
+
+@pytest.mark.parametrize(("kind", "path", "key", "named"), [
+    (VIEW, "event_id", "event_id", "event_id"),
+    (VIEW, "site_id", "site_id", "site_id"),
+    (VIEW, "product.product_id", "product.product_id", "product.product_id"),
+    (VIEW, "experiments.0.experience_id", "experiments.experience_id", "experiments[0].experience_id"),
+    (VIEW, "experiments.0.variation_id", "experiments.variation_id", "experiments[0].variation_id"),
+    (ORDER, "order.order_id", "order.order_id", "order.order_id"),
+    (ORDER, "order.items.2.product_id", "order.items.product_id", "order.items[2].product_id"),
+])
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_ids_must_not_be_empty(kind, path, key, named, empty):
+    assert check(kind, with_changes(sample(kind), path, empty), KAFKA_TS) == {key: f"{named} is empty"}
+
+
+@pytest.mark.parametrize("quantity", [0, -1])
+def test_a_line_sells_at_least_one_unit_and_the_reason_says_what_is_wrong(quantity):
+    rec = with_changes(sample(ORDER), "order.items.1.quantity", quantity)
+    assert check(ORDER, rec, KAFKA_TS) == {
+        "order.items.quantity": f"order.items[1].quantity is {quantity}, not a count of units sold (at least 1)"}
+
+
+def test_several_violations_each_named_and_the_first_element_of_a_list_kept():
+    rec = with_changes(sample(ORDER), "order.items.0.unit_price", math.nan)
+    rec = with_changes(rec, "order.items.2.unit_price", math.inf)
+    rec = with_changes(rec, "event_time", 1_764_000_000)
+    assert check(ORDER, rec, KAFKA_TS) == {
+        "event_time": "event_time 1764000000 looks like seconds, not milliseconds",
+        "order.items.unit_price": "order.items[0].unit_price is NaN"}
+    assert validation.reason(check(ORDER, rec, KAFKA_TS), {"order.items.unit_price", "event_time"}) == (
+        "event_time 1764000000 looks like seconds, not milliseconds; order.items[0].unit_price is NaN")
+
+
+def event(kind: EventKind, rec: dict, ts: int | None = KAFKA_TS) -> Event:
+    return Event.of(kind, rec, Source("shop.events", 0, 0, ts, b"k", b"v", None))
+
+
+def test_validate_runs_once_and_keeps_the_result_on_the_event():
+    ev = event(VIEW, with_changes(sample(VIEW), "product.price", math.nan))
+    assert ev.invalid is UNCHECKED
+    found = validate(ev)
+    assert found == {"product.price": "product.price is NaN"} and ev.invalid is found
+    ev.record["product"]["price"] = 1.0  # not looked at again
+    assert validate(ev) is found
+    ok = event(VIEW, sample(VIEW))
+    validate_all([ok])
+    assert ok.invalid is None
+
+
+def test_without_a_kafka_timestamp_the_window_ends_a_day_after_now():
+    now = int(time.time() * 1000)
+    assert validate(event(VIEW, with_changes(sample(VIEW), "event_time", now), ts=None)) is None
+    late = event(VIEW, with_changes(sample(VIEW), "event_time", now + 2 * 86_400_000), ts=None)
+    assert "more than a day ahead" in validate(late)["event_time"]
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_a_price_is_valid_exactly_when_json_can_carry_it_and_it_is_not_negative(price):
+    found = check(VIEW, with_changes(sample(VIEW), "product.price", price), KAFKA_TS)
+    json_ok = math.isfinite(price)
+    assert (found is None) == (json_ok and price >= 0)
+    if found is not None:
+        assert found["product.price"].startswith("product.price is ")
+
+
+def strict(body: bytes):
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(body, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(("obj", "path"), [
+    ({"a": [1.0, {"price": math.nan}]}, "a[1].price"), ([math.inf], "[0]"), ({"x": -math.inf}, "x"),
+    ({"p": None}, "p"), (None, "body")])
+def test_json_body_refuses_what_orjson_would_write_as_null(obj, path):
+    with pytest.raises(NotJSON) as exc:
+        json_body(obj)
+    assert str(exc.value) == f"{path} would be sent as null"
+
+
+def test_json_body_is_strict_json_and_keeps_null_inside_strings():
+    obj = {"name": "nullable null", "price": 0.0, "n": [1, 2.5]}
+    assert strict(json_body(obj)) == obj
