@@ -8,8 +8,10 @@ first problem: ``app_key`` present; at least one uid (empty means absent, as
 the clients send them); ``visitor_uid`` only ``[0-9a-z-]``; ``data`` a JSON
 object with only the documented keys, a known ``type``, uids that agree with
 the form's, and the properties its type needs (``view_product``:
-``product_id``; ``purchase``: ``order_id`` string, ``revenue`` number, ``items``
-of ``{product_id, qnt, price}``).
+``product_id``, and ``price`` a number when given, as in the document's example;
+``purchase``: ``order_id`` string, ``revenue`` number, ``items`` when given of
+``{product_id, qnt, price}``, numbers). ``data`` must be strict JSON (RFC 8259:
+no ``NaN`` or ``Infinity``), and a price is never ``null``.
 
 A valid event answers ``200 OK`` (empty body). An unknown app_key, or a domain
 not listed for the app, also answers 200 but is not recorded (counted as
@@ -112,6 +114,8 @@ def validate_data(data: Any, visitor_uid: str, guest_uid: str) -> str | None:
             return f"missing properties.{key}"
     if kind in ("view_product", "add_to_cart", "remove_from_cart") and not isinstance(props["product_id"], str):
         return "properties.product_id must be a string"
+    if "price" in props and not _number(props["price"]):
+        return "properties.price must be a number"
     if kind == "purchase":
         if not isinstance(props["order_id"], str):
             return "properties.order_id must be a string"

@@ -160,7 +160,8 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 async def read_json(request: web.Request) -> tuple[Any, str | None]:
-    """The body as JSON, or an error message naming what is wrong."""
+    """The body as strict RFC 8259 JSON (orjson refuses ``NaN``, ``Infinity`` and ``-Infinity``, which
+    Python's json module would take), or an error message naming what is wrong."""
     ctype = request.headers.get("Content-Type", "")
     if not ctype.startswith("application/json"):
         return None, f"Content-Type must be application/json, got {ctype or 'nothing'}"
