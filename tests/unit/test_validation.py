@@ -6,15 +6,26 @@ import json
 import math
 import time
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from processor import validation
-from processor.devstack.samples import make_order, make_view, with_changes
+from processor.codec import Decoder
+from processor.config import interpolate
+from processor.deadletter import dlq_headers, headers_dict
+from processor.delivery import Sender
+from processor.devstack.samples import encode, make_order, make_view, with_changes
 from processor.events import UNCHECKED, Event, EventKind, Source
+from processor.metrics import Metrics
+from processor.offsets import OffsetTracker
+from processor.redrive import Decision, Redrive, RelayRecord
 from processor.validation import check, validate, validate_all
 from processor.vendors.base import NotJSON, json_body
+from processor.vendors.quicklizard import QuickLizardAdapter
+from tests.unit.test_redrive import FakeWriter
+from tests.unit.test_routing import relay
 
 VIEW, ORDER = EventKind.PRODUCT_VIEW, EventKind.ORDER
 T = 1_764_000_000_000  # event time of the samples (2025-11-24)
@@ -152,3 +163,51 @@ def test_json_body_refuses_what_orjson_would_write_as_null(obj, path):
 def test_json_body_is_strict_json_and_keeps_null_inside_strings():
     obj = {"name": "nullable null", "price": 0.0, "n": [1, 2.5]}
     assert strict(json_body(obj)) == obj
+
+
+# -- where validation runs: routing before the fan-out, the redrive on each record read back -------------
+
+def test_routing_validates_each_event_once_before_any_vendor_plans_it(monkeypatch):
+    calls = []
+    real = validation.check
+    monkeypatch.setattr(validation, "check", lambda *a: calls.append(a[0]) or real(*a))
+    r = relay()  # qubit (every kind) and quicklizard (orders)
+    r.tracker.assign("t", 0)
+    events = [Event.of(kind, rec, Source("t", 0, i, KAFKA_TS, b"k", b"v", None)) for i, (kind, rec) in enumerate([
+        (VIEW, sample(VIEW)), (ORDER, with_changes(sample(ORDER), "order.items.0.unit_price", math.nan)),
+        (ORDER, with_changes(sample(ORDER), "event_time", 1_764_000_000))])]
+    r.router.route(events)
+    assert calls == [VIEW, ORDER, ORDER]  # once each, before the fan-out
+    assert [e.invalid for e in events] == [None, {"order.items.unit_price": "order.items[0].unit_price is NaN"},
+                                           {"event_time": "event_time 1764000000 looks like seconds, not milliseconds"}]
+    qubit, quicklizard = r.pipelines["qubit"].adapter, r.pipelines["quicklizard"].adapter
+    assert [(e.offset, why) for e, why in qubit.plan(events).rejected] == [
+        (2, "event_time 1764000000 looks like seconds, not milliseconds")]
+    assert [(e.offset, why) for e, why in quicklizard.plan(events[1:]).rejected] == [
+        (1, "order.items[0].unit_price is NaN")]
+    assert len(calls) == 3  # the adapters did not check again
+
+
+async def test_a_replayed_or_redriven_event_is_validated_as_a_live_one():
+    settings = interpolate(QuickLizardAdapter.example_settings("http://127.0.0.1:9"), "",
+                           QuickLizardAdapter.example_env)
+    ql = QuickLizardAdapter(QuickLizardAdapter.settings_model().model_validate(settings))
+    tracker = OffsetTracker()
+    tracker.assign("dlq", 0)
+    writer = FakeWriter()
+    r = Redrive(ql, Decoder(), tracker, None, 3, writer, clock=lambda: 9.0)
+    sent = []
+    r.attach(Sender(httpx.MockTransport(lambda req: sent.append(req) or httpx.Response(500))), Metrics())
+    value = encode(VIEW, with_changes(sample(VIEW), "product.price", math.nan))
+    original = Source("shop.events", 2, 40, KAFKA_TS, b"k", value, None)
+    headers = dlq_headers(original, "quicklizard", "exhausted", 503, "HTTP 503", 6, KAFKA_TS, KAFKA_TS, 0)
+    rec = RelayRecord.from_source(Source("dlq", 0, 0, KAFKA_TS + 9_000, b"k", value, headers))
+    t = r.triage([rec])
+    assert t.decisions == [Decision.DELIVER] and t.events[0].invalid == {"product.price": "product.price is NaN"}
+    r.dispatch(t)
+    assert await r.pipeline.drain(5)
+    assert sent == []  # never sent: QuickLizard needs the price
+    ((_, written, vendor, error_class, _),) = writer.written
+    h = headers_dict(written)
+    assert (vendor, error_class, h["relay.reason"], h["relay.replay_count"]) == (
+        "quicklizard", "rejected", "product.price is NaN", "1")
