@@ -17,7 +17,8 @@ for every event (delivered / retryable / rejected); transport failures
 boundary, ``processor.delivery``.
 
 Dead-letter error classes (the ``error-class`` header and metric label):
-rejected (the vendor or our own validation refused it), exhausted (retries
+rejected (the vendor refused it, or our own checks did: a field the vendor needs missing, or
+breaking a rule of processor.validation; the reason names the field), exhausted (retries
 ran out), undecodable (bytes that are not a known Avro event), unroutable
 (decoded, but no event kind the relay knows), internal (the relay itself failed on it:
 the reason names the exception type).

@@ -79,8 +79,10 @@ class FromSource:
         return self.source.offset
 
 
-# ``Event.invalid`` before validation (processor.validation): compared by identity, never filled.
-UNCHECKED: dict[str, str] = {}
+# ``Event.invalid`` before validation (processor.validation): compared by identity, never changed. Not
+# empty, so truthy as the violations of an invalid event are: a batch is all valid when no event's
+# ``invalid`` is truthy (one ``any`` over the batch, Adapter.plan's fast path).
+UNCHECKED: dict[str, str] = {"": "not validated yet"}
 
 
 class Event(Source):

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from operator import attrgetter
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import orjson
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 from processor.events import UNCHECKED, Event, EventKind
 from processor.validation import reason, validate
 
+_invalid = attrgetter("invalid")
 SiteT = TypeVar("SiteT", bound=BaseModel)
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
@@ -210,13 +212,13 @@ def json_body(obj: Any) -> bytes:
     ``null`` (a string containing it, or a bug): one byte search on the common path."""
     body = orjson.dumps(obj)
     if b"null" in body:
-        path = _not_json(obj, "")
+        path = null_path(obj, "")
         if path is not None:
             raise NotJSON(f"{path or 'body'} would be sent as null")
     return body
 
 
-def _not_json(value: Any, path: str) -> str | None:
+def null_path(value: Any, path: str) -> str | None:
     """The path of the first None or non-finite float in ``value``, or None."""
     if value is None:
         return path
@@ -224,12 +226,12 @@ def _not_json(value: Any, path: str) -> str | None:
         return None if math.isfinite(value) else path
     if isinstance(value, dict):
         for k, v in value.items():
-            found = _not_json(v, f"{path}.{k}" if path else str(k))
+            found = null_path(v, f"{path}.{k}" if path else str(k))
             if found is not None:
                 return found
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
-            found = _not_json(v, f"{path}[{i}]")
+            found = null_path(v, f"{path}[{i}]")
             if found is not None:
                 return found
     return None
@@ -298,7 +300,7 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         ``needs`` are rejected naming it (one set intersection an invalid event; nothing for a valid
         one), the rest go to ``build``. An event not validated yet (tests, tools) is validated here."""
         needs = self.needs
-        if not needs:
+        if not needs or not any(map(_invalid, events)):  # every event validated and valid: nothing to do
             return self.build(events)
         bad: list[tuple[Event, str]] | None = None
         for ev in events:

@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, SecretStr, StringConstraints
+from pydantic import Field, SecretStr, StringConstraints, field_validator
 
 from processor.events import Event, EventKind
 from processor.validation import (
@@ -76,6 +76,7 @@ from processor.vendors.base import (
     VendorSettings,
     Verdict,
     json_body,
+    null_path,
     rejected,
     require,
     status_outcome,
@@ -93,6 +94,14 @@ class TracardiSite(Frozen):
     event_types: dict[EventKind, NonEmpty] = Field(default_factory=dict, description="override options.event_types")
     event_options: dict[str, Any] = Field(default_factory=dict, description="options sent with every event")
     tags: list[str] = Field(default_factory=list, description="tags sent with every event")
+
+    @field_validator("context", "event_options")
+    @classmethod
+    def _json_values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        path = null_path(v, "")
+        if path is not None:
+            raise ValueError(f"{path} is null or not a finite number: nothing is sent as null, NaN or Infinity")
+        return v
 
 
 class TracardiOptions(Frozen):

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
+from pydantic import ValidationError
 
 from processor.config import interpolate
 from processor.devstack.samples import make_order, make_view, with_changes
@@ -17,6 +18,7 @@ from processor.events import Event, EventKind, Source
 from processor.vendors import REGISTRY, adapter_class
 from processor.vendors.base import Adapter, Plan, VendorRequest, Verdict
 from processor.vendors.convead import form_quote
+from processor.vendors.tracardi import TracardiSite
 from tests.unit.vendors.conftest import exchange
 
 VIEW, ORDER = EventKind.PRODUCT_VIEW, EventKind.ORDER
@@ -286,3 +288,10 @@ async def test_qubits_twin_refuses_a_time_in_seconds(sandbox):
     req.content = req.content.replace(str(T).encode(), b"1764000000")
     ((_, (outcome,)),) = await exchange(a, [req])
     assert outcome.verdict is Verdict.REJECTED and outcome.reason == "qubit failed: Invalid meta.ts"
+
+
+def test_tracardis_static_context_may_not_hold_null():
+    with pytest.raises(ValidationError, match=r"system\.owner is null or not a finite number"):
+        TracardiSite.model_validate({"source_id": "s", "context": {"system": {"owner": None}}})
+    with pytest.raises(ValidationError, match="ratio is null or not a finite number"):
+        TracardiSite.model_validate({"source_id": "s", "event_options": {"ratio": math.nan}})
