@@ -25,9 +25,10 @@ What it needs (``needs``, checked by processor.validation before ``build``): the
 experience and variation ids, a finite, non-negative ``order.total`` (``r`` / ``amount``) and order
 lines of at least 1 unit (``prc`` / ``productsCount``); it sends no timestamp and no price, so an
 ``event_time`` in seconds or a NaN product price does not stop a Convert event. Where the document is
-silent: an order without lines (a gift card, a voucher) is a transaction by its revenue, sent with
-``prc`` 0 (the document describes ``tr`` by its amount; no product was ordered); a total of 0 is
-sent as 0.0; a site id no config names (and no ``default``) is rejected naming the site id.
+silent: product names are not sent (an empty one does not matter); an order without lines (a gift
+card, a voucher) is a transaction by its revenue, sent with ``prc`` 0 (the document describes ``tr``
+by its amount; no product was ordered); a total of 0 is sent as 0.0; a site id no config names (and
+no ``default``) is rejected naming the site id.
 
 With ``base_url`` set (the sandbox) the project id becomes a path segment: ``{base_url}/{pid}/track`` and
 ``{base_url}/{pid}/v1/track/{aid}/{pid}``; a ``{project_id}`` placeholder in ``base_url`` is filled instead.

@@ -26,7 +26,8 @@ What it needs (``needs``, checked by processor.validation before ``build``): the
 ``event_time`` (``meta.ts``: epoch milliseconds after 2001 and at most a day ahead of the message's
 Kafka timestamp; one in seconds would be filed in January 1970) and a finite, non-negative
 ``order.total``. A view's price and an order's lines are not sent, so a NaN there does not stop a
-Qubit event. Where the document is silent: an order without lines is a transaction by its total
+Qubit event. Where the document is silent: the product name is not sent (an ``ecView`` has no
+such field), so an empty one does not matter; an order without lines is a transaction by its total
 (a gift card, a voucher) and is sent; a total of 0 is sent as 0.0 (a free order is a transaction);
 an order with no ``order_id`` takes the event id as transaction id, and one with neither is rejected
 naming ``event_id``; a site id no config names (and no ``default``) is rejected naming the site id.
