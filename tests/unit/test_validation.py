@@ -15,12 +15,12 @@ from processor import validation
 from processor.codec import Decoder
 from processor.config import interpolate
 from processor.deadletter import dlq_headers, headers_dict
-from processor.delivery import Sender
 from processor.devstack.samples import encode, make_order, make_view, with_changes
 from processor.events import UNCHECKED, Event, EventKind, Source
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker
 from processor.redrive import Decision, Redrive, RelayRecord
+from processor.transport import Sender
 from processor.validation import check, validate, validate_all
 from processor.vendors.base import NotJSON, json_body
 from processor.vendors.quicklizard import QuickLizardAdapter
