@@ -211,3 +211,71 @@ async def test_a_replayed_or_redriven_event_is_validated_as_a_live_one():
     h = headers_dict(written)
     assert (vendor, error_class, h["relay.reason"], h["relay.replay_count"]) == (
         "quicklizard", "rejected", "product.price is NaN", "1")
+
+
+# -- the hand-tuned check against a plain reference of the same rules -------------------------------------
+
+def reference(kind: EventKind, rec: dict, reference_ms: int) -> dict[str, str] | None:
+    """The rules written plainly, one field at a time: what ``check`` must answer."""
+    out: dict[str, str] = {}
+
+    def amount(key: str, name: str, x: float) -> None:
+        why = ("is NaN" if math.isnan(x) else "is Infinity" if x == math.inf else "is -Infinity" if x == -math.inf
+               else f"is negative ({x!r})" if x < 0 else None)
+        if why:
+            out.setdefault(key, f"{name} {why}")
+
+    def ident(key: str, name: str, value: str) -> None:
+        if value.strip() == "":
+            out.setdefault(key, f"{name} is empty")
+
+    ms, latest = rec["event_time"], reference_ms + validation.MAX_AHEAD_MS
+    if ms < validation.MIN_EVENT_TIME_MS:
+        seconds = validation.MIN_EVENT_TIME_MS // 1000 <= ms <= latest // 1000
+        out["event_time"] = (f"event_time {ms} looks like seconds, not milliseconds" if seconds
+                             else f"event_time {ms} is before 2001-01-01 (epoch milliseconds)")
+    elif ms > latest:
+        micro = validation.MIN_EVENT_TIME_MS * 1000 <= ms <= latest * 1000
+        out["event_time"] = (f"event_time {ms} looks like microseconds, not milliseconds" if micro
+                             else f"event_time {ms} is more than a day ahead of the message's timestamp")
+    ident("event_id", "event_id", rec["event_id"])
+    ident("site_id", "site_id", rec["site_id"])
+    for i, b in enumerate(rec["experiments"]):
+        ident("experiments.experience_id", f"experiments[{i}].experience_id", b["experience_id"])
+        ident("experiments.variation_id", f"experiments[{i}].variation_id", b["variation_id"])
+    if kind is VIEW:
+        amount("product.price", "product.price", rec["product"]["price"])
+        ident("product.product_id", "product.product_id", rec["product"]["product_id"])
+        return out or None
+    amount("order.total", "order.total", rec["order"]["total"])
+    ident("order.order_id", "order.order_id", rec["order"]["order_id"])
+    for i, item in enumerate(rec["order"]["items"]):
+        amount("order.items.unit_price", f"order.items[{i}].unit_price", item["unit_price"])
+        if item["quantity"] < 1:
+            out.setdefault("order.items.quantity",
+                           f"order.items[{i}].quantity is {item['quantity']}, not a count of units sold (at least 1)")
+        ident("order.items.product_id", f"order.items[{i}].product_id", item["product_id"])
+    return out or None
+
+
+IDS = st.sampled_from(["P-1", "", " ", "\t", "x y"])
+AMOUNTS = st.one_of(st.floats(), st.sampled_from([0.0, -0.0, 1e308, 5e-324]))
+TIMES = st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(0, 10**17),
+                  st.sampled_from([978_307_199, 978_307_200, 978_307_199_999, 978_307_200_000, KAFKA_TS + 86_400_000,
+                                   KAFKA_TS + 86_400_001, 978_307_200_000_000, (KAFKA_TS + 86_400_000) * 1000]))
+
+
+@given(kind=st.sampled_from([VIEW, ORDER]), event_time=TIMES, event_id=IDS, site_id=IDS, pid=IDS,
+       price=AMOUNTS, experiments=st.lists(st.tuples(IDS, IDS), max_size=3),
+       lines=st.lists(st.tuples(IDS, AMOUNTS, st.integers(-3, 4)), max_size=4))
+def test_check_answers_what_the_plain_rules_do(kind, event_time, event_id, site_id, pid, price, experiments, lines):
+    rec = sample(kind)
+    rec.update(event_time=event_time, event_id=event_id, site_id=site_id,
+               experiments=[{"experience_id": e, "variation_id": v} for e, v in experiments])
+    if kind is VIEW:
+        rec["product"].update(product_id=pid, price=price)
+    else:
+        template = rec["order"]["items"][0]
+        rec["order"].update(order_id=pid, total=price, items=[
+            {**template, "product_id": p, "unit_price": u, "quantity": q} for p, u, q in lines])
+    assert check(kind, rec, KAFKA_TS) == reference(kind, rec, KAFKA_TS)
