@@ -199,13 +199,14 @@ def test_prometheus_scrapes_the_relay_and_every_panel_has_data(broker, topics, s
     assert [s["metric"] for s in prom.query_range(concrete(restarts, RATE_INTERVAL), start)] == [
         {"pod": "event-relay-0"}]
 
-    # the refusing vendor's error ratio fires its alert; the vendors that answered well stay silent
+    # the refusing vendor's error ratio fires its alert; the vendors that answered well stay silent (the
+    # flaky one and the one down for two chunks may fire too: their errors are real)
     def firing() -> dict[str, dict[str, str]]:
         found = {a["labels"]["vendor"]: a["labels"] for a in prom.api("alerts")["alerts"]
                  if a["labels"]["alertname"] == LIVE_ALERT and a["state"] == "firing"}
         return found if REFUSING in found else {}
 
     alerts = wait_for(firing, 30, f"{LIVE_ALERT} to fire for {REFUSING}")
-    assert set(alerts) <= {REFUSING, FLAKY}
+    assert set(alerts) <= {REFUSING, FLAKY, PARKING}
     assert alerts[REFUSING]["namespace"] == "e2e" and alerts[REFUSING]["severity"] == "warning"
     assert relay.stop() == 0
