@@ -20,7 +20,7 @@ from processor.delivery import VendorPipeline
 from processor.errors import RegistryUnavailable
 from processor.health import HealthServer
 from processor.metrics import Metrics
-from processor.offsets import OffsetTracker, Settlement
+from processor.offsets import OffsetTracker, RelaySettlement
 from processor.parked import ParkedRedrive
 from processor.routing import Router
 from processor.source import KafkaSource, Partitions
@@ -67,7 +67,7 @@ class Relay:
         cfg = self.config
         self.dlq = DeadLetterWriter(cfg.deadletter.topic, cfg.producer_settings(), self.metrics,
                                     cfg.deadletter.retry_delay_s, cfg.retry_topic_prefix())
-        self.settlement = Settlement(self.tracker, self.dlq)
+        self.settlement = RelaySettlement(self.tracker, self.dlq, self.metrics)
         self.router = Router(self.tracker, self.settlement, self.metrics)
         parks = cfg.retry_topics()
         for name, settings in cfg.enabled_vendors().items():
@@ -115,7 +115,7 @@ class Relay:
         if self.stopping.is_set():
             return "stopping"
         if self.dlq.failing:
-            return "dead-letter or retry-topic writes are not acknowledged"
+            return self.dlq.failing_why or "dead-letter or retry-topic writes are not acknowledged"
         if self.registry_down is not None:
             return f"schema registry unreachable: {self.registry_down}"
         return self.stalled()
@@ -213,7 +213,7 @@ class Relay:
             self._over_limit = True
         elif self._over_limit and inflight <= int(cfg.max_inflight_events * cfg.resume_ratio):
             self._over_limit = False
-        return self._over_limit or any(p.full for p in self.pipelines.values())
+        return self._over_limit or any(p.admission.holds_source for p in self.pipelines.values())
 
     async def _consume_loop(self) -> None:
         cfg = self.config
@@ -289,8 +289,6 @@ class Relay:
                 second_due = now + 1.0
                 for (t, part), age in self.tracker.oldest_unsettled(now).items():
                     self.metrics.oldest_unsettled.labels(t, str(part)).set(age)
-                for p in self.pipelines.values():
-                    p.breaker.state  # noqa: B018 (an open breaker turns half-open when looked at after its cooldown)
             if now >= summary_due:
                 summary_due = now + SUMMARY_EVERY_S
                 self.settlement.log_summary()

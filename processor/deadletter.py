@@ -20,7 +20,12 @@ relay.next_attempt_ms                 parked records only: epoch ms after which 
 
 Produced with acks=all and idempotence. A record settles its event only when
 Kafka acknowledges it; an unacknowledged write is re-produced after a delay
-and blocks the commit of that offset until it lands.
+and blocks the commit of that offset until it lands. A write the topic refuses
+for good (the record is larger than it takes, no permission to write to it) is
+not retried in a tight loop: one ERROR naming the topic and the cause, the
+failure counters, readiness false, and a retry every ``REFUSED_RETRY_S`` (the
+operator may fix the topic) while the offsets stay held: nothing is lost. The
+event loop never waits on the producer: a full local queue is retried later.
 """
 
 from __future__ import annotations
@@ -44,6 +49,17 @@ _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _LONG_NUMBER = re.compile(r"\+?\d[\d\s-]{6,}\d")
 _SECRETISH = re.compile(r"(?i)(bearer|key|secret|token|password)([=: ]+)\S+")
 REASON_MAX = 240
+# what the broker or librdkafka answers for a write that will not succeed by trying again soon
+PERMANENT = {KafkaError.MSG_SIZE_TOO_LARGE: "record larger than the topic's max.message.bytes (or the producer's "
+                                            "message.max.bytes)",
+             KafkaError.RECORD_LIST_TOO_LARGE: "record batch larger than the topic takes",
+             KafkaError.INVALID_RECORD: "the topic refuses the record (invalid record)",
+             KafkaError.POLICY_VIOLATION: "the topic's policy refuses the record",
+             KafkaError.TOPIC_AUTHORIZATION_FAILED: "not authorized to write to the topic",
+             KafkaError.CLUSTER_AUTHORIZATION_FAILED: "not authorized on the cluster (idempotent write)",
+             KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "not authorized for idempotent writes"}
+REFUSED_RETRY_S = 30.0
+QUEUE_FULL_RETRY_S = 0.05
 _NUMERIC = frozenset({"relay.http_status", "relay.attempts", "relay.first_failure_ms", "relay.last_failure_ms",
                       "relay.original_partition", "relay.original_offset", "relay.original_timestamp_ms",
                       "relay.replay_count", "relay.next_attempt_ms"})
@@ -187,16 +203,19 @@ class DeadLetterWriter:
     failing (the last result was not acknowledged): readiness reports it."""
 
     def __init__(self, topic: str, producer_config: dict[str, Any], metrics: Metrics,
-                 retry_delay_s: float = 1.0, retry_topic_prefix: str | None = None) -> None:
+                 retry_delay_s: float = 1.0, retry_topic_prefix: str | None = None,
+                 producer: Callable[..., Any] = Producer) -> None:
         self.topic = topic
         self.retry_topic_prefix = retry_topic_prefix
         self.metrics = metrics
         self.retry_delay_s = retry_delay_s
         conf = {"acks": "all", "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
                 **producer_config}
-        self.producer = Producer(conf, logger=logging.getLogger("librdkafka"))  # its lines as ours: JSON
+        self.producer = producer(conf, logger=logging.getLogger("librdkafka"))  # its lines as ours: JSON
         self.pending = 0
         self.failing = False
+        self.failing_why = ""  # the last failure: topic and cause (readiness says it)
+        self.refused: dict[str, str] = {}  # topic -> why it refuses our writes for good (until one lands)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def retry_topic(self, vendor: str) -> str:
@@ -231,43 +250,63 @@ class DeadLetterWriter:
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             self.pending -= 1
             if err is None:
-                self.failing = False
+                self._landed(topic)
                 if error_class is not None:  # parked records are counted when parked (processor_parked_total)
                     m.dlq_events.labels(vendor, error_class).inc()
                 on_ack()
                 return
-            self._failed(topic, source, vendor, err.str())
-            self._retry_later(topic, source, headers, vendor, error_class, on_ack)
+            delay = self._failed(topic, source, vendor, err)
+            self._retry_later(topic, source, headers, vendor, error_class, on_ack, delay)
 
         try:
             self.producer.produce(topic, value=source.value, key=source.key, headers=headers,
                                   on_delivery=delivered)
-        except BufferError:
-            self.producer.poll(0.05)
-            self._retry_later(topic, source, headers, vendor, error_class, on_ack)
+        except BufferError:  # librdkafka's local queue is full: its run loop drains it; never wait here
+            self._retry_later(topic, source, headers, vendor, error_class, on_ack, QUEUE_FULL_RETRY_S)
             return
         except KafkaException as exc:
-            self._failed(topic, source, vendor, str(exc))
-            self._retry_later(topic, source, headers, vendor, error_class, on_ack)
+            delay = self._failed(topic, source, vendor, exc.args[0] if exc.args else KafkaError(KafkaError._FAIL))
+            self._retry_later(topic, source, headers, vendor, error_class, on_ack, delay)
             return
         self.pending += 1
 
-    def _failed(self, topic: str, source: Source, vendor: str, why: str) -> None:
+    def _landed(self, topic: str) -> None:
+        self.failing = False
+        self.failing_why = ""
+        if self.refused.pop(topic, None) is not None:
+            logger.warning("writes to %s are acknowledged again", topic)
+
+    def _failed(self, topic: str, source: Source, vendor: str, err: KafkaError) -> float:
+        """Count and log a write Kafka did not take; the delay before it is tried again."""
         self.failing = True
         (self.metrics.dlq_failures if topic == self.topic else self.metrics.park_failures).inc()
-        logger.error("%s write to %s for %s (%s) not acknowledged: %s; retrying in %.1fs",
-                     "dead-letter" if topic == self.topic else "retry-topic", topic, source.where(), vendor, why,
-                     self.retry_delay_s)
+        what = "dead-letter" if topic == self.topic else "retry-topic"
+        cause = PERMANENT.get(err.code()) if isinstance(err, KafkaError) else None
+        if cause is None and isinstance(err, KafkaError) and err.fatal():
+            cause = "the producer failed for good"
+        why = err.str() if isinstance(err, KafkaError) else str(err)
+        if cause is None:
+            self.failing_why = f"{what} writes to {topic} not acknowledged: {why}"
+            logger.error("%s write to %s for %s (%s) not acknowledged: %s; retrying in %.1fs", what, topic,
+                         source.where(), vendor, why, self.retry_delay_s)
+            return self.retry_delay_s
+        self.failing_why = f"{topic} refuses the relay's writes: {cause} ({why})"
+        if self.refused.get(topic) != cause:  # once per topic and cause, not once a record
+            self.refused[topic] = cause
+            logger.error("%s topic %s refuses the relay's writes: %s (%s; first: %s for %s). Its records are held "
+                         "and their offsets not committed (nothing lost); retrying every %.0fs: fix the topic",
+                         what, topic, cause, why, source.where(), vendor, REFUSED_RETRY_S)
+        return REFUSED_RETRY_S
 
     def _retry_later(self, topic: str, source: Source, headers: list[tuple[str, bytes]], vendor: str,
-                     error_class: str | None, on_ack: Callable[[], None]) -> None:
+                     error_class: str | None, on_ack: Callable[[], None], delay_s: float) -> None:
         loop = self._loop or asyncio.get_running_loop()
         self.pending += 1  # counts as pending until re-produced
 
         def again() -> None:
             self.pending -= 1
             self._produce(topic, source, headers, vendor, error_class, on_ack)
-        loop.call_later(self.retry_delay_s, again)
+        loop.call_later(delay_s, again)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve delivery callbacks in the loop thread until stopped."""

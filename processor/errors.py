@@ -14,7 +14,7 @@
 Per-event delivery outcomes are not exceptions: adapters return an ``Outcome``
 for every event (delivered / retryable / rejected); transport failures
 (connect errors, timeouts) are translated to retryable outcomes at one
-boundary, ``processor.delivery``.
+boundary, ``processor.service`` (every exception of one request becomes that request's outcome).
 
 Dead-letter error classes (the ``error-class`` header and metric label):
 rejected (the vendor refused it, or our own checks did: a field the vendor needs missing, or

@@ -1,6 +1,7 @@
 """Vendor isolation: what keeps one vendor's outage, slowness or throttling its own problem.
 
-Per vendor, three small state machines used by ``processor.delivery``:
+Per vendor, three small state machines behind the vendor's admission policy (``processor.admission``)
+and used by its request service (``processor.service``):
 
 * ``CircuitBreaker``: closed -> open on sustained failure (consecutive failed requests, or a failure
   ratio over a window with a minimum volume); open -> half-open after a cooldown that doubles while
@@ -9,7 +10,7 @@ Per vendor, three small state machines used by ``processor.delivery``:
   error) or a 5xx other than 501; a throttling answer (429, 503 with Retry-After) is not a failure,
   it is back-pressure (below), and a 4xx is the vendor working.
 * ``AdaptiveLimit``: the number of concurrent requests, AIMD as in Vector's adaptive request
-  concurrency: +1 per window of successful answers at steady latency, halved on back-pressure
+  concurrency: +1 per window of successful answers (not 5xx, not throttled) at steady latency, halved on back-pressure
   (429, 503 with Retry-After, timeouts) or a latency spike, at most once per ``decrease_every_s``;
   bounded by the vendor's configured ``concurrency``.
 * ``RateGate``: after a 429 (or a 503 with Retry-After) no request goes to the vendor until the time
@@ -54,12 +55,15 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
-        if self._state is BreakerState.OPEN and self.clock() >= self.opened_at + self.cooldown:
-            self._set(BreakerState.HALF_OPEN)
         return self._state
 
+    def tick(self, now: float) -> None:
+        """Open -> half-open once the cooldown has passed (the relay's ticker calls this)."""
+        if self._state is BreakerState.OPEN and now >= self.opened_at + self.cooldown:
+            self._set(BreakerState.HALF_OPEN)
+
     def is_open(self) -> bool:
-        return self.state is BreakerState.OPEN
+        return self._state is BreakerState.OPEN
 
     def reopens_in(self) -> float:
         """Seconds until an open breaker lets a probe through (0 when not open)."""
@@ -67,7 +71,8 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a request go now? Half-open: only while fewer than ``probes`` probes are out."""
-        state = self.state
+        self.tick(self.clock())
+        state = self._state
         if state is BreakerState.CLOSED:
             return True
         if state is BreakerState.HALF_OPEN and self.probes_out + self.probes_ok < self.s.probes:
@@ -171,7 +176,8 @@ class AdaptiveLimit:
             raise
 
     def release(self, *, ok: bool, backpressure: bool = False, latency_s: float | None = None) -> None:
-        """``backpressure``: 429, 503 with Retry-After, a timeout. ``ok``: an answer at all (any status)."""
+        """``backpressure``: 429, 503 with Retry-After, a timeout. ``ok``: a successful answer (not a 5xx,
+        not throttled): only those, at steady latency, grow the limit."""
         if backpressure:
             self._decrease()
         elif ok and latency_s is not None:

@@ -1,15 +1,22 @@
 """Commit tracking: an offset is committable only when every vendor it was routed to settled it.
 
-Per partition, a FIFO of slots ``[offset, pending, track, registered]`` in consume order.
+Per partition, a FIFO of slots ``[offset, pending, track, registered, claimed]`` in consume order.
 Settling decrements ``pending``; the committable position is the offset of the first
 slot still pending (or one past the last slot when all are settled). A slot
 belongs to one assignment generation: after a revoke, late settlements of
 its events are ignored, so nothing is ever committed for a partition we no
 longer own, and work still holding such a slot drops it (``is_revoked``).
 
-``Settlement`` is the one owner of outcomes: vendor pipelines report delivered,
-dead-lettered and parked events to it; it has the dead-letter and parking
-writes made and settles each event's slot once Kafka acknowledged them.
+``Settlement`` (a Protocol) is what vendor pipelines report outcomes to: delivered,
+filtered, dead-lettered, parked, or dropped (its partition was revoked). ``Outcomes``
+is its one owner of the rule "exactly one outcome per (event, vendor)": each vendor
+has a bit (``vendor_bit``), and a slot's ``claimed`` holds the bits of the vendors that
+reported an outcome for that message. A second outcome for the same pair is refused and
+logged as a bug, never a second release of the message's pending count (which could let
+a commit pass a vendor that has not settled). ``Outcomes`` also counts them
+(``processor_vendor_events_total``, and ``processor_redriven_events_total`` for the
+events of the retry topics). ``RelaySettlement`` is the relay's: it has the dead-letter
+and parking writes made and settles each event's slot once Kafka acknowledged them.
 """
 
 from __future__ import annotations
@@ -17,13 +24,29 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from processor.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-# [offset, pending, PartitionTrack, registered (monotonic s)]: small, so a settled message's event can be freed
+# [offset, pending, PartitionTrack, registered (monotonic s), claimed (vendor bits)]: small, so a settled
+# message's event can be freed
 Slot = list[Any]
+CLAIMED = 4
+_BITS: dict[str, int] = {}
+
+
+def vendor_bit(vendor: str | None) -> int:
+    """The bit that stands for ``vendor`` in a slot's ``claimed`` (None: the dead-letter topic, for what no
+    vendor can take). Assigned on first use, the same for every tracker of the process."""
+    key = vendor or ""
+    bit = _BITS.get(key)
+    if bit is None:
+        bit = _BITS[key] = 1 << len(_BITS)
+    return bit
 
 
 def is_revoked(item: Any) -> bool:
@@ -65,9 +88,10 @@ class OffsetTracker:
     pipeline holds events of the input topics and of the retry topics, each with its own tracker): the
     in-flight count kept is that of the slot's own tracker."""
 
-    def __init__(self) -> None:
+    def __init__(self, retry_topics: bool = False) -> None:
         self.tracks: dict[tuple[str, int], PartitionTrack] = {}
         self.inflight = 0  # messages with at least one vendor not settled
+        self.retry_topics = retry_topics  # its messages are parked records being redriven (counted as such)
 
     def assign(self, topic: str, partition: int) -> None:
         self.tracks[(topic, partition)] = PartitionTrack((topic, partition), self)
@@ -98,7 +122,7 @@ class OffsetTracker:
                 topic, part = item.topic, item.partition
                 track = self._track(topic, part)
             offset = item.offset
-            item.slot = slot = [offset, n, track, now]
+            item.slot = slot = [offset, n, track, now, 0]
             if n > 0:
                 track.slots.append(slot)  # type: ignore[union-attr]
                 added += 1
@@ -149,51 +173,183 @@ class OffsetTracker:
 
 
 class Writer(Protocol):
-    """What ``Settlement`` needs of the acknowledged producer (``processor.deadletter.RecordWriter``)."""
+    """What ``RelaySettlement`` needs of the acknowledged producer (``processor.deadletter.DeadLetterWriter``)."""
 
     def write(self, source: Any, vendor: str | None, error_class: str, status: int | None, reason: str,
-              attempts: int, first_ms: int | None, on_ack: Any) -> None: ...
+              attempts: int, first_ms: int | None, on_ack: Callable[[], None]) -> None: ...
 
     def park(self, source: Any, vendor: str, reason: str, attempts: int, first_ms: int | None,
-             next_attempt_ms: int, on_ack: Any) -> None: ...
+             next_attempt_ms: int, on_ack: Callable[[], None]) -> None: ...
 
 
-class Settlement:
-    """The one owner of outcomes. Vendor pipelines and routing report here what became of each event;
-    a dead-lettered or parked event settles only when Kafka acknowledged its record.
+class Settlement(Protocol):
+    """What a vendor pipeline reports each event's one outcome to. Every method takes the event(s) and the
+    vendor, and says how many of them it accepted: an event that already has an outcome for this vendor is
+    refused (a bug, logged), and the pipeline must not count it as leaving a second time.
+
+    Implemented by ``RelaySettlement`` (the relay) and ``processor.redrive.Redrive`` (``dlq replay``)."""
+
+    def settle_many(self, events: Sequence[Any], vendor: str, outcome: str = "delivered") -> int:
+        """Delivered (or ``filtered`` by the adapter): settled at once."""
+
+    def dead_letter(self, event: Any, vendor: str | None, error_class: str, status: int | None, reason: str,
+                    attempts: int = 0, first_ms: int | None = None) -> bool:
+        """Onto the dead-letter topic: settled once Kafka acknowledged the record."""
+
+    def park(self, event: Any, vendor: str, why: str, reason: str, attempts: int, first_ms: int | None,
+             next_attempt_ms: int) -> bool:
+        """Onto the vendor's retry topic: settled once Kafka acknowledged the record."""
+
+    def drop(self, events: Sequence[Any], vendor: str) -> int:
+        """Work of a revoked partition: no outcome here, the partition's new owner redelivers it."""
+
+    def has_outcome(self, item: Any, vendor: str) -> bool:
+        """Whether ``vendor`` reported an outcome for ``item`` (or dropped it)."""
+
+
+class Outcomes:
+    """Exactly one outcome per (event, vendor), and the outcome counts: the part of settlement every
+    implementation shares. Event loop only."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+        self.refused = 0  # second outcomes refused (bugs)
+        self._children: dict[tuple[str, str, str], Any] = {}
+
+    def vacant(self, item: Any, vendor: str | None) -> bool:
+        """Whether ``vendor`` has given ``item`` no outcome yet; if it has, the new one is refused (logged)."""
+        if item.slot[CLAIMED] & vendor_bit(vendor):
+            self._refuse(item, vendor, 1)
+            return False
+        return True
+
+    def mark(self, item: Any, vendor: str | None) -> None:
+        item.slot[CLAIMED] |= vendor_bit(vendor)
+
+    def claim_many(self, events: Sequence[Any], vendor: str) -> Sequence[Any]:
+        """``claim`` for each event: the ones claimed now (``events`` itself when all are, the common case)."""
+        bit = vendor_bit(vendor)
+        fresh: list[Any] | None = None
+        for i, ev in enumerate(events):
+            slot = ev.slot
+            if slot[CLAIMED] & bit:
+                if fresh is None:
+                    fresh = list(events[:i])
+                self._refuse(ev, vendor, 1)
+            else:
+                slot[CLAIMED] |= bit
+                if fresh is not None:
+                    fresh.append(ev)
+        return events if fresh is None else fresh
+
+    def has_outcome(self, item: Any, vendor: str) -> bool:
+        return bool(item.slot[CLAIMED] & vendor_bit(vendor))
+
+    def _refuse(self, item: Any, vendor: str | None, n: int) -> None:
+        self.refused += n
+        where = item.where() if hasattr(item, "where") else f"{item.topic}[{item.partition}]@{item.offset}"
+        logger.error("BUG: a second outcome for %d event(s) of %s (e.g. %s) refused; each keeps its first",
+                     n, vendor or "the dead-letter topic", where)
+
+    def count(self, vendor: str | None, items: Sequence[Any], outcome: str, redriven_as: str | None = None) -> None:
+        """``processor_vendor_events_total`` for these items, one increment per kind; for items of a retry
+        topic (parked records being redriven) ``processor_redriven_events_total`` too, as ``redriven_as``
+        (default: ``outcome``)."""
+        m = self.metrics
+        if m is None or vendor is None or not items:
+            return
+        first = items[0]
+        kind = getattr(first, "kind", None)
+        if len(items) == 1 or all(ev.kind is kind for ev in items):
+            self._inc(vendor, kind, outcome, len(items))
+        else:
+            per: dict[Any, int] = {}
+            for ev in items:
+                per[ev.kind] = per.get(ev.kind, 0) + 1
+            for k, n in per.items():
+                self._inc(vendor, k, outcome, n)
+        if first.slot[2].owner.retry_topics:
+            m.redriven.labels(vendor, redriven_as or outcome).inc(len(items))
+
+    def _inc(self, vendor: str, kind: Any, outcome: str, n: int) -> None:
+        if kind is None:  # a record that is no event (undecodable): no kind to count it under
+            return
+        key = (vendor, kind.value, outcome)
+        child = self._children.get(key)
+        if child is None:
+            assert self.metrics is not None
+            child = self._children[key] = self.metrics.vendor_events.labels(*key)
+        child.inc(n)
+
+
+class RelaySettlement:
+    """The relay's settlement: delivered and filtered events settle at once; a dead-lettered or parked
+    event settles only when Kafka acknowledged its record. Work of a revoked partition is dropped,
+    never written: the partition's new owner redelivers it.
 
     Dead letters and parkings are logged as aggregated lines (``log_summary``, once an interval, with
     counts per vendor and class and one redacted reason), never one line an event."""
 
-    def __init__(self, tracker: OffsetTracker, writer: Writer) -> None:
+    def __init__(self, tracker: OffsetTracker, writer: Writer, metrics: Metrics | None = None) -> None:
         self.tracker = tracker
         self.writer = writer
+        self.outcomes = Outcomes(metrics)
         self._dead: Counter[tuple[str, str]] = Counter()
         self._parked: Counter[tuple[str, str]] = Counter()
         self._reasons: dict[tuple[str, str], str] = {}
 
-    def settle_many(self, events: Iterable[Any]) -> None:
-        """Delivered or filtered: one vendor settled each of these."""
+    def settle_many(self, events: Sequence[Any], vendor: str, outcome: str = "delivered") -> int:
+        events = self.outcomes.claim_many(events, vendor)
+        self.outcomes.count(vendor, events, outcome)
         self.tracker.settle_items(events)
+        return len(events)
+
+    def drop(self, events: Sequence[Any], vendor: str) -> int:
+        return len(self.outcomes.claim_many(events, vendor))
+
+    def has_outcome(self, item: Any, vendor: str) -> bool:
+        return self.outcomes.has_outcome(item, vendor)
 
     def dead_letter(self, event: Any, vendor: str | None, error_class: str, status: int | None, reason: str,
-                    attempts: int = 0, first_ms: int | None = None) -> None:
-        key = (vendor or "none", error_class)
-        self._dead[key] += 1
-        self._reasons.setdefault(key, reason)
+                    attempts: int = 0, first_ms: int | None = None) -> bool:
+        """The write is made before the outcome is recorded: a write that raises leaves the event without
+        one (the caller's last resort can still give it one)."""
+        o = self.outcomes
+        if not o.vacant(event, vendor):
+            return False
+        if is_revoked(event):
+            o.mark(event, vendor)
+            return True  # its new owner redelivers it
         slot, settle = event.slot, self.tracker.settle
         self.writer.write(event.source, vendor, error_class, status, reason, attempts, first_ms,
                           lambda: settle(slot))
+        o.mark(event, vendor)
+        # in park mode a redriven event is exhausted only by waiting past retry.max_elapsed_s: expired
+        o.count(vendor, (event,), "dead_lettered", "expired" if error_class == "exhausted" else None)
+        key = (vendor or "none", error_class)
+        self._dead[key] += 1
+        self._reasons.setdefault(key, reason)
+        return True
 
     def park(self, event: Any, vendor: str, why: str, reason: str, attempts: int, first_ms: int | None,
-             next_attempt_ms: int) -> None:
+             next_attempt_ms: int) -> bool:
         """Onto the vendor's retry topic (``why``: breaker_open, budget_full, retry_budget)."""
+        o = self.outcomes
+        if not o.vacant(event, vendor):
+            return False
+        if is_revoked(event):
+            o.mark(event, vendor)
+            return True
+        slot, settle = event.slot, self.tracker.settle
+        self.writer.park(event.source, vendor, reason or why, attempts, first_ms, next_attempt_ms, lambda: settle(slot))
+        o.mark(event, vendor)
+        o.count(vendor, (event,), "parked")
+        if o.metrics is not None:
+            o.metrics.parked.labels(vendor, why).inc()
         key = (vendor, why)
         self._parked[key] += 1
         self._reasons.setdefault(key, reason)
-        slot, settle = event.slot, self.tracker.settle
-        self.writer.park(event.source, vendor, reason or why, attempts, first_ms, next_attempt_ms, lambda: settle(slot))
-
+        return True
     def log_summary(self) -> None:
         """One line for what was dead-lettered and one for what was parked since the last call."""
         from processor.deadletter import redact

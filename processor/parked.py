@@ -6,22 +6,20 @@ reads them all in its own consumer group (``parking.group_id``, default
 live pipeline (adapter, batching, concurrency, breaker, retries), through the
 same record-to-event path as ``dlq replay`` (``processor.redrive``).
 
-A partition's records are taken in order, and only while the vendor can take
-them: its breaker is not open, it is not throttled, it holds less than half of
-its budget (the other half stays for live events), and the head record is due
-(``relay.next_attempt_ms``). A partition is paused while its vendor cannot take
-anything for a while (breaker open, throttled, head record not due), or while the
-records kept in memory for it reach a reservoir (half its vendor's budget, what it
-may hand over at once; at least one fetch; resumed at half): a vendor's backlog
-waits in Kafka. A vendor that is only busy keeps its partition fetching up to the
-reservoir, because librdkafka drops a paused partition's prefetched records and
-fetches them again on resume: pausing whenever a record waited cost a broker round
-trip per fetch (Tracardi's drain at 1,500 events/s: 495-555 redriven events/s or not
-drained before, 576-727 after; bench/README.md).
+A partition's records are taken in order, and only as many as the vendor's admission
+policy (``processor.admission``) has room for within half its budget (the other half stays
+for live events), and only once the head record is due (``relay.next_attempt_ms``). A
+partition is paused while its vendor takes nothing for a while (breaker open, throttled), its
+head record is not due, or the records kept in memory for it reach a reservoir (half its
+vendor's budget, what it may hand over at once; at least one fetch; resumed at half): a
+vendor's backlog waits in Kafka. A vendor that is only busy keeps its partition fetching up
+to the reservoir, because librdkafka drops a paused partition's prefetched records and
+fetches them again on resume (bench/README.md measures what pausing on every wait cost).
 One topic per vendor: one vendor's backlog never sits in front of another's.
 
 A record that waited past its vendor's ``retry.max_elapsed_s`` since its first
-failure goes to the dead-letter topic as ``exhausted``, with its history; one
+failure (``processor.retry.expired``, the one rule) goes to the dead-letter topic as
+``exhausted``, with its history; one
 that fails again is parked again (a new record, its history carried on). The
 retry topics' offsets are committed only past settled records: a crash loses
 nothing.
@@ -38,9 +36,11 @@ from typing import Any
 from processor.codec import Decoder
 from processor.config import Config
 from processor.delivery import VendorPipeline
+from processor.events import Event
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, Settlement
 from processor.redrive import Decision, Redrive, RelayRecord
+from processor.retry import expired
 from processor.source import KafkaSource, Partitions
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class ParkedRedrive:
         self.pipelines = pipelines
         self.settlement = settlement
         self.metrics = metrics
-        self.tracker = OffsetTracker()
+        self.tracker = OffsetTracker(retry_topics=True)  # its outcomes are counted as redriven too
         # one record-to-event decider per vendor: no filters, no replay maximum (parking is not a replay)
         self.deciders = {v: Redrive(pipelines[v].adapter, decoder, self.tracker, max_replays=None)
                          for v in self.topics}
@@ -127,10 +127,10 @@ class ParkedRedrive:
                 self._full.discard(key)
                 continue
             pipe = self.pipelines[self.vendor_of[key[0]]]
-            if pipe.blocked or not q[0].due(now_ms):
+            if pipe.admission.takes_nothing() or not q[0].due(now_ms):
                 hold.add(key)
                 continue
-            high = max(self.fetch_batch, pipe.budget // 2)  # what it may hand over at once
+            high = max(self.fetch_batch, pipe.admission.budget // 2)  # what it may hand over at once
             if len(q) >= high or (key in self._full and len(q) > high // 2):
                 self._full.add(key)
                 hold.add(key)
@@ -146,29 +146,32 @@ class ParkedRedrive:
                 continue
             pipe = self.pipelines[self.vendor_of[topic]]
             most = pipe.batcher.max_events
-            # batch after batch while it has room: one batch per poll (up to 0.2 s) capped a vendor with small
-            # batches at a few hundred events/s, whatever its capacity (bench/README.md, outage run)
-            while q and q[0].due(now_ms) and pipe.has_room(1, share=0.5):
+            # batch after batch while it has room: one batch per poll (up to 0.2 s) would cap a vendor with
+            # small batches at a few batches a poll, whatever its capacity
+            room = pipe.admission.room(share=0.5)
+            while q and q[0].due(now_ms) and room > 0:
                 take: list[RelayRecord] = []
-                while q and len(take) < most and q[0].due(now_ms) and pipe.has_room(len(take) + 1, share=0.5):
+                while q and len(take) < min(most, room) and q[0].due(now_ms):
                     take.append(q.popleft())
                 self._redrive(pipe, take, now_ms)
+                room = pipe.admission.room(share=0.5)
 
     def _redrive(self, pipe: VendorPipeline, records: list[RelayRecord], now_ms: int) -> None:
         decider = self.deciders[pipe.name]
-        expired_before = now_ms - pipe.retry.max_elapsed_s * 1000
+        max_elapsed_s = pipe.retry.max_elapsed_s
         items: list[Any] = []
         pending: list[int] = []
-        events = []
-        late: list[tuple[Any, RelayRecord]] = []
+        events: list[Event] = []
+        late: list[tuple[Event, RelayRecord]] = []
         failed: list[tuple[RelayRecord, str]] = []
         for r in records:
             decision, event, reason = decider.decide(r)
             if decision is Decision.DELIVER:
+                assert event is not None
                 first = r.first_failure_ms
                 items.append(event)
                 pending.append(1)
-                if first is not None and first < expired_before:
+                if expired(first, now_ms, max_elapsed_s):
                     late.append((event, r))
                 else:
                     events.append(event)
@@ -182,18 +185,12 @@ class ParkedRedrive:
                 logger.warning("%s: a record for %s on %s's retry topic; skipped", r.source.where(), r.vendor,
                                pipe.name)
         self.tracker.register_many(items, pending)
-        s = self.settlement
+        s = self.settlement  # counts these outcomes, as redriven too (the records of a retry topic)
         for event, r in late:
             s.dead_letter(event, pipe.name, "exhausted", r.http_status,
                           f"{r.reason}; waited past retry.max_elapsed_s", 0, r.first_failure_ms)
         for r, reason in failed:
             s.dead_letter(r, pipe.name, "undecodable", None, reason, 0, r.first_failure_ms)
-        if late or failed:
-            m = self.metrics
-            m.redriven.labels(pipe.name, "expired").inc(len(late))
-            m.redriven.labels(pipe.name, "dead_lettered").inc(len(failed))
-            for event, _ in late:
-                m.vendor_events.labels(pipe.name, event.kind.value, "dead_lettered").inc()
         if events:
             pipe.submit_redriven(events)
 

@@ -50,7 +50,7 @@ from processor.delivery import VendorPipeline
 from processor.errors import DecodeError
 from processor.events import Event, FromSource, Source
 from processor.metrics import Metrics
-from processor.offsets import OffsetTracker
+from processor.offsets import OffsetTracker, Outcomes, is_revoked
 from processor.transport import HttpSender
 from processor.validation import validate
 from processor.vendors.base import Adapter
@@ -228,6 +228,7 @@ class Redrive:
         self.clock = clock
         self.pipeline: VendorPipeline | None = None
         self.metrics: Metrics | None = None
+        self.outcomes = Outcomes(None)  # exactly one outcome per event, and their counts (once attached)
         self.counts: Counter[str] = Counter()  # scanned, each Decision, failed_again
         self.reports: list[Report] = []
 
@@ -236,6 +237,7 @@ class Redrive:
         replay does not park), reporting its outcomes here: settled into this redrive's tracker, what
         fails again written back."""
         self.metrics = metrics
+        self.outcomes = Outcomes(metrics)
         self.pipeline = VendorPipeline(self.adapter, sender, metrics, self, budget, parking=False)
         return self.pipeline
 
@@ -297,18 +299,35 @@ class Redrive:
             assert self.pipeline is not None, "attach() a pipeline before dispatching events"
             self.pipeline.submit_many(t.events)
 
-    # -- the pipeline's settlement ----------------------------------------------------
-    def settle_many(self, events: Sequence[Event]) -> None:
+    # -- the pipeline's settlement (processor.offsets.Settlement) ----------------------------------------
+    def settle_many(self, events: Sequence[Event], vendor: str, outcome: str = "delivered") -> int:
+        events = self.outcomes.claim_many(events, vendor)
+        self.outcomes.count(vendor, events, outcome)
         self.tracker.settle_items(events)
+        return len(events)
+
+    def drop(self, events: Sequence[Event], vendor: str) -> int:
+        return len(self.outcomes.claim_many(events, vendor))
+
+    def has_outcome(self, item: Any, vendor: str) -> bool:
+        return self.outcomes.has_outcome(item, vendor)
 
     def park(self, event: Event, vendor: str, why: str, reason: str, attempts: int, first_ms: int | None,
-             next_attempt_ms: int) -> None:
+             next_attempt_ms: int) -> bool:
         raise AssertionError("a replay's pipeline does not park")  # attach() builds it with parking off
 
     def dead_letter(self, event: Event, vendor: str | None, error_class: str, status: int | None, reason: str,
-                    attempts: int = 0, first_ms: int | None = None) -> None:
+                    attempts: int = 0, first_ms: int | None = None) -> bool:
         """The pipeline gave up on a replayed event: it failed again."""
-        self._failed_again(event, vendor or self.vendor, error_class, status, reason, attempts)
+        o = self.outcomes
+        vendor = vendor or self.vendor
+        if not o.vacant(event, vendor):
+            return False
+        if not is_revoked(event):
+            self._failed_again(event, vendor, error_class, status, reason, attempts)
+            o.count(vendor, (event,), "dead_lettered")
+        o.mark(event, vendor)
+        return True
 
     def _failed_again(self, event: Event, vendor: str, error_class: str, status: int | None, reason: str,
                       attempts: int) -> None:

@@ -3,7 +3,7 @@
 An adapter is pure: it turns a batch of canonical events into HTTP requests
 (``plan``) and an HTTP response into one outcome per event (``interpret``).
 It never does I/O, never sleeps, never imports prometheus_client: the shared
-sender in ``processor.delivery`` does HTTP, retries, dead letters and metrics.
+sender (``processor.service``, driven by ``processor.delivery``) does HTTP, retries, dead letters and metrics.
 
 Adding a vendor: one module here defining an ``Adapter`` subclass, one line
 in ``processor.vendors.REGISTRY``, its sandbox twin, its tests.

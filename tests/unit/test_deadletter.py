@@ -1,3 +1,5 @@
+import pytest
+
 from processor.deadletter import dlq_headers, headers_dict, prior_replay_count, redact
 from processor.events import Source
 
@@ -44,3 +46,94 @@ def test_prior_replay_count_takes_the_last_that_parses():
     assert prior_replay_count([("relay.replay_count", b"x")]) is None
     assert prior_replay_count([("relay.replay_count", b"2"), ("relay.replay_count", b"x")]) == 2
     assert prior_replay_count([("relay.replay_count", b"-1")]) is None
+
+
+# -- a write that can never succeed (issue 17, finding 5) -------------------------------------------
+
+class RefusingProducer:
+    """A producer whose topic refuses every record for its size: at produce time (librdkafka knows the
+    limit) or in the delivery report (the broker's answer); ``BufferError`` while its queue is full."""
+
+    def __init__(self, where: str, conf=None, logger=None) -> None:
+        self.where = where
+        self.polls: list[float] = []
+        self.reports: list = []
+        self.buffer_full = 0
+
+    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
+        from confluent_kafka import KafkaError, KafkaException
+
+        if self.buffer_full:
+            self.buffer_full -= 1
+            raise BufferError("Local: Queue full")
+        err = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+        if self.where == "produce":
+            raise KafkaException(err)
+        self.reports.append(lambda: on_delivery(err, None))
+
+    def poll(self, timeout=0):
+        self.polls.append(timeout)
+        reports, self.reports = self.reports, []
+        for r in reports:
+            r()
+        return len(reports)
+
+
+def refusing_writer(where: str, refused_retry_s: float = 0.01):
+    import processor.deadletter as deadletter
+    from processor.metrics import Metrics
+
+    deadletter.REFUSED_RETRY_S = refused_retry_s  # the test's own pace (restored by the fixture below)
+    w = deadletter.DeadLetterWriter("shop.events.dlq", {}, Metrics(), 0.01, "shop.events.retry",
+                                    producer=lambda conf, logger: RefusingProducer(where))
+    return w
+
+
+async def _refused(where: str, caplog) -> None:
+    import asyncio
+    import logging
+
+    w = refusing_writer(where)
+    acked = []
+    src = Source("shop.events", 0, 7, None, b"k", b"v" * 10, [])
+    with caplog.at_level(logging.ERROR, logger="processor.deadletter"):
+        w.write(src, "qubit", "rejected", 400, "bad", 1, None, lambda: acked.append(1))
+        for _ in range(20):  # the writer's own retries, driven as its run loop would
+            w.producer.poll(0)
+            await asyncio.sleep(0.005)
+    assert not acked  # never settled: the offset is held, nothing lost
+    assert w.failing and "shop.events.dlq" in w.failing_why  # readiness names it
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and "shop.events.dlq" in errors[0].getMessage() and "size" in errors[0].getMessage().lower()
+    assert len(errors) < 5  # one line for a permanent refusal, not one a retry
+    assert w.metrics.registry.get_sample_value("processor_dlq_produce_failures_total") >= 1
+    assert all(t == 0 for t in w.producer.polls)  # the event loop is never blocked in poll
+
+
+@pytest.fixture(autouse=True)
+def _refused_retry_pace():
+    import processor.deadletter as deadletter
+
+    before = deadletter.REFUSED_RETRY_S
+    yield
+    deadletter.REFUSED_RETRY_S = before
+
+
+async def test_a_dead_letter_topic_that_refuses_a_record_at_produce_time(caplog):
+    await _refused("produce", caplog)
+
+
+async def test_a_dead_letter_topic_that_refuses_a_record_in_the_delivery_report(caplog):
+    await _refused("report", caplog)
+
+
+async def test_a_full_producer_queue_never_blocks_the_event_loop():
+    import asyncio
+
+    w = refusing_writer("report")
+    w.producer.buffer_full = 3
+    src = Source("shop.events", 0, 7, None, b"k", b"v", [])
+    w.write(src, "qubit", "rejected", 400, "bad", 1, None, lambda: None)
+    for _ in range(10):
+        await asyncio.sleep(0.005)
+    assert all(t == 0 for t in w.producer.polls)

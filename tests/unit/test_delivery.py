@@ -11,11 +11,13 @@ import httpx
 import orjson
 import pytest
 
-from processor.delivery import VendorPipeline, backoff_delay, parse_retry_after
+from processor.delivery import VendorPipeline
 from processor.devstack.samples import as_event, make_view
 from processor.events import Event, EventKind
 from processor.metrics import Metrics
-from processor.offsets import OffsetTracker
+from processor.offsets import OffsetTracker, RelaySettlement
+from processor.retry import backoff_delay
+from processor.service import parse_retry_after
 from processor.transport import Sender
 from processor.vendors.base import (
     DELIVERED,
@@ -55,8 +57,31 @@ class FakeAdapter(Adapter[FakeSite, NoOptions]):
         return [table[v] for v in response.json()]
 
 
+class Recording(RelaySettlement):
+    """The relay's settlement, recording what it accepted: ``settled``, ``dead`` and ``parked`` (by offset)."""
+
+    def __init__(self, h: Harness) -> None:
+        super().__init__(h.tracker, h, h.metrics)
+        self.h = h
+
+    def settle_many(self, events, vendor, outcome="delivered"):
+        n = super().settle_many(events, vendor, outcome)
+        offsets = [e.offset for e in events][:n]
+        self.h.settled += offsets
+        self.h.settled_batches.append(offsets)
+        return n
+
+    def dead_letter(self, ev, vendor, error_class, status, reason, attempts=0, first_ms=None):
+        return super().dead_letter(ev, vendor, error_class, status, reason, attempts, first_ms)
+
+    def park(self, ev, vendor, why, reason, attempts, first_ms, next_attempt_ms):
+        self.h.why = why
+        return super().park(ev, vendor, why, reason, attempts, first_ms, next_attempt_ms)
+
+
 class Harness:
-    """A pipeline whose outcomes are recorded: ``settled``, ``dead`` and ``parked`` (by offset)."""
+    """A pipeline reporting to the relay's own settlement, whose writes are recorded (and acknowledged at
+    once): ``settled``, ``dead`` and ``parked`` (by offset)."""
 
     def __init__(self, script, parking: bool = False, budget: int = 10_000, **settings):
         self.calls: list[list[int]] = []
@@ -66,6 +91,7 @@ class Harness:
         self.parked: list[tuple[int, str, str, int, int]] = []
         self.sleeps: list[float] = []
         self.tracker = OffsetTracker()
+        self.why = ""
 
         def handler(request: httpx.Request) -> httpx.Response:
             offsets = orjson.loads(request.content)
@@ -78,7 +104,8 @@ class Harness:
         self.adapter = FakeAdapter(FakeAdapter.settings_model().model_validate(cfg))
         self.metrics = Metrics()
         client = Sender(httpx.MockTransport(handler))
-        self.pipe = VendorPipeline(self.adapter, client, self.metrics, self, budget, parking)
+        self.settlement = Recording(self)
+        self.pipe = VendorPipeline(self.adapter, client, self.metrics, self.settlement, budget, parking)
 
         self.slept = 0.0
 
@@ -89,17 +116,14 @@ class Harness:
         self.pipe.sleep = fake_sleep
         self.pipe.clock = lambda: 1000.0 + self.slept
 
-    # the Settlement the pipeline reports to
-    def settle_many(self, events):
-        offsets = [e.offset for e in events]
-        self.settled += offsets
-        self.settled_batches.append(offsets)
+    # the writer the settlement has the dead-letter and parking writes made by
+    def write(self, source, vendor, error_class, status, reason, attempts, first_ms, on_ack):
+        self.dead.append((source.offset, error_class, status, reason, attempts))
+        on_ack()
 
-    def dead_letter(self, ev, vendor, error_class, status, reason, attempts=0, first_ms=None):
-        self.dead.append((ev.offset, error_class, status, reason, attempts))
-
-    def park(self, ev, vendor, why, reason, attempts, first_ms, next_attempt_ms):
-        self.parked.append((ev.offset, why, reason, attempts, next_attempt_ms))
+    def park(self, source, vendor, reason, attempts, first_ms, next_attempt_ms, on_ack):
+        self.parked.append((source.offset, self.why, reason, attempts, next_attempt_ms))
+        on_ack()
 
     def events(self, n: int, start: int = 0, partition: int = 0) -> list[Event]:
         if ("shop.events", partition) not in self.tracker.tracks:
@@ -141,7 +165,7 @@ async def test_only_failed_events_are_retried_and_rejects_dead_lettered_at_once(
     assert h.dead == [(2, "rejected", 200, "bad event", 1)]
     assert h.count("delivered") == 3 and h.count("dead_lettered") == 1
     assert h.metrics.registry.get_sample_value("processor_vendor_retries_total", {"vendor": "fake"}) == 2
-    assert h.pipe.inflight == 0
+    assert h.pipe.admission.unsettled == 0
 
 
 async def test_retries_are_bounded_by_attempts_then_exhausted():
@@ -208,7 +232,7 @@ async def test_an_adapter_that_fails_on_an_answer_dead_letters_those_events_as_i
     h.adapter.interpret = broken  # type: ignore[method-assign]
     await h.run(3)
     assert sorted(d[0] for d in h.dead) == [0, 1, 2] and {d[1] for d in h.dead} == {"internal"}
-    assert h.pipe.inflight == 0
+    assert h.pipe.admission.unsettled == 0
 
 
 async def test_a_bug_inside_the_relay_still_settles_every_event_once():
@@ -227,7 +251,7 @@ async def test_a_bug_inside_the_relay_still_settles_every_event_once():
     assert sorted(h.settled) == [0, 2]  # delivered before the bug
     assert sorted(d[0] for d in h.dead) == [1, 3] and {d[1] for d in h.dead} == {"internal"}
     assert "RuntimeError" in h.dead[0][3]
-    assert h.pipe.inflight == 0
+    assert h.pipe.admission.unsettled == 0
 
 
 async def test_concurrency_is_bounded():
@@ -244,7 +268,7 @@ async def test_concurrency_is_bounded():
             return answer(["ok"] * len(orjson.loads(request.content)))
 
     h = Harness(lambda c, o: answer([]), concurrency=2, batch={"max_events": 1})
-    h.pipe.client = Sender(Slow())
+    h.pipe.service.client = Sender(Slow())
     await h.run(10)
     assert peak == 2 and len(h.settled) == 10
 
@@ -284,13 +308,13 @@ async def test_planned_requests_are_bounded_and_every_event_still_settles_in_bul
             return answer(["ok"] * len(orjson.loads(request.content)))
 
     h = Harness(lambda c, o: answer([]), concurrency=2, batch={"max_events": 5})
-    h.adapter = h.pipe.adapter = PerEventAdapter(h.adapter.settings)
-    h.pipe.client = Sender(Slow())
+    h.adapter = h.pipe.adapter = h.pipe.service.adapter = PerEventAdapter(h.adapter.settings)
+    h.pipe.service.client = Sender(Slow())
     await h.run(60)
     settled_in_bulk = h.settled_batches
     assert planned_ahead <= 2 * 2 + 5  # 2 x concurrency, checked before a batch (5 requests) is planned
     assert sorted(o for batch in settled_in_bulk for o in batch) == list(range(60))
-    assert h.pipe.unsent == 0 and h.pipe.inflight == 0
+    assert h.pipe.unsent == 0 and h.pipe.admission.unsettled == 0
     assert h.count("delivered") == 60
     assert h.metrics.registry.get_sample_value("processor_delivery_latency_seconds_count", {"vendor": "fake"}) == 60
 
@@ -306,7 +330,7 @@ async def test_park_mode_parks_what_still_fails_after_its_fast_retries():
     assert sorted(p[0] for p in h.parked) == [0, 1, 2]
     assert {p[1] for p in h.parked} == {"retry_budget"} and {p[3] for p in h.parked} == {4}
     assert "HTTP 503" in h.parked[0][2]
-    assert h.count("parked") == 3 and h.pipe.inflight == 0
+    assert h.count("parked") == 3 and h.pipe.admission.unsettled == 0
     assert h.metrics.registry.get_sample_value("processor_parked_total",
                                                {"vendor": "fake", "reason": "retry_budget"}) == 3
 
@@ -322,7 +346,7 @@ async def test_an_open_breaker_parks_at_intake_and_the_state_is_exported():
     # the two failing events met the open breaker on their retry; the new ones at intake
     assert sorted(p[0] for p in h.parked) == [0, 1, 10, 11, 12, 13, 14]
     assert {p[1] for p in h.parked} == {"breaker_open"}
-    assert h.pipe.inflight == 0
+    assert h.pipe.admission.unsettled == 0
     assert h.metrics.registry.get_sample_value("processor_vendor_breaker_transitions_total",
                                                {"vendor": "fake", "state": "open"}) == 1
     await h.pipe.close()
@@ -332,39 +356,41 @@ async def test_beyond_its_budget_an_impaired_vendor_parks_and_a_healthy_one_hold
     h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=3,
                 batch={"max_events": 100})
     h.pipe.submit_many(h.events(5))  # healthy and merely busy (a backlog): waiting costs nothing
-    assert not h.parked and h.pipe.inflight == 5 and h.pipe.full
+    assert not h.parked and h.pipe.admission.unsettled == 5 and h.pipe.admission.holds_source
     h.pipe.flush()
     assert await h.pipe.drain(5)
-    assert sorted(h.settled) == [0, 1, 2, 3, 4] and not h.pipe.full
+    assert sorted(h.settled) == [0, 1, 2, 3, 4] and not h.pipe.admission.holds_source
 
-    h.pipe.gate.hold(60)  # throttled (a 429's Retry-After): impaired
+    h.pipe.admission.gate.hold(60)  # throttled (a 429's Retry-After): impaired
     h.pipe.submit_many(h.events(5, start=10))
     assert [p[0] for p in h.parked] == [13, 14] and {p[1] for p in h.parked} == {"budget_full"}
-    assert h.pipe.inflight == 3 and not h.pipe.full  # a parking vendor never holds the source while impaired
+    # a parking vendor never holds the source while impaired
+    assert h.pipe.admission.unsettled == 3 and not h.pipe.admission.holds_source
     await h.pipe.cancel()
     await h.pipe.close()
 
 
 def test_a_full_vendor_holds_the_source_until_half_its_budget_is_left():
     h = Harness(lambda call, offsets: answer([]), parking=True, budget=10)
-    h.pipe.inflight = 10
-    assert h.pipe.full
-    h.pipe.inflight = 6
-    assert h.pipe.full  # hysteresis: no pause/resume flapping at the limit
-    h.pipe.inflight = 5
-    assert not h.pipe.full
-    h.pipe.inflight = 9
-    assert not h.pipe.full
+    a = h.pipe.admission
+    a.admit(10)
+    assert a.holds_source
+    a.release(4)
+    assert a.holds_source  # hysteresis: no pause/resume flapping at the limit
+    a.release(1)
+    assert not a.holds_source
+    a.admit(4)
+    assert not a.holds_source
 
 
 async def test_a_blocking_vendor_at_its_budget_asks_the_source_to_wait():
     h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=False, budget=3,
                 batch={"max_events": 100})
     h.pipe.submit_many(h.events(5))
-    assert not h.parked and h.pipe.full
+    assert not h.parked and h.pipe.admission.holds_source
     h.pipe.flush()
     assert await h.pipe.drain(5)
-    assert sorted(h.settled) == [0, 1, 2, 3, 4] and not h.pipe.full
+    assert sorted(h.settled) == [0, 1, 2, 3, 4] and not h.pipe.admission.holds_source
     await h.pipe.close()
 
 
@@ -418,4 +444,4 @@ async def test_work_of_a_revoked_partition_is_dropped_not_dead_lettered():
     assert await h.pipe.drain(5)
     assert sorted(d[0] for d in h.dead) == [2, 3]  # partition 1's, exhausted; partition 0's dropped
     assert h.calls[1] == [2, 3]
-    assert h.pipe.inflight == 0
+    assert h.pipe.admission.unsettled == 0

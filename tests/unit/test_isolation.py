@@ -32,6 +32,8 @@ def test_consecutive_failures_open_then_cooldown_half_opens_and_probes_close():
     b.record(False)
     assert b.state is BreakerState.OPEN and not b.allow() and b.reopens_in() == 5
     clock.t += 5
+    assert b.state is BreakerState.OPEN  # reading changes nothing: the ticker moves it
+    b.tick(clock.t)
     assert b.state is BreakerState.HALF_OPEN
     assert b.allow() and b.allow() and not b.allow()  # two probes, no more
     b.record(True)

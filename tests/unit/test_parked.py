@@ -45,7 +45,7 @@ async def test_a_held_partition_is_handed_over_batch_after_batch_up_to_half_the_
                 batch={"max_events": 10})
     r = redrive_of(h, [parked(i) for i in range(80)])
     r._release()
-    assert h.pipe.inflight == 50  # half the budget in one release, in batches of the vendor's size
+    assert h.pipe.admission.unsettled == 50  # half the budget in one release, in batches of the vendor's size
     assert len(r.held[(RETRY, 0)]) == 30
     assert await h.pipe.drain(5)
     assert sorted(h.settled) == list(range(50)) and all(len(c) == 10 for c in h.calls)
@@ -61,7 +61,7 @@ async def test_a_record_not_yet_due_holds_its_partition():
     far = 10 ** 15  # ms: not due in this test's lifetime
     r = redrive_of(h, [parked(0), parked(1), parked(2, far), parked(3)])
     r._release()
-    assert h.pipe.inflight == 2 and [x.offset for x in r.held[(RETRY, 0)]] == [2, 3]
+    assert h.pipe.admission.unsettled == 2 and [x.offset for x in r.held[(RETRY, 0)]] == [2, 3]
     assert await h.pipe.drain(5)
     await h.pipe.close()
 
@@ -73,7 +73,7 @@ async def test_a_busy_vendor_keeps_its_partition_fetching_up_to_the_reservoir():
                 batch={"max_events": 10})
     r = redrive_of(h, [parked(i) for i in range(80)])
     r._release()
-    assert h.pipe.inflight == 50 and len(r.held[(RETRY, 0)]) == 30 and r._holds() == set()  # busy: fetching
+    assert h.pipe.admission.unsettled == 50 and len(r.held[(RETRY, 0)]) == 30 and r._holds() == set()  # busy: fetching
     q = r.held[(RETRY, 0)]
     q.extend(parked(i) for i in range(80, 100))  # 50 waiting: what it may hand over at once
     assert r._holds() == {(RETRY, 0)}
@@ -94,7 +94,7 @@ async def test_a_vendor_that_cannot_take_anything_for_a_while_has_its_partition_
     assert r._holds() == {(RETRY, 0)}
     r.held[(RETRY, 0)] = deque([parked(1)])
     assert r._holds() == set()
-    h.pipe.gate.hold(60)  # throttled
+    h.pipe.admission.gate.hold(60)  # throttled
     assert r._holds() == {(RETRY, 0)}
     await h.pipe.close()
 
@@ -105,18 +105,18 @@ async def test_a_half_open_vendor_is_handed_one_batch_at_a_time_for_its_probes()
     h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100,
                 batch={"max_events": 10})
     r = redrive_of(h, [parked(i) for i in range(40)])
-    h.pipe.breaker._set(BreakerState.HALF_OPEN)
+    h.pipe.admission.breaker._set(BreakerState.HALF_OPEN)
     r._release()
-    assert h.pipe.inflight == 10 and len(r.held[(RETRY, 0)]) == 30
+    assert h.pipe.admission.unsettled == 10 and len(r.held[(RETRY, 0)]) == 30
     r._release()  # that batch still in flight: nothing more
-    assert h.pipe.inflight == 10
+    assert h.pipe.admission.unsettled == 10
     assert await h.pipe.drain(5)
     r._release()  # one probe (one request of this fake vendor) succeeded: another batch for the second
-    assert h.pipe.inflight == 10 and len(r.held[(RETRY, 0)]) == 20
+    assert h.pipe.admission.unsettled == 10 and len(r.held[(RETRY, 0)]) == 20
     assert await h.pipe.drain(5)
-    assert h.pipe.breaker.state is BreakerState.CLOSED  # both probes succeeded
+    assert h.pipe.admission.breaker.state is BreakerState.CLOSED  # both probes succeeded
     r._release()
-    assert h.pipe.inflight == 20  # closed: up to half the budget again, the rest
+    assert h.pipe.admission.unsettled == 20  # closed: up to half the budget again, the rest
     assert await h.pipe.drain(5)
     assert sorted(h.settled) == list(range(40)) and not h.parked
     await h.pipe.close()
