@@ -31,7 +31,7 @@ class BulkHistogram:
     """A labelled histogram whose children take a whole request's observations at once.
 
     prometheus_client's Histogram takes a lock and walks its buckets in Python for every
-    observation; once per delivered event that was ~7% of the relay's time (bench/README.md).
+    observation; once per delivered event that was a visible share of the relay's time (bench/README.md).
     Exposed exactly like a Histogram (``_bucket``, ``_sum``, ``_count``). Event loop only."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],

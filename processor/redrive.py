@@ -307,7 +307,7 @@ class Redrive:
         return len(events)
 
     def drop(self, events: Sequence[Event], vendor: str) -> int:
-        return len(self.outcomes.claim_many(events, vendor))
+        return self.outcomes.drop(events, vendor)
 
     def has_outcome(self, item: Any, vendor: str) -> bool:
         return self.outcomes.has_outcome(item, vendor)

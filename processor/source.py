@@ -3,8 +3,8 @@
 Every consumer call (consume, pause/resume, commit, close) happens on that
 one thread; the event loop hands it requests (pause, resume, offsets to
 commit) and gets back raw messages, which it decodes itself: decoding in the
-worker thread only made the two threads fight over the GIL (measured: ~5%
-slower end to end). Rebalance callbacks run inside
+worker thread only made the two threads fight over the GIL (bench/README.md).
+Rebalance callbacks run inside
 ``consume()`` on that thread and hop to the event loop to drain, then commit
 what is settled before the partitions go.
 """
