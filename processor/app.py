@@ -121,8 +121,11 @@ class Relay:
         return self.stalled()
 
     def stalled(self) -> str | None:
-        """Why liveness should fail although the loop turns: a message unsettled past the bound."""
+        """Why liveness should fail although the loop turns: a message (or a parked record being redriven)
+        unsettled past the bound."""
         oldest = max(self.tracker.oldest_unsettled().values(), default=0.0)
+        if self.parked is not None:
+            oldest = max([oldest, *self.parked.tracker.oldest_unsettled().values()])
         if oldest > self.config.relay.stall_after_s:
             return f"a message has been unsettled for {oldest:.0f}s (relay.stall_after_s)"
         return None
@@ -205,10 +208,10 @@ class Relay:
         self.stopping.set()
 
     def _want_pause(self) -> bool:
-        """Fetching waits while the relay holds too many unsettled messages, or a vendor that may not
-        park is at its budget (``on_outage: block``)."""
+        """Fetching waits while the relay holds too many unsettled messages (the redrive's records
+        included), or a vendor holds the source (``processor.admission``)."""
         cfg = self.config.relay
-        inflight = self.tracker.inflight
+        inflight = self.tracker.inflight + (self.parked.tracker.inflight if self.parked is not None else 0)
         if not self._over_limit and inflight >= cfg.max_inflight_events:
             self._over_limit = True
         elif self._over_limit and inflight <= int(cfg.max_inflight_events * cfg.resume_ratio):

@@ -8,7 +8,11 @@ same record-to-event path as ``dlq replay`` (``processor.redrive``).
 
 A partition's records are taken in order, and only as many as the vendor's admission
 policy (``processor.admission``) has room for within half its budget (the other half stays
-for live events), and only once the head record is due (``relay.next_attempt_ms``). A
+for live events), no more than its budget in records not yet settled (a record parked again
+stays unsettled until Kafka acknowledged the write), and only once the head record is due
+(``relay.next_attempt_ms``). The redrive's unsettled records count in
+``relay.max_inflight_events`` and in the stall detector, as the input's messages do; a
+consumer error is logged, a fatal one stops the relay. A
 partition is paused while its vendor takes nothing for a while (breaker open, throttled), its
 head record is not due, or the records kept in memory for it reach a reservoir (half its
 vendor's budget, what it may hand over at once; at least one fetch; resumed at half): a
@@ -32,6 +36,8 @@ import logging
 import time
 from collections import deque
 from typing import Any
+
+from confluent_kafka import KafkaException
 
 from processor.codec import Decoder
 from processor.config import Config
@@ -103,10 +109,19 @@ class ParkedRedrive:
                 commit = self.tracker.commit_positions() or None
             poll = await self.source.poll(cfg.kafka.consume_batch, 0.2, None, commit, self._holds())
             self._after_commit(poll.committed, poll.lag)
-            for msg in poll.raw:
-                if msg.error() is not None:
-                    continue
-                self.held.setdefault((msg.topic(), msg.partition()), deque()).append(RelayRecord.from_message(msg))
+            self._take(poll.raw)
+
+    def _take(self, raw: list[Any]) -> None:
+        """A poll's records into the held queues; a consumer error is logged, a fatal one stops the redrive
+        (and so the relay: ``Relay._redrive_ended``)."""
+        for msg in raw:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                logger.warning("redrive consumer error: %s", err.str())
+                continue
+            self.held.setdefault((msg.topic(), msg.partition()), deque()).append(RelayRecord.from_message(msg))
 
     def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int]) -> None:
         if committed:
@@ -138,23 +153,40 @@ class ParkedRedrive:
                 self._full.discard(key)
         return hold
 
+    def unsettled(self, topic: str) -> int:
+        """Records of a vendor's retry topic taken and not yet settled: being delivered, or parked again or
+        dead-lettered and not yet acknowledged by Kafka."""
+        n = 0
+        for (t, _p), track in self.tracker.tracks.items():
+            if t == topic:
+                track.position()  # drops the settled head
+                n += sum(1 for slot in track.slots if slot[1] > 0)
+        return n
+
     def _release(self) -> None:
-        """Hand each vendor the due head of its held partitions, as much as it can take now."""
+        """Hand each vendor the due head of its held partitions, as much as it can take now: what its
+        admission has room for within half its budget, and no more than its budget in unsettled records
+        (a record it parks again leaves its admission count at once, but stays unsettled here until Kafka
+        acknowledged the write)."""
         now_ms = int(time.time() * 1000)
+        window: dict[str, int] = {}
         for (topic, _p), q in self.held.items():
             if not q:
                 continue
             pipe = self.pipelines[self.vendor_of[topic]]
             most = pipe.batcher.max_events
+            if topic not in window:
+                window[topic] = pipe.admission.budget - self.unsettled(topic)
             # batch after batch while it has room: one batch per poll (up to 0.2 s) would cap a vendor with
             # small batches at a few batches a poll, whatever its capacity
-            room = pipe.admission.room(share=0.5)
+            room = min(pipe.admission.room(share=0.5), window[topic])
             while q and q[0].due(now_ms) and room > 0:
                 take: list[RelayRecord] = []
                 while q and len(take) < min(most, room) and q[0].due(now_ms):
                     take.append(q.popleft())
                 self._redrive(pipe, take, now_ms)
-                room = pipe.admission.room(share=0.5)
+                window[topic] -= len(take)
+                room = min(pipe.admission.room(share=0.5), window[topic])
 
     def _redrive(self, pipe: VendorPipeline, records: list[RelayRecord], now_ms: int) -> None:
         decider = self.deciders[pipe.name]

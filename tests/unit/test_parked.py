@@ -120,3 +120,83 @@ async def test_a_half_open_vendor_is_handed_one_batch_at_a_time_for_its_probes()
     assert await h.pipe.drain(5)
     assert sorted(h.settled) == list(range(40)) and not h.parked
     await h.pipe.close()
+
+
+# -- the redrive inside the bounds (issue 17, finding 4) ----------------------------------------------
+
+
+async def test_a_vendor_with_a_budget_of_one_is_redriven_one_record_at_a_time():
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=1,
+                batch={"max_events": 10})
+    r = redrive_of(h, [parked(i) for i in range(3)])
+    for n in range(1, 4):
+        r._release()
+        assert h.pipe.admission.unsettled == 1
+        assert await h.pipe.drain(5)
+        assert sorted(h.settled) == list(range(n))
+    await h.pipe.close()
+
+
+async def test_records_parked_again_count_against_the_vendor_until_kafka_acknowledged_them():
+    """A vendor that fails again parks what it was handed: its admission count drops at once, but the records
+    stay unsettled until the retry topic acknowledges the write; the redrive takes no more than the vendor's
+    budget in unsettled records, however slow the acknowledgements."""
+    h = Harness(lambda call, offsets: answer([], status=503), parking=True, budget=20,
+                batch={"max_events": 10}, retry={"max_attempts": 1, "base_delay_ms": 1, "max_delay_ms": 1},
+                breaker={"consecutive_failures": 1000})
+    acks: list = []
+    h.park = lambda source, vendor, reason, attempts, first_ms, next_ms, on_ack: (  # type: ignore[method-assign]
+        h.parked.append((source.offset, h.why, reason, attempts, next_ms)), acks.append(on_ack))
+    r = redrive_of(h, [parked(i) for i in range(100)])
+    for _ in range(10):
+        r._release()
+        assert await h.pipe.drain(5)
+    assert len(h.parked) == 20 and h.pipe.admission.unsettled == 0  # parked again, not yet acknowledged
+    for ack in acks:
+        ack()
+    r._release()
+    assert await h.pipe.drain(5)
+    assert len(h.parked) == 30  # acknowledged: room again
+    await h.pipe.close()
+
+
+def test_the_redrive_reports_consumer_errors_and_stops_on_a_fatal_one(caplog):
+    import logging
+
+    import pytest
+    from confluent_kafka import KafkaError, KafkaException
+
+    h = Harness(lambda call, offsets: answer([]), parking=True)
+    r = redrive_of(h, [])
+
+    class Failed:
+        def __init__(self, err: KafkaError) -> None:
+            self.err = err
+
+        def error(self) -> KafkaError:
+            return self.err
+
+    with caplog.at_level(logging.WARNING, logger="processor.parked"):
+        r._take([Failed(KafkaError(KafkaError._TRANSPORT, "broker down"))])
+    assert any("broker down" in rec.getMessage() for rec in caplog.records)
+    with pytest.raises(KafkaException):
+        r._take([Failed(KafkaError(KafkaError._FATAL, "fenced", fatal=True))])
+
+
+def test_the_redrives_unsettled_records_count_in_the_relays_bound_and_its_stall_detector():
+    from processor.offsets import OffsetTracker
+    from tests.unit.test_routing import relay
+
+    rel = relay()
+    redrive = ParkedRedrive.__new__(ParkedRedrive)
+    redrive.tracker = OffsetTracker(retry_topics=True)
+    rel.parked = redrive
+    redrive.tracker.assign(RETRY, 0)
+    records = [parked(i) for i in range(5)]
+    redrive.tracker.register_many(records, [1] * 5)
+    for slot in (rec.slot for rec in records):
+        slot[3] -= 10 ** 6  # registered long ago
+    assert rel.stalled() is not None and "unsettled" in rel.stalled()
+    limit = rel.config.relay.max_inflight_events
+    redrive.tracker.register_many([parked(i) for i in range(5, 5 + limit)], [1] * limit)
+    assert rel._want_pause()
