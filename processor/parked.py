@@ -37,8 +37,6 @@ import time
 from collections import deque
 from typing import Any
 
-from confluent_kafka import KafkaException
-
 from processor.codec import Decoder
 from processor.config import Config
 from processor.delivery import VendorPipeline
@@ -47,7 +45,7 @@ from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, Settlement
 from processor.redrive import Decision, Redrive, RelayRecord
 from processor.retry import expired
-from processor.source import KafkaSource, Partitions
+from processor.source import KafkaSource, Partitions, is_error
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +113,7 @@ class ParkedRedrive:
         """A poll's records into the held queues; a consumer error is logged, a fatal one stops the redrive
         (and so the relay: ``Relay._redrive_ended``)."""
         for msg in raw:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                logger.warning("redrive consumer error: %s", err.str())
+            if is_error(msg, "redrive consumer"):
                 continue
             self.held.setdefault((msg.topic(), msg.partition()), deque()).append(RelayRecord.from_message(msg))
 

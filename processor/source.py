@@ -53,6 +53,17 @@ class Poll:
     raw: list[Any] = field(default_factory=list)  # confluent_kafka.Message objects, decoded in the loop
 
 
+def is_error(msg: Any, who: str) -> bool:
+    """Whether a consumed message is an error: logged (``who``: which consumer); a fatal one raises."""
+    err = msg.error()
+    if err is None:
+        return False
+    if err.fatal():
+        raise KafkaException(err)
+    logger.warning("%s error: %s", who, err.str())
+    return True
+
+
 class KafkaSource:
     def __init__(self, cfg: KafkaConfig, decoder: Decoder, loop: asyncio.AbstractEventLoop,
                  on_assign: Callable[[Partitions], Awaitable[None]],
@@ -195,11 +206,7 @@ class KafkaSource:
         append = out.append
         from_message = Source.from_message
         for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                logger.warning("consumer error: %s", err.str())
+            if is_error(msg, "consumer"):
                 continue
             value = msg.value() or b""
             try:
