@@ -149,6 +149,12 @@ class Relay:
                          ", ".join(missing))
             await self.health.stop()
             return 2
+        outputs = [self.config.deadletter.topic, *self.config.retry_topics().values()]
+        problems = await loop.run_in_executor(None, self.dlq.check_topics, list(self.config.kafka.topics), outputs)
+        if problems:
+            logger.error("the relay could not write to its dead-letter or retry topics: %s", "; ".join(problems))
+            await self.health.stop()
+            return 2
         if self.stopping.is_set():
             await self.health.stop()
             return 0

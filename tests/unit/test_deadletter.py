@@ -137,3 +137,67 @@ async def test_a_full_producer_queue_never_blocks_the_event_loop():
     for _ in range(10):
         await asyncio.sleep(0.005)
     assert all(t == 0 for t in w.producer.polls)
+
+
+# -- at start: can the relay write what it reads to its dead-letter and retry topics? -------------------
+
+class FakeAdmin:
+    """What the broker says of each topic: ``max.message.bytes`` (absent: it says nothing) and the
+    operations the relay is authorized for (None: it does not say)."""
+
+    def __init__(self, max_bytes: dict[str, int], ops: dict[str, list] | None = None) -> None:
+        self.max_bytes, self.ops = max_bytes, ops or {}
+
+    def describe_configs(self, resources, **kw):
+        from concurrent.futures import Future
+
+        from confluent_kafka.admin import ConfigEntry
+
+        out = {}
+        for r in resources:
+            f: Future = Future()
+            value = self.max_bytes.get(r.name)
+            f.set_result({} if value is None else {"max.message.bytes": ConfigEntry("max.message.bytes", str(value))})
+            out[r] = f
+        return out
+
+    def describe_topics(self, topics, **kw):
+        from concurrent.futures import Future
+        from types import SimpleNamespace
+
+        out = {}
+        for t in topics.topic_names:
+            f: Future = Future()
+            f.set_result(SimpleNamespace(name=t, authorized_operations=self.ops.get(t)))
+            out[t] = f
+        return out
+
+
+def test_a_topic_too_small_for_the_inputs_largest_record_plus_headers_is_named_with_its_setting():
+    from processor.deadletter import HEADROOM_BYTES, write_problems
+
+    admin = FakeAdmin({"in": 1_048_588, "in.dlq": 1_048_588, "in.retry.qubit": 8_000_000})
+    problems = write_problems(admin, ["in"], ["in.dlq", "in.retry.qubit"], {"message.max.bytes": 16_000_000})
+    assert len(problems) == 1
+    assert "in.dlq" in problems[0] and "max.message.bytes" in problems[0] and str(1_048_588 + HEADROOM_BYTES) in \
+        problems[0]
+    assert write_problems(FakeAdmin({"in": 1_000, "in.dlq": 1_000 + HEADROOM_BYTES}), ["in"], ["in.dlq"], {}) == []
+
+
+def test_the_producers_own_limit_is_checked_too():
+    from processor.deadletter import write_problems
+
+    admin = FakeAdmin({"in": 2_000_000, "in.dlq": 8_000_000})
+    problems = write_problems(admin, ["in"], ["in.dlq"], {"message.max.bytes": 1_000_000})
+    assert len(problems) == 1 and "deadletter.producer" in problems[0] and "message.max.bytes" in problems[0]
+
+
+def test_a_topic_the_relay_may_not_write_to_is_named_and_a_broker_that_says_nothing_passes():
+    from confluent_kafka.admin import AclOperation
+
+    from processor.deadletter import write_problems
+
+    admin = FakeAdmin({}, {"in.dlq": [AclOperation.READ, AclOperation.DESCRIBE], "in.retry.qubit": [AclOperation.ALL]})
+    problems = write_problems(admin, ["in"], ["in.dlq", "in.retry.qubit"], {})
+    assert len(problems) == 1 and "in.dlq" in problems[0] and "WRITE" in problems[0]
+    assert write_problems(FakeAdmin({}), ["in"], ["in.dlq"], {}) == []  # the test broker: nothing to check
