@@ -148,7 +148,7 @@ class AdaptiveLimit:
                  decrease_every_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.maximum = maximum
         self.limit = float(maximum)
-        self.inflight = 0
+        self.in_use = 0  # requests holding a place now
         self.on_change = on_change
         self.decrease_every_s = decrease_every_s
         self.clock = clock
@@ -161,8 +161,8 @@ class AdaptiveLimit:
         return max(1, int(self.limit))
 
     async def acquire(self) -> None:
-        if self.inflight < self.current and not self._waiters:
-            self.inflight += 1
+        if self.in_use < self.current and not self._waiters:
+            self.in_use += 1
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -194,11 +194,11 @@ class AdaptiveLimit:
         self._release_one()
 
     def _release_one(self) -> None:
-        self.inflight -= 1
-        while self._waiters and self.inflight < self.current:
+        self.in_use -= 1
+        while self._waiters and self.in_use < self.current:
             fut = self._waiters.popleft()
             if not fut.done():
-                self.inflight += 1
+                self.in_use += 1
                 fut.set_result(None)
 
     def _decrease(self) -> None:

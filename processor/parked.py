@@ -71,7 +71,7 @@ class ParkedRedrive:
                                      "client": {"queued.max.messages.kbytes": 8192, **k.client,
                                                 "auto.offset.reset": "earliest"}})
         self.source = KafkaSource(kafka, decoder, loop, self._on_assign, self._on_revoke)
-        self.held: dict[tuple[str, int], deque[RelayRecord]] = {}
+        self.reservoir: dict[tuple[str, int], deque[RelayRecord]] = {}
         self.fetch_batch = k.consume_batch
         self._full: set[tuple[str, int]] = set()  # partitions paused at their reservoir, until down to half
         self._commit_due = 0.0
@@ -90,7 +90,7 @@ class ParkedRedrive:
         positions = {k: v for k, v in self.tracker.commit_positions(only_changed=False).items() if k in mine}
         for t, p in parts:
             self.tracker.revoke(t, p)
-            self.held.pop((t, p), None)
+            self.reservoir.pop((t, p), None)
             self._full.discard((t, p))
         return positions
 
@@ -115,7 +115,7 @@ class ParkedRedrive:
         for msg in raw:
             if is_error(msg, "redrive consumer"):
                 continue
-            self.held.setdefault((msg.topic(), msg.partition()), deque()).append(RelayRecord.from_message(msg))
+            self.reservoir.setdefault((msg.topic(), msg.partition()), deque()).append(RelayRecord.from_message(msg))
 
     def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int]) -> None:
         if committed:
@@ -131,7 +131,7 @@ class ParkedRedrive:
         """The partitions to pause now (see the module's docstring)."""
         now_ms = int(time.time() * 1000)
         hold = set()
-        for key, q in self.held.items():
+        for key, q in self.reservoir.items():
             if not q:
                 self._full.discard(key)
                 continue
@@ -164,7 +164,7 @@ class ParkedRedrive:
         acknowledged the write)."""
         now_ms = int(time.time() * 1000)
         window: dict[str, int] = {}
-        for (topic, _p), q in self.held.items():
+        for (topic, _p), q in self.reservoir.items():
             if not q:
                 continue
             pipe = self.pipelines[self.vendor_of[topic]]

@@ -125,12 +125,12 @@ async def test_the_limit_bounds_concurrent_holders_and_wakes_waiters_in_order():
     async def worker(i: int) -> None:
         await lim.acquire()
         order.append(i)
-        assert lim.inflight <= 2
+        assert lim.in_use <= 2
         await asyncio.sleep(0)
         lim.release(ok=True, latency_s=0.01)
 
     await asyncio.gather(*(worker(i) for i in range(6)))
-    assert order == list(range(6)) and lim.inflight == 0
+    assert order == list(range(6)) and lim.in_use == 0
 
 
 async def test_the_gate_holds_every_request_until_the_time_given():

@@ -35,7 +35,7 @@ def redrive_of(h: Harness, records: list[RelayRecord]) -> ParkedRedrive:
     r.tracker = h.tracker
     h.tracker.assign(RETRY, 0)
     r.deciders = {"fake": Redrive(h.adapter, Decoder(), h.tracker, max_replays=None)}
-    r.held = {(RETRY, 0): deque(records)}
+    r.reservoir = {(RETRY, 0): deque(records)}
     r.fetch_batch, r._full = 10, set()
     return r
 
@@ -46,12 +46,12 @@ async def test_a_held_partition_is_handed_over_batch_after_batch_up_to_half_the_
     r = redrive_of(h, [parked(i) for i in range(80)])
     r._release()
     assert h.pipe.admission.unsettled == 50  # half the budget in one release, in batches of the vendor's size
-    assert len(r.held[(RETRY, 0)]) == 30
+    assert len(r.reservoir[(RETRY, 0)]) == 30
     assert await h.pipe.drain(5)
     assert sorted(h.settled) == list(range(50)) and all(len(c) == 10 for c in h.calls)
     r._release()  # room again: the rest
     assert await h.pipe.drain(5)
-    assert sorted(h.settled) == list(range(80)) and not r.held[(RETRY, 0)] and not h.parked
+    assert sorted(h.settled) == list(range(80)) and not r.reservoir[(RETRY, 0)] and not h.parked
     await h.pipe.close()
 
 
@@ -61,7 +61,7 @@ async def test_a_record_not_yet_due_holds_its_partition():
     far = 10 ** 15  # ms: not due in this test's lifetime
     r = redrive_of(h, [parked(0), parked(1), parked(2, far), parked(3)])
     r._release()
-    assert h.pipe.admission.unsettled == 2 and [x.offset for x in r.held[(RETRY, 0)]] == [2, 3]
+    assert h.pipe.admission.unsettled == 2 and [x.offset for x in r.reservoir[(RETRY, 0)]] == [2, 3]
     assert await h.pipe.drain(5)
     await h.pipe.close()
 
@@ -73,8 +73,8 @@ async def test_a_busy_vendor_keeps_its_partition_fetching_up_to_the_reservoir():
                 batch={"max_events": 10})
     r = redrive_of(h, [parked(i) for i in range(80)])
     r._release()
-    assert h.pipe.admission.unsettled == 50 and len(r.held[(RETRY, 0)]) == 30 and r._holds() == set()  # busy: fetching
-    q = r.held[(RETRY, 0)]
+    assert h.pipe.admission.unsettled == 50 and len(r.reservoir[(RETRY, 0)]) == 30 and r._holds() == set()  # busy: fetching
+    q = r.reservoir[(RETRY, 0)]
     q.extend(parked(i) for i in range(80, 100))  # 50 waiting: what it may hand over at once
     assert r._holds() == {(RETRY, 0)}
     while len(q) > 26:
@@ -92,7 +92,7 @@ async def test_a_vendor_that_cannot_take_anything_for_a_while_has_its_partition_
     h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100)
     r = redrive_of(h, [parked(0, 10 ** 15)])  # not due
     assert r._holds() == {(RETRY, 0)}
-    r.held[(RETRY, 0)] = deque([parked(1)])
+    r.reservoir[(RETRY, 0)] = deque([parked(1)])
     assert r._holds() == set()
     h.pipe.admission.gate.hold(60)  # throttled
     assert r._holds() == {(RETRY, 0)}
@@ -107,12 +107,12 @@ async def test_a_half_open_vendor_is_handed_one_batch_at_a_time_for_its_probes()
     r = redrive_of(h, [parked(i) for i in range(40)])
     h.pipe.admission.breaker._set(BreakerState.HALF_OPEN)
     r._release()
-    assert h.pipe.admission.unsettled == 10 and len(r.held[(RETRY, 0)]) == 30
+    assert h.pipe.admission.unsettled == 10 and len(r.reservoir[(RETRY, 0)]) == 30
     r._release()  # that batch still in flight: nothing more
     assert h.pipe.admission.unsettled == 10
     assert await h.pipe.drain(5)
     r._release()  # one probe (one request of this fake vendor) succeeded: another batch for the second
-    assert h.pipe.admission.unsettled == 10 and len(r.held[(RETRY, 0)]) == 20
+    assert h.pipe.admission.unsettled == 10 and len(r.reservoir[(RETRY, 0)]) == 20
     assert await h.pipe.drain(5)
     assert h.pipe.admission.breaker.state is BreakerState.CLOSED  # both probes succeeded
     r._release()
