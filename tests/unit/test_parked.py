@@ -73,7 +73,8 @@ async def test_a_busy_vendor_keeps_its_partition_fetching_up_to_the_reservoir():
                 batch={"max_events": 10})
     r = redrive_of(h, [parked(i) for i in range(80)])
     r._release()
-    assert h.pipe.admission.unsettled == 50 and len(r.reservoir[(RETRY, 0)]) == 30 and r._holds() == set()  # busy: fetching
+    # busy: fetching
+    assert h.pipe.admission.unsettled == 50 and len(r.reservoir[(RETRY, 0)]) == 30 and r._holds() == set()
     q = r.reservoir[(RETRY, 0)]
     q.extend(parked(i) for i in range(80, 100))  # 50 waiting: what it may hand over at once
     assert r._holds() == {(RETRY, 0)}
