@@ -152,6 +152,30 @@ class OffsetTracker:
                 if track.active:
                     track.owner.inflight -= 1
 
+    @staticmethod
+    def claim_and_settle(items: Sequence[Any], bit: int) -> list[Any] | None:
+        """``settle_items`` for the items the vendor of ``bit`` has not given an outcome yet, marking them,
+        in one pass (the delivered path: one call a request); returns the refused items (None: none)."""
+        refused: list[Any] | None = None
+        for item in items:
+            slot = item.slot
+            claimed = slot[4]
+            if claimed & bit:
+                if refused is None:
+                    refused = []
+                refused.append(item)
+                continue
+            slot[4] = claimed | bit
+            pending = slot[1]
+            if pending <= 0:
+                continue
+            slot[1] = pending - 1
+            if pending == 1:
+                track = slot[2]
+                if track.active:
+                    track.owner.inflight -= 1
+        return refused
+
     def commit_positions(self, only_changed: bool = True) -> dict[tuple[str, int], int]:
         out = {}
         for key, track in self.tracks.items():
@@ -245,6 +269,19 @@ class Outcomes:
     def has_outcome(self, item: Any, vendor: str) -> bool:
         return bool(item.slot[CLAIMED] & vendor_bit(vendor))
 
+    def settle_many(self, events: Sequence[Any], vendor: str, outcome: str = "delivered") -> int:
+        """Delivered or filtered: claimed, settled and counted in one pass; how many were accepted."""
+        refused = OffsetTracker.claim_and_settle(events, vendor_bit(vendor))
+        if refused is not None:
+            for ev in refused:
+                self._refuse(ev, vendor, 1)
+            kept = list(events)
+            for r in refused:  # one occurrence each (a bug path: may be slow)
+                del kept[next(i for i, ev in enumerate(kept) if ev is r)]
+            events = kept
+        self.count(vendor, events, outcome)
+        return len(events)
+
     def drop(self, events: Sequence[Any], vendor: str) -> int:
         """Claim the events of revoked partitions (no write: their new owner redelivers them); an event
         of a partition still ours is refused (a bug: it would never settle), left for a real outcome."""
@@ -310,10 +347,7 @@ class RelaySettlement:
         self._reasons: dict[tuple[str, str], str] = {}
 
     def settle_many(self, events: Sequence[Any], vendor: str, outcome: str = "delivered") -> int:
-        events = self.outcomes.claim_many(events, vendor)
-        self.outcomes.count(vendor, events, outcome)
-        self.tracker.settle_items(events)
-        return len(events)
+        return self.outcomes.settle_many(events, vendor, outcome)
 
     def drop(self, events: Sequence[Any], vendor: str) -> int:
         return self.outcomes.drop(events, vendor)

@@ -301,10 +301,7 @@ class Redrive:
 
     # -- the pipeline's settlement (processor.offsets.Settlement) ----------------------------------------
     def settle_many(self, events: Sequence[Event], vendor: str, outcome: str = "delivered") -> int:
-        events = self.outcomes.claim_many(events, vendor)
-        self.outcomes.count(vendor, events, outcome)
-        self.tracker.settle_items(events)
-        return len(events)
+        return self.outcomes.settle_many(events, vendor, outcome)
 
     def drop(self, events: Sequence[Event], vendor: str) -> int:
         return self.outcomes.drop(events, vendor)

@@ -155,3 +155,36 @@ def test_the_retry_decision(r, attempts, failing_s, delay, parking, breaker_open
 @given(first=st.none() | st.integers(0, 10**13), at=st.integers(0, 10**13), max_s=st.floats(0.001, 10**6))
 def test_expired_is_past_max_elapsed_from_the_first_failure(first, at, max_s):
     assert expired(first, at, max_s) == (first is not None and at - first > max_s * 1000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pending=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+       calls=st.lists(st.tuples(st.sampled_from(VENDORS), st.lists(st.integers(0, 7), max_size=8)), max_size=10))
+def test_the_one_pass_claim_and_settle_is_claim_then_settle(pending, calls):
+    """The delivered path's fused loop against the plain reference: claim each item, then settle the claimed."""
+    from processor.offsets import CLAIMED, vendor_bit
+
+    def run(fused: bool) -> tuple[list, int, list[int]]:
+        t = OffsetTracker()
+        t.assign("t", 0)
+        msgs = [Msg("t", 0, i) for i in range(len(pending))]
+        t.register_many(msgs, pending)
+        refused_total = []
+        for vendor, picks in calls:
+            items = [msgs[i] for i in picks if i < len(msgs)]
+            bit = vendor_bit(vendor)
+            if fused:
+                refused = OffsetTracker.claim_and_settle(items, bit) or []
+            else:
+                refused, fresh = [], []
+                for m in items:
+                    if m.slot[CLAIMED] & bit:
+                        refused.append(m)
+                    else:
+                        m.slot[CLAIMED] |= bit
+                        fresh.append(m)
+                t.settle_items(fresh)
+            refused_total.append([m.offset for m in refused])
+        return [(m.slot[0], m.slot[1], m.slot[CLAIMED]) for m in msgs], t.inflight, refused_total
+
+    assert run(True) == run(False)
