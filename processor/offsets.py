@@ -139,18 +139,9 @@ class OffsetTracker:
             track.owner.inflight -= 1
 
     @staticmethod
-    def settle_items(items: Iterable[Any]) -> None:
-        """``settle(item.slot)`` for each item (one vendor settled each), in one call."""
-        for item in items:
-            slot = item.slot
-            pending = slot[1]
-            if pending <= 0:
-                continue
-            slot[1] = pending - 1
-            if pending == 1:
-                track = slot[2]
-                if track.active:
-                    track.owner.inflight -= 1
+    def settle_items(items: Sequence[Any]) -> None:
+        """``settle(item.slot)`` for each item (one vendor settled each), in one call (no outcome claimed)."""
+        OffsetTracker.claim_and_settle(items, 0)
 
     @staticmethod
     def claim_and_settle(items: Sequence[Any], bit: int) -> list[Any] | None:
