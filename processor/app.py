@@ -149,8 +149,7 @@ class Relay:
                          ", ".join(missing))
             await self.health.stop()
             return 2
-        outputs = [self.config.deadletter.topic, *self.config.retry_topics().values()]
-        problems = await loop.run_in_executor(None, self.dlq.check_topics, list(self.config.kafka.topics), outputs)
+        problems = await self._topic_problems()
         if problems:
             logger.error("the relay could not write to its dead-letter or retry topics: %s", "; ".join(problems))
             await self.health.stop()
@@ -173,6 +172,21 @@ class Relay:
         finally:
             await self._shutdown(tasks)
         return self.exit_code
+
+    async def _topic_problems(self) -> list[str]:
+        """``topics.start_problems`` off the loop: the problems (refuse to start); the warnings are logged.
+        A broker that cannot answer these questions is logged, not refused: the run-time handling of a
+        refused write still holds."""
+        from processor.topics import start_problems
+
+        try:
+            problems, warnings = await asyncio.get_running_loop().run_in_executor(None, start_problems, self.config)
+        except KafkaException as exc:
+            logger.warning("could not check the dead-letter and retry topics' limits and permissions: %s", exc)
+            return []
+        for line in warnings:
+            logger.error("%s", line)
+        return problems
 
     async def _missing_topics(self) -> list[str]:
         """The dead-letter and retry topics the broker does not have; waits (not ready, logging) while

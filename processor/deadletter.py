@@ -59,13 +59,7 @@ PERMANENT = {KafkaError.MSG_SIZE_TOO_LARGE: "record larger than the topic's max.
              KafkaError.CLUSTER_AUTHORIZATION_FAILED: "not authorized on the cluster (idempotent write)",
              KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "not authorized for idempotent writes"}
 REFUSED_RETRY_S = 30.0
-# what a record may grow by on its way to a dead-letter or retry topic: the relay.* headers (a reason is at
-# most REASON_MAX characters; about fifteen short names and numbers besides), with room to spare
-HEADROOM_BYTES = 4096
-PRODUCER_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes when not set
-WRITER_MAX_BYTES = 16 * 1024 * 1024  # the writer's own default: the topics' limits are what binds
 QUEUE_FULL_RETRY_S = 0.05
-_PRODUCER_ONLY = frozenset({"acks", "enable.idempotence", "linger.ms", "compression.type", "message.max.bytes"})
 _NUMERIC = frozenset({"relay.http_status", "relay.attempts", "relay.first_failure_ms", "relay.last_failure_ms",
                       "relay.original_partition", "relay.original_offset", "relay.original_timestamp_ms",
                       "relay.replay_count", "relay.next_attempt_ms"})
@@ -200,44 +194,6 @@ def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
             if k.startswith(HEADER_PREFIX) and v is not None}
 
 
-def write_problems(admin: Any, inputs: list[str], outputs: list[str], producer_conf: dict[str, Any],
-                   timeout_s: float = 10.0) -> list[str]:
-    """Why the relay could not write what it reads to its dead-letter and retry topics (``outputs``), as
-    far as the broker says: an output whose ``max.message.bytes`` is below the largest record an input
-    topic takes plus ``HEADROOM_BYTES``, the producer's own ``message.max.bytes`` likewise, and an output the
-    relay is not authorized to write to. What the broker does not report is not judged (Tansu, the test
-    broker, reports neither)."""
-    from confluent_kafka import TopicCollection
-    from confluent_kafka.admin import AclOperation, ConfigResource, ResourceType
-
-    limits: dict[str, int] = {}
-    futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in [*inputs, *outputs]])
-    for resource, future in futures.items():
-        entry = future.result(timeout=timeout_s).get("max.message.bytes")
-        if entry is not None and entry.value:
-            limits[resource.name] = int(entry.value)
-    problems = []
-    known = [(limits[t], t) for t in inputs if t in limits]
-    if known:
-        largest, source = max(known)
-        need = largest + HEADROOM_BYTES
-        for t in outputs:
-            if t in limits and limits[t] < need:
-                problems.append(f"topic {t}: max.message.bytes {limits[t]} is below {need}, the largest record "
-                                f"{source} takes ({largest}, its max.message.bytes) plus {HEADROOM_BYTES} for the "
-                                "relay's headers: raise it (kafka-configs --alter --add-config max.message.bytes=...)")
-        mine = int(producer_conf.get("message.max.bytes", PRODUCER_MAX_BYTES))
-        if mine < need:
-            problems.append(f"deadletter.producer: message.max.bytes {mine} is below {need} ({source}'s largest "
-                            f"record plus {HEADROOM_BYTES}): raise it")
-    may = {AclOperation.WRITE, AclOperation.ALL}
-    for t, future in admin.describe_topics(TopicCollection(outputs), include_authorized_operations=True).items():
-        ops = future.result(timeout=timeout_s).authorized_operations
-        if ops is not None and not may & set(ops):
-            problems.append(f"topic {t}: the relay is not authorized to WRITE to it (an ACL must allow it)")
-    return problems
-
-
 class DeadLetterWriter:
     """Produces dead-letter records and parked records (each vendor's retry topic) on one idempotent
     producer; ``on_ack`` runs (in the event loop) once Kafka acknowledged the record.
@@ -254,27 +210,13 @@ class DeadLetterWriter:
         self.metrics = metrics
         self.retry_delay_s = retry_delay_s
         conf = {"acks": "all", "enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
-                "message.max.bytes": WRITER_MAX_BYTES, **producer_config}
-        self.conf = conf
+                **producer_config}
         self.producer = producer(conf, logger=logging.getLogger("librdkafka"))  # its lines as ours: JSON
         self.pending = 0
         self.failing = False
         self.failing_why = ""  # the last failure: topic and cause (readiness says it)
         self.refused: dict[str, str] = {}  # topic -> why it refuses our writes for good (until one lands)
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    def check_topics(self, inputs: list[str], outputs: list[str]) -> list[str]:
-        """``write_problems`` for these topics through an admin client of the writer's own connection
-        settings (blocking: call it off the event loop). A broker that cannot answer is not a problem here:
-        logged, nothing refused."""
-        from confluent_kafka.admin import AdminClient
-
-        try:
-            admin = AdminClient({k: v for k, v in self.conf.items() if k not in _PRODUCER_ONLY})
-            return write_problems(admin, inputs, outputs, self.conf)
-        except Exception as exc:  # a broker too old or a client error: the run-time checks still hold
-            logger.warning("could not check the dead-letter and retry topics' limits and permissions: %s", exc)
-            return []
 
     def retry_topic(self, vendor: str) -> str:
         if self.retry_topic_prefix is None:

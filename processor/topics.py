@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 PRODUCER_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
+# what a record may grow by on its way to a dead-letter or retry topic: the relay.* headers (a reason is at
+# most 240 characters; about fifteen short names and numbers besides), with room to spare
+HEADROOM_BYTES = 4096
 DEFAULT_RETRY_MARGIN_MS = DAY_MS  # retry topics keep a parked record this long past its expiry by default
 DEFAULT_DEADLETTER_RETENTION_MS = 14 * DAY_MS  # time to inspect and replay dead letters
 
@@ -218,3 +221,41 @@ def _write_problems(admin: AdminClient, needs: list[TopicNeed], timeout_s: float
         if ops and AclOperation.WRITE not in ops and AclOperation.ALL not in ops:
             problems.append(f"{name}: the relay's principal may not WRITE to it")
     return problems
+
+
+def start_problems(config: Config, admin: AdminClient | None = None,
+                   timeout_s: float = 10.0) -> tuple[list[str], list[str]]:
+    """What the relay checks before it consumes (``Relay.run``), as far as the broker reports it: problems
+    (it refuses to start) and warnings (logged as errors). Unlike ``check``, what the broker does not report
+    is not judged: a broker without an authorizer or topic configs (the test broker) passes.
+
+    Problems: a dead-letter or retry topic the relay may not WRITE to, or whose ``max.message.bytes`` is
+    below the producer's ``message.max.bytes`` (the same rule as ``check``). Warning: an input topic that
+    takes records larger than the producer's ``message.max.bytes`` less ``HEADROOM_BYTES`` for the relay's
+    headers: such a record could not be dead-lettered or parked (its offset would be held, loudly, until
+    the setting is raised). A warning, not a refusal: with the defaults (an input topic at the broker's
+    1,048,588, the producer at 1,000,000) every relay would be refused."""
+    admin = admin or admin_client(config)
+    needs = needed_topics(config)
+    written = [n for n in needs if n.written]
+    described = admin.describe_configs([ConfigResource(ResourceType.TOPIC, n.name) for n in needs],
+                                       request_timeout=timeout_s)
+    sizes: dict[str, int] = {}
+    for resource, future in described.items():
+        try:
+            size = _number(future.result(), "max.message.bytes")
+        except KafkaException:
+            continue
+        if size is not None:
+            sizes[resource.name] = size
+    problems = [f"{n.name}: max.message.bytes {sizes[n.name]} is smaller than {n.min_message_bytes} (the "
+                "producer's message.max.bytes): larger dead letters or parked records would be refused"
+                for n in written if n.name in sizes and sizes[n.name] < (n.min_message_bytes or 0)]
+    problems += [p for p in _write_problems(admin, written, timeout_s) if "cannot describe" not in p]
+    producer = producer_message_max_bytes(config)
+    warnings = [f"{n.name}: max.message.bytes {sizes[n.name]} takes records the relay could not dead-letter or "
+                f"park: its producer's message.max.bytes is {producer}, and a record gains up to {HEADROOM_BYTES} "
+                f"bytes of relay headers; set deadletter.producer message.max.bytes to at least "
+                f"{sizes[n.name] + HEADROOM_BYTES} (and the dead-letter and retry topics' max.message.bytes)"
+                for n in needs if not n.written and n.name in sizes and sizes[n.name] + HEADROOM_BYTES > producer]
+    return problems, warnings

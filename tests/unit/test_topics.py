@@ -50,3 +50,64 @@ def test_config_problems(values, problem):
         assert found == []
     else:
         assert len(found) == 1 and found[0].startswith("t: ") and problem in found[0]
+
+
+# -- at the relay's start (issue 17, finding 5) -----------------------------------------------------------
+
+class FakeAdmin:
+    """What the broker says of each topic: ``max.message.bytes`` (absent: it says nothing) and the
+    operations the relay is authorized for (None: it does not say)."""
+
+    def __init__(self, max_bytes: dict[str, int], ops: dict[str, list] | None = None) -> None:
+        self.max_bytes, self.ops = max_bytes, ops or {}
+
+    def describe_configs(self, resources, **kw):
+        from concurrent.futures import Future
+
+        out = {}
+        for r in resources:
+            f: Future = Future()
+            value = self.max_bytes.get(r.name)
+            f.set_result({} if value is None else entries(max_message_bytes=str(value)))
+            out[r] = f
+        return out
+
+    def describe_topics(self, topics, **kw):
+        from concurrent.futures import Future
+
+        out = {}
+        for t in topics.topic_names:
+            f: Future = Future()
+            f.set_result(SimpleNamespace(name=t, authorized_operations=self.ops.get(t)))
+            out[t] = f
+        return out
+
+
+def test_at_start_a_dead_letter_or_retry_topic_smaller_than_the_producers_records_is_refused():
+    from processor.topics import start_problems
+
+    admin = FakeAdmin({"in": 900_000, "in.dlq": 999_999, "in.retry.quicklizard": 8_000_000})
+    problems, warnings = start_problems(config(quicklizard=QL), admin)
+    assert len(problems) == 1 and problems[0].startswith("in.dlq: max.message.bytes 999999") and not warnings
+
+
+def test_at_start_an_input_that_takes_records_too_large_to_dead_letter_is_named_with_the_setting():
+    from processor.topics import HEADROOM_BYTES, start_problems
+
+    admin = FakeAdmin({"in": 1_048_588, "in.dlq": 1_000_000})  # the defaults: a warning, not a refusal
+    problems, warnings = start_problems(config(), admin)
+    assert not problems and len(warnings) == 1
+    assert warnings[0].startswith("in: ") and "deadletter.producer message.max.bytes" in warnings[0]
+    assert str(1_048_588 + HEADROOM_BYTES) in warnings[0]
+
+
+def test_at_start_a_topic_the_relay_may_not_write_is_refused_and_a_broker_that_says_nothing_passes():
+    from confluent_kafka.admin import AclOperation
+
+    from processor.topics import start_problems
+
+    admin = FakeAdmin({}, {"in.dlq": [AclOperation.READ, AclOperation.DESCRIBE],
+                           "in.retry.quicklizard": [AclOperation.ALL]})
+    problems, _ = start_problems(config(quicklizard=QL), admin)
+    assert problems == ["in.dlq: the relay's principal may not WRITE to it"]
+    assert start_problems(config(quicklizard=QL), FakeAdmin({})) == ([], [])  # the test broker: nothing to judge
