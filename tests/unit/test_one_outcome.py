@@ -162,3 +162,18 @@ def test_reading_the_breaker_and_the_admission_changes_nothing():
     a.admit(10)  # at its budget (nobody looks), then down to 6: still above half, still holding
     a.release(4)
     assert a.holds_source and a.holds_source
+
+
+def test_the_settlement_refuses_a_second_outcome_for_the_same_event_and_vendor_and_logs_it(caplog):
+    import logging
+
+    h = Harness(lambda call, offsets: answer([]))
+    ev = h.events(1)[0]
+    s = h.settlement
+    with caplog.at_level(logging.ERROR, logger="processor.offsets"):
+        assert s.park(ev, "fake", "retry_budget", "HTTP 503", 1, None, 0)
+        assert not s.dead_letter(ev, "fake", "internal", None, "bug", 0, None)
+        assert s.settle_many([ev], "fake") == 0
+    assert [p[0] for p in h.parked] == [0] and not h.dead and not h.settled
+    assert s.outcomes.refused == 2 and sum("BUG: a second outcome" in r.getMessage() for r in caplog.records) == 2
+    assert s.settle_many([ev], "other") == 1  # another vendor's outcome for it is its own
