@@ -347,9 +347,10 @@ class RelaySettlement:
         return self.outcomes.has_outcome(item, vendor)
 
     def dead_letter(self, event: Any, vendor: str | None, error_class: str, status: int | None, reason: str,
-                    attempts: int = 0, first_ms: int | None = None) -> bool:
+                    attempts: int = 0, first_ms: int | None = None, redriven_as: str = "dead_lettered") -> bool:
         """The write is made before the outcome is recorded: a write that raises leaves the event without
-        one (the caller's last resort can still give it one)."""
+        one (the caller's last resort can still give it one). ``redriven_as``: the redrive's own label for
+        a parked record's event (``expired``: it waited past ``retry.max_elapsed_s`` before it was redriven)."""
         o = self.outcomes
         if not o.vacant(event, vendor):
             return False
@@ -360,8 +361,7 @@ class RelaySettlement:
         self.writer.write(event.source, vendor, error_class, status, reason, attempts, first_ms,
                           lambda: settle(slot))
         o.mark(event, vendor)
-        # in park mode a redriven event is exhausted only by waiting past retry.max_elapsed_s: expired
-        o.count(vendor, (event,), "dead_lettered", "expired" if error_class == "exhausted" else None)
+        o.count(vendor, (event,), "dead_lettered", redriven_as)
         key = (vendor or "none", error_class)
         self._dead[key] += 1
         self._reasons.setdefault(key, reason)

@@ -42,7 +42,7 @@ from processor.config import Config
 from processor.delivery import VendorPipeline
 from processor.events import Event
 from processor.metrics import Metrics
-from processor.offsets import OffsetTracker, Settlement
+from processor.offsets import OffsetTracker, RelaySettlement
 from processor.redrive import Decision, Redrive, RelayRecord
 from processor.retry import expired
 from processor.source import KafkaSource, Partitions, is_error
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 class ParkedRedrive:
     def __init__(self, config: Config, decoder: Decoder, pipelines: dict[str, VendorPipeline],
-                 settlement: Settlement, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+                 settlement: RelaySettlement, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.topics = config.retry_topics()  # vendor -> its retry topic
         self.vendor_of = {t: v for v, t in self.topics.items()}
@@ -214,7 +214,7 @@ class ParkedRedrive:
         s = self.settlement  # counts these outcomes, as redriven too (the records of a retry topic)
         for event, r in late:
             s.dead_letter(event, pipe.name, "exhausted", r.http_status,
-                          f"{r.reason}; waited past retry.max_elapsed_s", 0, r.first_failure_ms)
+                          f"{r.reason}; waited past retry.max_elapsed_s", 0, r.first_failure_ms, redriven_as="expired")
         for r, reason in failed:
             s.dead_letter(r, pipe.name, "undecodable", None, reason, 0, r.first_failure_ms)
         if events:

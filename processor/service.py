@@ -77,8 +77,7 @@ class RequestService:
         self.metrics = metrics
         self.sleep = sleep  # replaceable in tests, with the clock
         self._duration = metrics.request_duration.labels(self.name)
-        self._requests = {c: metrics.vendor_requests.labels(self.name, c)
-                          for c in ("error", "1xx", "2xx", "3xx", "4xx", "5xx")}
+        self._requests: dict[str, Any] = {}  # status class -> its counter, made on first use (as before the split)
 
     async def send(self, req: VendorRequest) -> Answer:
         """The request's answer; never raises but ``CancelledError``."""
@@ -123,7 +122,7 @@ class RequestService:
         a.limit.release(ok=healthy and not throttled, backpressure=throttled, latency_s=latency)
         if throttled:
             a.gate.hold(after if after is not None else 1.0)
-        self._requests.get(status_class(status), self._requests["error"]).inc()
+        self._count(status_class(status))
         resp = Response(status, r.headers, r.content)
         try:
             outcomes = self.adapter.interpret(req, resp)
@@ -139,9 +138,15 @@ class RequestService:
                         if o.verdict is Verdict.RETRYABLE else o for o in outcomes]
         return Answer(status, outcomes, counted=not throttled)
 
+    def _count(self, status_class: str) -> None:
+        child = self._requests.get(status_class)
+        if child is None:
+            child = self._requests[status_class] = self.metrics.vendor_requests.labels(self.name, status_class)
+        child.inc()
+
     def _no_answer(self, t0: float, backpressure: bool) -> None:
         self._duration.observe(time.perf_counter() - t0)
-        self._requests["error"].inc()
+        self._count("error")
         a = self.admission
         a.breaker.record(False)
         a.limit.release(ok=False, backpressure=backpressure)

@@ -71,9 +71,6 @@ class Recording(RelaySettlement):
         self.h.settled_batches.append(offsets)
         return n
 
-    def dead_letter(self, ev, vendor, error_class, status, reason, attempts=0, first_ms=None):
-        return super().dead_letter(ev, vendor, error_class, status, reason, attempts, first_ms)
-
     def park(self, ev, vendor, why, reason, attempts, first_ms, next_attempt_ms):
         self.h.why = why
         return super().park(ev, vendor, why, reason, attempts, first_ms, next_attempt_ms)

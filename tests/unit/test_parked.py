@@ -18,11 +18,12 @@ from tests.unit.test_delivery import Harness, answer
 RETRY = "shop.events.retry.fake"
 
 
-def parked(offset: int, next_attempt_ms: int | None = None) -> RelayRecord:
+def parked(offset: int, next_attempt_ms: int | None = None, age_ms: int = 0) -> RelayRecord:
+    """A parked record; its first failure ``age_ms`` ago (0: just now, within the vendor's retry.max_elapsed_s)."""
     value = encode(EventKind.PRODUCT_VIEW, make_view(offset, offset))
     original = Source("shop.events", 0, offset, 1_000, b"k", value, [])
-    now_ms = int(time.time() * 1000)  # failed just now: within the vendor's retry.max_elapsed_s
-    headers = dlq_headers(original, "fake", "parked", 503, "HTTP 503", 1, now_ms, now_ms, 0)
+    now_ms = int(time.time() * 1000)
+    headers = dlq_headers(original, "fake", "parked", 503, "HTTP 503", 1, now_ms - age_ms, now_ms, 0)
     if next_attempt_ms is not None:
         headers.append(("relay.next_attempt_ms", str(next_attempt_ms).encode()))
     return RelayRecord.from_source(Source(RETRY, 0, offset, 1_000, b"k", value, headers))
@@ -31,7 +32,7 @@ def parked(offset: int, next_attempt_ms: int | None = None) -> RelayRecord:
 def redrive_of(h: Harness, records: list[RelayRecord]) -> ParkedRedrive:
     """The redrive's release path alone (no Kafka consumer): one held partition of ``h``'s vendor."""
     r = ParkedRedrive.__new__(ParkedRedrive)
-    r.pipelines, r.vendor_of, r.settlement, r.metrics = {"fake": h.pipe}, {RETRY: "fake"}, h, h.metrics
+    r.pipelines, r.vendor_of, r.settlement, r.metrics = {"fake": h.pipe}, {RETRY: "fake"}, h.settlement, h.metrics
     r.tracker = h.tracker
     h.tracker.assign(RETRY, 0)
     r.deciders = {"fake": Redrive(h.adapter, Decoder(), h.tracker, max_replays=None)}
@@ -201,3 +202,26 @@ def test_the_redrives_unsettled_records_count_in_the_relays_bound_and_its_stall_
     limit = rel.config.relay.max_inflight_events
     redrive.tracker.register_many([parked(i) for i in range(5, 5 + limit)], [1] * limit)
     assert rel._want_pause()
+
+
+async def test_redriven_outcomes_are_counted_once_each_and_only_what_waited_in_the_topic_is_expired():
+    """The redriven counts are what the outcome counts are, for the retry topics' events (a test subtracts
+    one from the other): a record past retry.max_elapsed_s before it is redriven is ``expired``; a redriven
+    event that fails again and would wait past it is ``dead_lettered``, as any dead letter."""
+    h = Harness(lambda call, offsets: answer([], status=503), parking=True, budget=100,
+                retry={"max_attempts": 1, "base_delay_ms": 1, "max_delay_ms": 1, "max_elapsed_s": 60},
+                breaker={"consecutive_failures": 1, "cooldown_s": 5})
+    h.tracker.retry_topics = True  # the redrive's tracker
+    # 0: past max_elapsed_s while parked; 1: not yet, but it fails again and the breaker's 5 s would pass it
+    r = redrive_of(h, [parked(0, age_ms=120_000), parked(1, age_ms=58_000), parked(2)])
+    r._release()
+    assert await h.pipe.drain(5)
+
+    def redriven(outcome: str) -> float:
+        return h.metrics.registry.get_sample_value("processor_redriven_events_total",
+                                                   {"vendor": "fake", "outcome": outcome}) or 0
+
+    assert sorted((d[0], d[1]) for d in h.dead) == [(0, "exhausted"), (1, "exhausted")]
+    assert redriven("expired") == 1 and redriven("dead_lettered") == 1 and h.count("dead_lettered") == 2
+    assert [p[0] for p in h.parked] == [2] and redriven("parked") == 1  # failed again: parked again
+    await h.pipe.close()
