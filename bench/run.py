@@ -178,7 +178,8 @@ def _client_ceiling(runs: dict[str, Scenario], doc: dict[str, Any], values: list
                     opts: Options, console: Console) -> dict[str, Any]:
     """The relay's sender against aiohttp's own client on the smallest requests of the run (Convead's form
     POSTs where it ran), and each scenario's relay CPU a request (all in) against the bare client's."""
-    vendor = "convead" if any("convead" in sc.vendors for sc in runs.values()) else next(iter(runs.values())).vendors[0]
+    first = next(iter(runs.values()))
+    vendor = "convead" if any("convead" in sc.vendors for sc in runs.values()) else next(iter(first.vendors))
     sc = next(sc for sc in runs.values() if vendor in sc.vendors)
     planned, _ = planned_requests({vendor: sc.vendors[vendor]}, sc.env, values, opts.sample)
     adapter, requests = planned[vendor]
