@@ -76,17 +76,23 @@ def redact(reason: str) -> str:
     return reason[:REASON_MAX]
 
 
+def relay_int(value: bytes | str | None) -> int | None:
+    """A ``relay.*`` number as the relay writes it (ASCII digits, nothing else), or None: anything else
+    (a sign, spaces, ``³¹`` or ``١٢`` which ``str.isdigit()`` or ``int()`` would take, bytes that are not
+    ASCII) is foreign data. The one parser of every path that reads these headers."""
+    if not value or not (value.isascii() and value.isdigit()):
+        return None
+    return int(value)
+
+
 def prior_replay_count(headers: list[tuple[str, bytes]] | None) -> int | None:
-    """The ``relay.replay_count`` an input message carries (the last one, if several), or None when it
-    has none or none that parses as a non-negative integer."""
+    """The ``relay.replay_count`` an input message carries (the last one that parses, if several), or None
+    when it has none that parses (``relay_int``)."""
     count = None
     for name, value in headers or ():
-        if name == "relay.replay_count" and value is not None:
-            try:
-                n = int(value)
-            except ValueError:
-                continue
-            if n >= 0:
+        if name == "relay.replay_count":
+            n = relay_int(value)
+            if n is not None:
                 count = n
     return count
 
@@ -100,7 +106,7 @@ def _parses(name: str, value: bytes | None) -> bool:
         text = value.decode()
     except UnicodeDecodeError:
         return False
-    return not text or name not in _NUMERIC or text.lstrip("-").isdigit()
+    return not text or name not in _NUMERIC or relay_int(text) is not None
 
 
 def _ours(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
@@ -125,9 +131,10 @@ def dlq_headers(source: Source, vendor: str | None, error_class: str, status: in
     prior = _ours(source.headers)
     if "relay.original_topic" in prior and prior.get("relay.original_offset"):
         origin = [(k, prior.get(k, "").encode()) for k in _ORIGIN]
-        if prior.get("relay.first_failure_ms"):
-            first_ms = min(first_ms, int(prior["relay.first_failure_ms"]))
-        attempts += int(prior.get("relay.attempts") or 0)
+        prior_first = relay_int(prior.get("relay.first_failure_ms"))
+        if prior_first is not None:
+            first_ms = min(first_ms, prior_first)
+        attempts += relay_int(prior.get("relay.attempts")) or 0
     else:
         origin = [("relay.original_topic", source.topic.encode()),
                   ("relay.original_partition", str(source.partition).encode()),
@@ -154,8 +161,7 @@ def dlq_headers(source: Source, vendor: str | None, error_class: str, status: in
 
 def first_failure_ms(source: Source) -> int | None:
     """When a relay record (parked or dead-lettered) first failed; None for an original message."""
-    value = _ours(source.headers).get("relay.first_failure_ms")
-    return int(value) if value else None
+    return relay_int(_ours(source.headers).get("relay.first_failure_ms"))
 
 
 _REPLACED_ON_REPLAY = frozenset({"relay.vendor", "relay.error_class", "relay.http_status", "relay.reason",

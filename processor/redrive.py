@@ -45,7 +45,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from processor.codec import Decoder
-from processor.deadletter import headers_dict, prior_replay_count, replayed_headers
+from processor.deadletter import headers_dict, prior_replay_count, relay_int, replayed_headers
 from processor.delivery import VendorPipeline
 from processor.errors import DecodeError
 from processor.events import Event, FromSource, Source
@@ -81,15 +81,6 @@ class Decision(StrEnum):
 SKIPS = (Decision.OTHER_VENDOR, Decision.FILTERED, Decision.NOT_TAKEN)
 
 
-def _int(value: str | None) -> int | None:
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
-
-
 @dataclass(slots=True)
 class RelayRecord(FromSource):
     """One record of the relay's format, read back from a topic: ``source`` is the record itself (its
@@ -117,11 +108,11 @@ class RelayRecord(FromSource):
         h = headers_dict(source.headers)
         return cls(
             source, h.get("relay.vendor") or NO_VENDOR, h.get("relay.error_class", ""),
-            _int(h.get("relay.http_status")), h.get("relay.reason", ""), _int(h.get("relay.attempts")) or 0,
-            _int(h.get("relay.first_failure_ms")), _int(h.get("relay.last_failure_ms")),
-            h.get("relay.original_topic", ""), _int(h.get("relay.original_partition")),
-            _int(h.get("relay.original_offset")), _int(h.get("relay.original_timestamp_ms")),
-            prior_replay_count(source.headers) or 0, _int(h.get("relay.next_attempt_ms")),
+            relay_int(h.get("relay.http_status")), h.get("relay.reason", ""), relay_int(h.get("relay.attempts")) or 0,
+            relay_int(h.get("relay.first_failure_ms")), relay_int(h.get("relay.last_failure_ms")),
+            h.get("relay.original_topic", ""), relay_int(h.get("relay.original_partition")),
+            relay_int(h.get("relay.original_offset")), relay_int(h.get("relay.original_timestamp_ms")),
+            prior_replay_count(source.headers) or 0, relay_int(h.get("relay.next_attempt_ms")),
         )
 
     @classmethod

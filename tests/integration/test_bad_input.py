@@ -182,3 +182,43 @@ def test_poison_messages_are_dead_lettered_precisely_or_delivered(broker, one_pa
     print(f"bad input: {len(batch)} messages, {delivered} delivered ({sum(want_rows.values())} rows), "
           f"{len(dead)} dead-lettered, lost {len(batch) - delivered - len(dead)}, "
           f"duplicates {sum(got.values()) - sum(want_rows.values())}")
+
+
+# relay.* numbers in digits str.isdigit() or int() take but the relay never writes (superscripts,
+# Arabic-Indic), on a message that claims to be a relay record of ours (original topic and offset)
+NON_ASCII_DIGITS = [("relay.original_topic", b"elsewhere"), ("relay.original_offset", "³¹".encode()),
+                    ("relay.first_failure_ms", "³¹".encode()), ("relay.attempts", "١٢".encode()),
+                    ("relay.replay_count", "³".encode()), ("relay.next_attempt_ms", "\uff11".encode())]
+
+
+def test_non_ascii_digits_in_relay_headers_are_data_on_the_dead_letter_and_park_paths(broker, one_partition,
+                                                                                      sandbox, relays):
+    topics = one_partition
+    sandbox.faults("quicklizard", error_rate=1.0, error_status=503)  # valid events are parked, then redriven
+    batch = [
+        *[delivered(f"valid {p}", view(p), headers=NON_ASCII_DIGITS) for p in range(1, 6)],
+        Case("undecodable", b"\x07junk", headers=NON_ASCII_DIGITS, error_class="undecodable"),
+        Case("unknown schema id", confluent_frame(99, view_body(6)), headers=NON_ASCII_DIGITS,
+             error_class="undecodable"),
+        *[delivered(f"plain {p}", view(p)) for p in range(7, 10)],
+    ]
+    produce_in_order(broker.bootstrap, topics.events, batch)
+    vendor = quicklizard_vendor(sandbox, retry={"max_attempts": 2, "base_delay_ms": 50, "max_delay_ms": 100,
+                                                "park_after_s": 0.5, "max_elapsed_s": 600})
+    relay = relays(relay_config(broker, topics, sandbox, {"quicklizard": vendor}))
+    wait_for(lambda: relay.alive_or_fail() and relay.metric("processor_parked_total", vendor="quicklizard") >= 8,
+             60, "the valid events parked")
+    dlq = read_all(broker.bootstrap, topics.dlq, expect=2, timeout_s=30)
+    assert sorted(int(headers_dict(m.headers())["relay.original_offset"]) for m in dlq) == [5, 6]
+    for m in dlq:
+        h = headers_dict(m.headers())
+        assert (h["relay.original_topic"], h["relay.replay_count"], h["relay.attempts"]) == (topics.events, "0", "0")
+        assert ("relay.first_failure_ms", "³¹".encode()) in m.headers()  # the foreign value kept, as data
+
+    sandbox.faults("quicklizard")  # recovered: the parked events are redriven
+    want = collections.Counter(f"P-{p:05d}" for p in [*range(1, 6), *range(7, 10)])
+    wait_for(lambda: relay.alive_or_fail() and collections.Counter(
+        i["product_id"] for i in sandbox.received("quicklizard")) >= want, 60, "every valid event delivered")
+    wait_for(lambda: committed(broker.bootstrap, topics.group, topics.events) == {0: len(batch)}, 30,
+             "the partition committed to its end")
+    assert relay.stop() == 0

@@ -1,6 +1,14 @@
 import pytest
 
-from processor.deadletter import dlq_headers, headers_dict, prior_replay_count, redact
+from processor.deadletter import (
+    dlq_headers,
+    first_failure_ms,
+    headers_dict,
+    prior_replay_count,
+    redact,
+    relay_int,
+    replayed_headers,
+)
 from processor.events import Source
 
 
@@ -137,3 +145,33 @@ async def test_a_full_producer_queue_never_blocks_the_event_loop():
     for _ in range(10):
         await asyncio.sleep(0.005)
     assert all(t == 0 for t in w.producer.polls)
+
+# -- relay.* numbers: exactly the ASCII digits the relay writes --------------------------------------------
+@pytest.mark.parametrize("value, expected", [
+    (b"0", 0), (b"12", 12), ("1700000000000", 1_700_000_000_000), (b"007", 7),
+    (b"\xc2\xb3\xc2\xb9", None), ("³¹", None),  # superscripts: str.isdigit() says yes, int() says no
+    ("١٢", None), ("\uff11\uff12", None),  # int() takes these; the relay never writes them
+    (b"-1", None), (b"+1", None), (b"", None), (b" 12", None), (b"12 ", None), (b"1_000", None), (b"1.5", None),
+    (b"\xff", None), (None, None),
+])
+def test_relay_int_accepts_exactly_ascii_digits(value, expected):
+    assert relay_int(value) == expected
+
+
+FOREIGN_DIGITS = [b"\xc2\xb3\xc2\xb9", "١٢".encode(), b"-5", b" 12"]
+
+
+@pytest.mark.parametrize("value", FOREIGN_DIGITS)
+def test_foreign_digits_in_relay_headers_are_data_on_every_reader(value):
+    src = Source("shop.events", 0, 7, 100, None, b"\x00junk", [
+        (name, value) for name in ("relay.first_failure_ms", "relay.attempts", "relay.replay_count",
+                                   "relay.original_topic", "relay.original_offset")])
+    h = dlq_headers(src, None, "undecodable", None, "bad_framing", 0, 1, 2)  # raised ValueError for ³¹
+    d = headers_dict(h)
+    assert (d["relay.first_failure_ms"], d["relay.attempts"], d["relay.replay_count"]) == ("1", "0", "0")
+    assert d["relay.original_topic"] == "shop.events" and d["relay.original_offset"] == "7"  # not a history of ours
+    assert ("relay.first_failure_ms", value) in h  # the foreign value kept beside the fresh one
+    assert first_failure_ms(src) is None
+    assert prior_replay_count(src.headers) is None
+    replayed = replayed_headers(src.headers, "qubit", "exhausted", 503, "r", 1, 50, 1)
+    assert headers_dict(replayed)["relay.first_failure_ms"] == "50"

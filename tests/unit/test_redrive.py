@@ -193,3 +193,13 @@ def test_replayed_headers_replace_the_outcome_and_keep_the_rest():
                               extra=[("relay.next_attempt_ms", b"9000")])
     assert headers_dict(parked)["relay.first_failure_ms"] == "5000"
     assert headers_dict(parked)["relay.next_attempt_ms"] == "9000" and headers_dict(parked)["relay.http_status"] == ""
+
+
+def test_a_record_with_foreign_digits_in_its_numbers_reads_them_as_missing():
+    headers = [("relay.vendor", b"fake"), ("relay.attempts", "٣".encode()), ("relay.first_failure_ms", "³¹".encode()),
+               ("relay.original_offset", b" 12"), ("relay.replay_count", "\uff11".encode()),
+               ("relay.next_attempt_ms", b"-1"), ("relay.http_status", "\uff15\uff10\uff13".encode())]
+    r = RelayRecord.from_source(Source(DLQ, 0, 3, 77, None, b"x", headers))
+    assert (r.attempts, r.first_failure_ms, r.original_offset, r.replay_count, r.next_attempt_ms, r.http_status) == (
+        0, None, None, 0, None, None)
+    assert r.failed_ms == 77 and r.due(0)
