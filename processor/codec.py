@@ -252,16 +252,30 @@ def _load_local(ref: str | Path, schemas_dir: Path) -> Any:
 def fetch_registry_schema(registry: Any, sid: int) -> tuple[Any, dict[str, Any]]:
     """Writer schema ``sid`` from a confluent-kafka SchemaRegistryClient, with its references.
 
-    DecodeError("unknown_schema") when the registry answers that the id (or a reference) does not exist
-    or is not Avro; RegistryUnavailable when it gives no such answer."""
+    DecodeError("unknown_schema") when the registry answers that the id (or a reference) does not exist,
+    or the schema is not Avro (checked before its references are looked at: a JSON Schema's or a
+    Protobuf's references are not Avro either). RegistryUnavailable only when the registry gives no
+    answer (transport error, timeout, an HTTP error that is not the registry's "not found"). A schema or
+    reference that does not parse is not the registry's fault: the caller treats the id as unusable."""
+    schema = _ask_registry(registry.get_schema, sid, sid)
+    if schema.schema_type not in (None, "AVRO"):
+        raise DecodeError("unknown_schema", f"schema id {sid} is {schema.schema_type}, not AVRO")
+    named: dict[str, Any] = {}
+    for ref in schema.references or []:
+        dep = _ask_registry(registry.get_version, sid, ref.subject, ref.version).schema
+        if dep.schema_type not in (None, "AVRO"):
+            raise DecodeError("unknown_schema", f"schema id {sid} references {ref.subject} version {ref.version}, "
+                              f"which is {dep.schema_type}, not AVRO")
+        parse_schema(json.loads(dep.schema_str), named_schemas=named, _write_hint=False)
+    return json.loads(schema.schema_str), named
+
+
+def _ask_registry(call: Any, sid: int, *args: Any) -> Any:
+    """One registry call for schema id ``sid``, its errors translated (see ``fetch_registry_schema``)."""
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
     try:
-        schema = registry.get_schema(sid)
-        named: dict[str, Any] = {}
-        for ref in schema.references or []:
-            dep = registry.get_version(ref.subject, ref.version).schema
-            parse_schema(json.loads(dep.schema_str), named_schemas=named, _write_hint=False)
+        return call(*args)
     except SchemaRegistryError as exc:
         # the registry's own 404s carry a 404xx error code (40403 schema, 40401 subject, 40402 version);
         # a 404 without one is a wrong URL or a proxy, not an answer about the id
@@ -271,9 +285,6 @@ def fetch_registry_schema(registry: Any, sid: int) -> tuple[Any, dict[str, Any]]
         raise RegistryUnavailable(f"registry answered HTTP {exc.http_status_code} for schema id {sid}") from exc
     except Exception as exc:  # connection errors and timeouts from the registry client's HTTP stack
         raise RegistryUnavailable(f"{type(exc).__name__} fetching schema id {sid}") from exc
-    if schema.schema_type not in (None, "AVRO"):
-        raise DecodeError("unknown_schema", f"schema id {sid} is {schema.schema_type}, not AVRO")
-    return json.loads(schema.schema_str), named
 
 
 def confluent_frame(schema_id: int, body: bytes) -> bytes:

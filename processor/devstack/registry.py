@@ -1,9 +1,12 @@
 """A schema-registry stub on loopback for the tests, the demo and the benchmark.
 
-It speaks the one call the relay's decoder makes through confluent-kafka's
-SchemaRegistryClient, ``GET /schemas/ids/{id}``, in the Confluent format:
-``200 {"schema": "<the schema as a JSON string>"}`` for a known id, ``404
-{"error_code": 40403, "message": ...}`` for an unknown one. ``stop()`` and
+It speaks the calls the relay's decoder makes through confluent-kafka's
+SchemaRegistryClient, in the Confluent format: ``GET /schemas/ids/{id}`` answers
+``200 {"schema": "<the schema as a JSON string>"}`` for a known id (with its
+``schemaType`` and ``references`` when it has them: ``Registered``), ``404
+{"error_code": 40403, "message": ...}`` for an unknown one; ``GET
+/subjects/{subject}/versions/{version}`` answers a reference's schema from
+``subjects`` (``404`` with ``40401`` when it has none). ``stop()`` and
 ``start()`` again take it away and bring it back on the same port (a registry
 outage); ``fail_with = 503`` makes it answer that status instead (a registry
 that is up but broken). Thread-based (stdlib ``http.server``): usable from
@@ -16,13 +19,34 @@ import json
 import re
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 from processor.codec import EMBEDDED_IDS, load_canonical_schemas
 
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 _SCHEMA_PATH = re.compile(r"/schemas/ids/(\d+)\Z")
+_VERSION_PATH = re.compile(r"/subjects/([^/]+)/versions/(\d+)\Z")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A schema as the registry stores it: its text, its type (None: Avro) and its references
+    (``{"name", "subject", "version"}`` each)."""
+
+    schema: Any
+    schema_type: str | None = None
+    references: list[dict[str, Any]] = field(default_factory=list)
+
+    def answer(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"schema": self.schema if isinstance(self.schema, str) else json.dumps(self.schema)}
+        if self.schema_type is not None:
+            doc["schemaType"] = self.schema_type
+        if self.references:
+            doc["references"] = self.references
+        return doc
 
 
 def embedded_schemas() -> dict[int, Any]:
@@ -48,14 +72,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(stub.fail_with, {"error_code": stub.fail_with * 100, "message": "registry failing"})
             return
         m = _SCHEMA_PATH.match(path)
-        if m is None:
-            self._answer(404, {"error_code": 404, "message": f"HTTP 404 Not Found: {path}"})
+        if m is not None:
+            schema = stub.schemas.get(int(m.group(1)))
+            if schema is None:
+                self._answer(404, {"error_code": 40403, "message": f"Schema {m.group(1)} not found"})
+                return
+            self._answer(200, (schema if isinstance(schema, Registered) else Registered(schema)).answer())
             return
-        schema = stub.schemas.get(int(m.group(1)))
-        if schema is None:
-            self._answer(404, {"error_code": 40403, "message": f"Schema {m.group(1)} not found"})
+        m = _VERSION_PATH.match(path)
+        if m is not None:
+            subject, version = unquote(m.group(1)), int(m.group(2))
+            found = stub.subjects.get((subject, version))
+            if found is None:
+                self._answer(404, {"error_code": 40401, "message": f"Subject '{subject}' not found."})
+                return
+            self._answer(200, {"subject": subject, "version": version, "id": 1000 + version, **found.answer()})
             return
-        self._answer(200, {"schema": schema if isinstance(schema, str) else json.dumps(schema)})
+        self._answer(404, {"error_code": 404, "message": f"HTTP 404 Not Found: {path}"})
 
     def _answer(self, status: int, doc: Mapping[str, Any]) -> None:
         body = json.dumps(doc).encode()
@@ -70,12 +103,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RegistryStub:
-    """``GET /schemas/ids/{id}`` from ``schemas`` (id -> schema dict or JSON string) on ``host:port``.
+    """``GET /schemas/ids/{id}`` from ``schemas`` (id -> schema dict, JSON string or ``Registered``) and
+    ``GET /subjects/{subject}/versions/{version}`` from ``subjects`` on ``host:port``.
 
     ``port=0`` picks a free port at the first start; later starts reuse it, so the URL stays valid."""
 
-    def __init__(self, schemas: Mapping[int, Any] | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, schemas: Mapping[int, Any] | None = None, host: str = "127.0.0.1", port: int = 0,
+                 subjects: Mapping[tuple[str, int], Registered] | None = None) -> None:
         self.schemas: dict[int, Any] = dict(embedded_schemas() if schemas is None else schemas)
+        self.subjects: dict[tuple[str, int], Registered] = dict(subjects or {})
         self.host = host
         self.port = port
         self.requests = 0

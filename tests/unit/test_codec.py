@@ -8,7 +8,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from fastavro import parse_schema, schemaless_writer
 
 from processor.codec import Decoder, confluent_frame, load_canonical_schemas, single_object_frame
-from processor.devstack.registry import RegistryStub
+from processor.devstack.registry import Registered, RegistryStub
 from processor.devstack.samples import encode, make_order, make_view
 from processor.errors import ConfigError, DecodeError, RegistryUnavailable
 from processor.events import EventKind
@@ -239,3 +239,41 @@ def test_non_utf8_strings_are_invalid_data():
     with pytest.raises(DecodeError) as info:
         Decoder().decode(bytes(value))
     assert (info.value.reason, info.value.detail) == ("invalid_data", "a string in the body is not valid UTF-8")
+
+
+JSON_SCHEMA = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+               "properties": {"a": {"$ref": "common.json"}}}
+PROTO = 'syntax = "proto3";\npackage shop;\nimport "common.proto";\nmessage View { common.Id id = 1; }\n'
+
+
+@pytest.mark.parametrize(("sid", "kind"), [(30, "JSON"), (31, "JSON"), (32, "PROTOBUF"), (33, "PROTOBUF")])
+def test_a_schema_of_another_type_is_unknown_schema_with_or_without_references(sid, kind):
+    refs = [{"name": "common.json", "subject": "common-json", "version": 1}]
+    proto_refs = [{"name": "common.proto", "subject": "common-proto", "version": 1}]
+    subjects = {("common-json", 1): Registered({"type": "object", "properties": {}}, "JSON"),
+                ("common-proto", 1): Registered('syntax = "proto3";\npackage common;\nmessage Id { string v = 1; }\n',
+                                                "PROTOBUF")}
+    schemas = {30: Registered({"type": "object"}, "JSON"), 31: Registered(JSON_SCHEMA, "JSON", refs),
+               32: Registered('syntax = "proto3";\nmessage V { string a = 1; }\n', "PROTOBUF"),
+               33: Registered(PROTO, "PROTOBUF", proto_refs)}
+    with RegistryStub(schemas, subjects=subjects) as stub, SchemaRegistryClient(
+            {"url": stub.url, "max.retries": 0, "timeout": 5}) as client:
+        d = Decoder(registry=client)
+        value = confluent_frame(sid, b"\x02")
+        d.fetch(d.unknown_ids([value]))  # raised RegistryUnavailable for a reference that is not Avro
+        assert d.unknown_ids([value]) == set()
+        with pytest.raises(DecodeError) as info:
+            d.decode(value)
+        assert info.value.reason == "unknown_schema" and f"is {kind}, not AVRO" in info.value.detail
+
+
+def test_an_avro_schema_with_references_resolves_them():
+    customer = load_canonical_schemas()["shop.events.OrderCompleted"]
+    named_ref = {"type": "record", "name": "Ref", "namespace": "x", "fields": [{"name": "a", "type": "int"}]}
+    outer = {"type": "record", "name": "Outer", "namespace": "x", "fields": [{"name": "r", "type": "x.Ref"}]}
+    schemas = {40: Registered(outer, None, [{"name": "x.Ref", "subject": "ref", "version": 1}]), 2: customer}
+    with RegistryStub(schemas, subjects={("ref", 1): Registered(named_ref)}) as stub, SchemaRegistryClient(
+            {"url": stub.url, "max.retries": 0, "timeout": 5}) as client:
+        d = Decoder(registry=client)
+        d.fetch({40})
+        assert d.decode(confluent_frame(40, b"\x04")) == (None, {"r": {"a": 2}})  # valid Avro, not routed
