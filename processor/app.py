@@ -13,11 +13,10 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from processor.codec import Decoder
+from processor.codec import Decoder, SchemaResolver
 from processor.config import SHARED_CLIENT_PREFIXES, Config
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline
-from processor.errors import RegistryUnavailable
 from processor.health import HealthServer
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, RelaySettlement
@@ -58,9 +57,7 @@ class Relay:
         self.exit_code = 0
         self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
         self._held: list[Any] = []  # a poll's messages waiting for the schema registry
-        self.registry_down: str | None = None
-        self._registry_retry_at = 0.0
-        self._registry_delay = 1.0
+        self.resolver: SchemaResolver | None = None
 
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
@@ -85,12 +82,15 @@ class Relay:
 
     async def _on_revoke(self, parts: Partitions, lost: bool) -> dict[tuple[str, int], int]:
         """Drain (bounded), then hand back what is settled to commit. Work still holding the revoked
-        partitions' events is dropped by the pipelines, never dead-lettered: the new owner redelivers it."""
+        partitions' events is dropped by the pipelines, never dead-lettered, and so are their messages held
+        for the schema registry: the new owner redelivers them."""
         self.metrics.rebalances.labels("lost" if lost else "revoke").inc()
         if not lost and not self._drained:
             await self._drain(self.config.relay.shutdown_grace_s)
         mine = set(parts)
         positions = {k: v for k, v in self.tracker.commit_positions(only_changed=False).items() if k in mine}
+        if self._held:  # waiting for the registry, never registered: the new owner redelivers them
+            self._held = [m for m in self._held if (m.topic(), m.partition()) not in mine]
         for t, p in parts:
             self.tracker.revoke(t, p)
             for gauge in (self.metrics.consumer_lag, self.metrics.oldest_unsettled):
@@ -116,8 +116,8 @@ class Relay:
             return "stopping"
         if self.dlq.failing:
             return self.dlq.failing_why or "dead-letter or retry-topic writes are not acknowledged"
-        if self.registry_down is not None:
-            return f"schema registry unreachable: {self.registry_down}"
+        if self.resolver is not None and self.resolver.down is not None:
+            return f"schema registry unreachable: {self.resolver.down}"
         return self.stalled()
 
     def stalled(self) -> str | None:
@@ -159,11 +159,14 @@ class Relay:
             return 0
         decoder = build_decoder(self.config)
         self.metrics.schema_registry_up.set(1)  # until a fetch fails (always, with the embedded id map)
+        self.resolver = SchemaResolver(decoder, "the relay",
+                                       lambda up: self.metrics.schema_registry_up.set(1 if up else 0))
         self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke)
         await self.source.start()
         tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]
         if self.config.retry_topics():
-            self.parked = ParkedRedrive(self.config, decoder, self.pipelines, self.settlement, self.metrics, loop)
+            self.parked = ParkedRedrive(self.config, self.resolver, self.pipelines, self.settlement, self.metrics,
+                                        loop)
             redrive = asyncio.create_task(self.parked.run(self.stopping), name="redrive")
             redrive.add_done_callback(self._redrive_ended)
             tasks.append(redrive)
@@ -240,7 +243,8 @@ class Relay:
 
     async def _consume_loop(self) -> None:
         cfg = self.config
-        assert self.source is not None
+        assert self.source is not None and self.resolver is not None
+        resolver = self.resolver
         while not self.stopping.is_set():
             pause = self._want_pause()
             commit = None
@@ -255,39 +259,9 @@ class Relay:
             self.metrics.inflight_messages.set(self.tracker.inflight)
             if poll.raw:
                 self._held += poll.raw
-            if self._held and await self._schemas_known(self._held):
+            if self._held and await resolver.ready(m.value() for m in self._held):
                 batch, self._held = self._held, []
                 self.router.route(self.source.decode_all(batch))
-
-    async def _schemas_known(self, msgs: list[Any]) -> bool:
-        """Whether the registry has answered for every schema id these messages name (fetched off the
-        event loop). While it cannot be reached, the messages are held (not registered, so not committed),
-        fetching is paused, readiness fails; the fetch is retried with backoff. Nothing is dead-lettered
-        for an unreachable registry: only for an id it answers does not exist."""
-        decoder = self.source.decoder  # type: ignore[union-attr]
-        missing = decoder.unknown_ids(m.value() for m in msgs)
-        if not missing:
-            return True
-        now = time.monotonic()
-        if now < self._registry_retry_at:
-            return False
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, decoder.fetch, missing)
-        except RegistryUnavailable as exc:
-            if self.registry_down is None:
-                logger.error("schema registry unreachable (%s): consumption paused, nothing dead-lettered; "
-                             "retrying", exc)
-            self.registry_down = str(exc)
-            self.metrics.schema_registry_up.set(0)
-            self._registry_retry_at = now + self._registry_delay
-            self._registry_delay = min(self._registry_delay * 2, 30.0)
-            return False
-        if self.registry_down is not None:
-            logger.info("schema registry reachable again: consumption resumes")
-        self.registry_down = None
-        self._registry_delay = 1.0
-        self.metrics.schema_registry_up.set(1)
-        return True
 
     def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
                       failed: bool) -> None:

@@ -222,7 +222,6 @@ def dlq_inspect(config_path: str, vendors: tuple[str, ...], error_classes: tuple
                 offsets: str | None, as_json: bool, timeout_s: float, show: int) -> None:
     """Summarise the dead-letter topic (start to end as of now; commits nothing): counts by vendor, error
     class and status, failure times, top reasons, and per vendor what is pending versus replayed."""
-    from processor.app import build_decoder
     from processor.config import secret_values
     from processor.dlq import inspect, replay_group
     from processor.dlq.view import inspection_doc, inspection_text
@@ -235,7 +234,7 @@ def dlq_inspect(config_path: str, vendors: tuple[str, ...], error_classes: tuple
         found = inspect(config, filters, show, timeout_s)
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
-    doc = inspection_doc(found, build_decoder(config), lambda v: replay_group(config, v))
+    doc = inspection_doc(found, found.decoder, lambda v: replay_group(config, v))
     click.echo(json.dumps(doc) if as_json else inspection_text(doc))
 
 

@@ -17,12 +17,15 @@ reader are identical the resolution step is skipped.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +173,10 @@ class Decoder:
                 continue
             self._store(sid, w)
 
+    def known(self, sid: int) -> bool:
+        """Whether the registry has answered for ``sid`` (found or missing)."""
+        return sid in self._by_id or sid in self._missing
+
     def _unresolved(self, sid: int) -> _Writer:
         detail = self._missing.get(sid)
         if detail is not None:
@@ -237,6 +244,79 @@ class Decoder:
                 return DecodeError("invalid_data", f"does not decode as {framed} but as {other}: "
                                    "framed with the wrong schema id")
         return DecodeError(reason, f"{detail} ({framed})")
+
+
+class SchemaResolver:
+    """The one way every decode path gets its registry schema ids: the live consumer, the parked
+    redrive, ``dlq replay`` and ``dlq inspect``. The ids a batch of values names are fetched off the
+    event loop (a thread); while the registry cannot be reached nothing is decoded, the caller holds
+    the values (nothing dead-lettered for it), the attempt is retried with backoff (1 s doubling to 30 s)
+    and every failed attempt is logged as waiting. Only the registry's answer that an id does not exist
+    (or is not usable Avro) makes a record undecodable: ``Decoder.decode`` then raises DecodeError.
+
+    ``down`` is why the registry cannot be reached (None: it can, or none is configured); ``on_change``
+    is told True/False when that changes (the relay's ``processor_schema_registry_up``)."""
+
+    MAX_DELAY_S = 30.0
+
+    def __init__(self, decoder: Decoder, what: str, on_change: Callable[[bool], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.decoder = decoder
+        self.what = what  # who waits, for the log: "consumption", "parked redrive", "replay", "inspect"
+        self.on_change = on_change
+        self.clock = clock
+        self.down: str | None = None
+        self._retry_at = 0.0
+        self._delay = 1.0
+
+    async def ready(self, values: Iterable[bytes | None]) -> bool:
+        """Whether every id these values name is resolved, after one fetch attempt if one is due (never
+        blocks the loop, never raises for the registry)."""
+        return await self.ready_ids(self.decoder.unknown_ids(values))
+
+    async def ready_ids(self, ids: set[int]) -> bool:
+        ids = {sid for sid in ids if not self.decoder.known(sid)}
+        if not ids:
+            return True
+        now = self.clock()
+        if now < self._retry_at:
+            return False
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.decoder.fetch, ids)
+        except RegistryUnavailable as exc:
+            self._failed(str(exc), now)
+            return False
+        if self.down is not None:
+            logger.info("schema registry reachable again: %s goes on", self.what)
+            self.down = None
+            if self.on_change is not None:
+                self.on_change(True)
+        self._delay = 1.0
+        return True
+
+    async def wait(self, values: Iterable[bytes | None], stopping: asyncio.Event | None = None) -> bool:
+        """Until every id these values name is resolved (True) or ``stopping`` is set (False)."""
+        ids = self.decoder.unknown_ids(values)
+        while not await self.ready_ids(ids):
+            if stopping is not None and stopping.is_set():
+                return False
+            pause = max(0.0, self._retry_at - self.clock())
+            if stopping is None:
+                await asyncio.sleep(pause)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), pause)
+        return True
+
+    def _failed(self, why: str, now: float) -> None:
+        (logger.error if self.down is None else logger.warning)(
+            "%s waiting for the schema registry (%s): nothing decoded or dead-lettered meanwhile; retrying in %.0fs",
+            self.what, why, self._delay)
+        if self.down is None and self.on_change is not None:
+            self.on_change(False)
+        self.down = why
+        self._retry_at = now + self._delay
+        self._delay = min(self._delay * 2, self.MAX_DELAY_S)
 
 
 def _load_local(ref: str | Path, schemas_dir: Path) -> Any:

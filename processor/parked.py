@@ -37,13 +37,13 @@ import time
 from collections import deque
 from typing import Any
 
-from processor.codec import Decoder
+from processor.codec import SchemaResolver
 from processor.config import Config
 from processor.delivery import VendorPipeline
 from processor.events import Event
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, RelaySettlement
-from processor.redrive import Decision, Redrive, RelayRecord
+from processor.redrive import Decision, Redrive, RelayRecord, undecodable_class
 from processor.retry import expired
 from processor.source import KafkaSource, Partitions, is_error
 
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 class ParkedRedrive:
-    def __init__(self, config: Config, decoder: Decoder, pipelines: dict[str, VendorPipeline],
+    def __init__(self, config: Config, resolver: SchemaResolver, pipelines: dict[str, VendorPipeline],
                  settlement: RelaySettlement, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.topics = config.retry_topics()  # vendor -> its retry topic
@@ -60,6 +60,9 @@ class ParkedRedrive:
         self.settlement = settlement
         self.metrics = metrics
         self.tracker = OffsetTracker(retry_topics=True)  # its outcomes are counted as redriven too
+        self.resolver = resolver  # the relay's: its registry ids are resolved as the live consumer's are
+        decoder = resolver.decoder
+        self._unresolved: set[int] = set()  # registry ids the reservoir's records name, not answered yet
         # one record-to-event decider per vendor: no filters, no replay maximum (parking is not a replay)
         self.deciders = {v: Redrive(pipelines[v].adapter, decoder, self.tracker, max_replays=None)
                          for v in self.topics}
@@ -99,7 +102,8 @@ class ParkedRedrive:
         await self.source.start()
         cfg = self.config
         while not stopping.is_set():
-            self._release()
+            if await self._schemas_known():
+                self._release()
             commit = None
             now = time.monotonic()
             if now >= self._commit_due:
@@ -108,6 +112,7 @@ class ParkedRedrive:
             poll = await self.source.poll(cfg.kafka.consume_batch, 0.2, None, commit, self._holds())
             self._after_commit(poll.committed, poll.lag)
             self._take(poll.raw)
+            self._unresolved |= self.resolver.decoder.unknown_ids(m.value() for m in poll.raw if m.error() is None)
 
     def _take(self, raw: list[Any]) -> None:
         """A poll's records into the held queues; a consumer error is logged, a fatal one stops the redrive
@@ -116,6 +121,15 @@ class ParkedRedrive:
             if is_error(msg, "redrive consumer"):
                 continue
             self.reservoir.setdefault((msg.topic(), msg.partition()), deque()).append(RelayRecord.from_message(msg))
+
+    async def _schemas_known(self) -> bool:
+        """Whether the registry answered for every id the reservoir's records name (the relay's resolver:
+        fetched off the loop, retried with backoff while it cannot be reached). Until it has, nothing is
+        handed over: the partitions fill to their reservoir and pause, nothing settles, nothing is
+        dead-lettered for the registry."""
+        if self._unresolved and await self.resolver.ready_ids(self._unresolved):
+            self._unresolved.clear()
+        return not self._unresolved
 
     def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int]) -> None:
         if committed:
@@ -216,7 +230,7 @@ class ParkedRedrive:
             s.dead_letter(event, pipe.name, "exhausted", r.http_status,
                           f"{r.reason}; waited past retry.max_elapsed_s", 0, r.first_failure_ms, redriven_as="expired")
         for r, reason in failed:
-            s.dead_letter(r, pipe.name, "undecodable", None, reason, 0, r.first_failure_ms)
+            s.dead_letter(r, pipe.name, undecodable_class(reason), None, reason, 0, r.first_failure_ms)
         if events:
             pipe.submit_redriven(events)
 

@@ -7,7 +7,11 @@ This module holds what both need and no consumer loop: a record read back as an 
 filters, one decision per record, settlement in record order through an ``OffsetTracker`` (so a
 commit never passes an unsettled record), the write-back of what fails again, and the counts.
 
-A record becomes an Event again through the relay's own Decoder. The Event's topic, partition and
+A record becomes an Event again one way, for both users: the relay's ``SchemaResolver`` has the
+schema registry answer for the ids the records name (off the loop, waiting while the registry cannot
+be reached, as for the live consumer), then ``Redrive.decide`` decodes each with the relay's own
+Decoder (it needs those ids resolved); a record still undecodable (or of a schema the relay does not
+route) is written back with ``undecodable_class``'s error class. The Event's topic, partition and
 offset are the record's own (what is settled and committed on the topic being redriven); its
 timestamp, key, value and headers are the original message's, the headers with the ``relay.*``
 fields, so a record written back keeps the original position and first failure time.
@@ -79,6 +83,12 @@ class Decision(StrEnum):
 
 
 SKIPS = (Decision.OTHER_VENDOR, Decision.FILTERED, Decision.NOT_TAKEN)
+
+
+def undecodable_class(reason: str) -> str:
+    """The error class a record ``decide`` found undecodable is written back with: ``unroutable`` for a
+    valid record of a schema the relay does not route, ``undecodable`` otherwise."""
+    return "unroutable" if reason == UNROUTABLE_REASON else "undecodable"
 
 
 @dataclass(slots=True)
@@ -282,7 +292,7 @@ class Redrive:
                                              for d in t.decisions))
         for r, decision, reason in zip(t.records, t.decisions, t.reasons, strict=True):
             if decision is Decision.UNDECODABLE:
-                error_class = "unroutable" if reason == UNROUTABLE_REASON else "undecodable"
+                error_class = undecodable_class(reason)
                 logger.warning("%s (from %s) still %s for %s: %s; written back", r.source.where(),
                                r.original_where(), error_class, self.vendor, reason)
                 self._write_back(r, r.source, error_class, None, reason, 0, r.replay_count + 1)

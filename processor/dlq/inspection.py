@@ -3,9 +3,12 @@ Commits nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 
+from processor.app import build_decoder
+from processor.codec import Decoder, SchemaResolver
 from processor.config import Config
 from processor.dlq.topic import DlqTopic, replay_group
 from processor.redrive import NO_VENDOR, Filters, RelayRecord
@@ -30,6 +33,7 @@ class Inspection:
     replayed: Counter[str] = field(default_factory=Counter)
     unassigned_pending: Counter[str] = field(default_factory=Counter)  # vendor -> records of no vendor pending
     samples: list[RelayRecord] = field(default_factory=list)
+    decoder: Decoder | None = None  # the samples' schema ids resolved in it (None without samples)
 
     def add(self, r: RelayRecord, show: int) -> None:
         self.matched += 1
@@ -51,7 +55,9 @@ class Inspection:
 
 
 def inspect(config: Config, filters: Filters, show: int = 0, timeout_s: float = 15.0) -> Inspection:
-    """Read the dead-letter topic from the start to its end as of the call; commit nothing."""
+    """Read the dead-letter topic from the start to its end as of the call; commit nothing. The samples'
+    schema ids are resolved as every decode path resolves them (waiting, and saying so, while the
+    registry cannot be reached)."""
     reader = DlqTopic(config, f"{config.kafka.group_id}.inspect", timeout_s)
     try:
         found = Inspection(reader.topic, filters)
@@ -67,6 +73,9 @@ def inspect(config: Config, filters: Filters, show: int = 0, timeout_s: float = 
                     found.positions[r.vendor] = _committed(config, r.vendor, timeout_s)
                 if filters.matches(r):
                     found.add(r, show)
+        if found.samples:
+            found.decoder = build_decoder(config)
+            asyncio.run(SchemaResolver(found.decoder, "dlq inspect").wait(r.source.value for r in found.samples))
         return found
     finally:
         reader.close()

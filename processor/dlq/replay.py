@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processor.app import _is_shared_client_key, build_decoder
+from processor.codec import SchemaResolver
 from processor.config import Config
 from processor.deadletter import DeadLetterWriter
 from processor.dlq.topic import DlqTopic, check_vendor, replay_group
@@ -132,7 +133,9 @@ class _Replay:
                 producer_conf.update(cfg.deadletter.producer)
                 producer_conf["bootstrap.servers"] = cfg.kafka.bootstrap_servers
                 writer = DeadLetterWriter(reader.topic, producer_conf, metrics, cfg.deadletter.retry_delay_s)
-            redrive = Redrive(adapter, build_decoder(cfg), tracker, opt.filters, opt.max_replays, writer)
+            decoder = build_decoder(cfg)
+            self.resolver = SchemaResolver(decoder, f"replay to {opt.vendor}")
+            redrive = Redrive(adapter, decoder, tracker, opt.filters, opt.max_replays, writer)
             planner = _DryRun(adapter, opt.samples) if opt.dry_run else None
             if not opt.dry_run:
                 redrive.attach(make_sender(adapter, cfg.relay.http_transport), metrics)
@@ -168,6 +171,7 @@ class _Replay:
         stop_writer = asyncio.Event()
         writer_task = asyncio.create_task(writer.run(stop_writer)) if writer is not None else None
         flushed = False
+        undecided = 0  # read, but the run stopped while it waited for the registry
         grace_until: float | None = None
         next_commit = next_report = 0.0
         try:
@@ -178,6 +182,11 @@ class _Replay:
                     pipeline.tick(now)
                 if reading and tracker.inflight < limit:
                     records = await loop.run_in_executor(executor, reader.consume, chunk, 0.1)
+                    # read but stopped before the registry answered: not decided, not committed; the next
+                    # run reads them again
+                    if records and not await self.resolver.wait((r.source.value for r in records), self.stopping):
+                        undecided += len(records)
+                        continue
                     if records:
                         t: Triage = redrive.triage(records)
                         await cap.take(len(t.events))
@@ -222,7 +231,8 @@ class _Replay:
             self.progress(snapshot)
         return ReplayResult(opt.vendor, self.group, opt.dry_run, total, redrive.summary(), redrive.reports, {},
                             interrupted=self.stopping.is_set(),
-                            pending=tracker.inflight + (0 if reader.done else total - redrive.counts["scanned"]),
+                            pending=tracker.inflight + undecided + (
+                                0 if reader.done else total - redrive.counts["scanned"] - undecided),
                             plan=planner.result() if planner is not None else {},
                             elapsed_s=round(time.monotonic() - started, 3), commit_failed=commit_failed)
 

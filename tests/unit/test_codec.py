@@ -277,3 +277,36 @@ def test_an_avro_schema_with_references_resolves_them():
         d = Decoder(registry=client)
         d.fetch({40})
         assert d.decode(confluent_frame(40, b"\x04")) == (None, {"r": {"a": 2}})  # valid Avro, not routed
+
+
+def test_the_resolver_waits_with_backoff_and_says_so_while_the_registry_is_down(stub, client, caplog):
+    import asyncio
+    import logging
+
+    from processor.codec import SchemaResolver
+
+    caplog.set_level(logging.INFO, "processor.codec")
+    now = [0.0]
+    changes: list[bool] = []
+    r = SchemaResolver(Decoder(registry=client), "replay to qubit", changes.append, clock=lambda: now[0])
+    order = encode(EventKind.ORDER, make_order(1, 1))
+    stub.stop()
+
+    async def attempts() -> list[bool]:
+        out = [await r.ready([order])]
+        asked = stub.requests
+        out.append(await r.ready([order]))  # before the backoff is over: not asked again
+        assert stub.requests == asked
+        now[0] = 1.0
+        out.append(await r.ready([order]))  # asked again, still down: the next wait doubles
+        assert r._retry_at == 3.0
+        stub.start()
+        now[0] = 3.0
+        out.append(await r.wait([order]))
+        return out
+
+    assert asyncio.run(attempts()) == [False, False, False, True]
+    assert changes == [False, True] and r.down is None
+    waits = [m for m in caplog.messages if "replay to qubit waiting for the schema registry" in m]
+    assert len(waits) == 2 and "reachable again" in caplog.messages[-1]
+    assert r.decoder.decode(order)[0] is EventKind.ORDER

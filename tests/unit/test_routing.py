@@ -53,3 +53,33 @@ def test_an_undecodable_message_is_registered_in_its_place_for_the_dead_letter_t
     written[0][2]()  # Kafka acknowledged the dead letter
     r.tracker.settle(events[0].slot)  # and qubit delivered offset 0 (the only vendor for views)
     assert r.tracker.commit_positions() == {("t", 0): 2}
+
+
+class Msg:
+    """A raw message as confluent-kafka hands it over (what the relay holds while the registry is away)."""
+
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._where = (topic, partition, offset)
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+
+def test_messages_held_for_the_registry_are_dropped_on_revoke_like_any_revoked_work():
+    import asyncio
+
+    r = relay()
+    for p in (0, 1):
+        r.tracker.assign("t", p)
+    r._drained = True  # no drain: nothing is in flight
+    r._held = [Msg("t", 0, 5), Msg("t", 1, 7), Msg("t", 0, 6), Msg("t", 1, 8)]
+    asyncio.run(r._on_revoke([("t", 0)], lost=False))
+    assert [(m.partition(), m.offset()) for m in r._held] == [(1, 7), (1, 8)]  # the new owner redelivers t[0]
+    asyncio.run(r._on_revoke([("t", 1)], lost=True))
+    assert r._held == []
