@@ -1,5 +1,10 @@
-"""Integration fixtures: a real Kafka-protocol broker, the vendor sandbox and the real
-``processor run`` CLI as subprocesses, all on loopback."""
+"""Integration fixtures: a real Kafka-protocol broker, the vendor sandbox, a schema registry (the
+devstack stub) and the real ``processor run`` CLI as subprocesses, all on loopback.
+
+The shared relay configuration (``relay_config``) is the production shape: a schema registry (every
+relay, replay and inspect process fetches the ids it meets from the stub, including ids it meets first
+on a retry topic or the dead-letter topic) and parking on. ``relay_config(..., registry=False)``
+is the embedded id map, for the small suite that covers it."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import pytest
 import yaml
 
 from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS, LocalBroker, free_port
+from processor.devstack.registry import Registered, RegistryStub, embedded_schemas
 from processor.devstack.waiting import wait_for
 from processor.vendors import REGISTRY
 
@@ -46,6 +52,54 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     b = LocalBroker(log_path=tmp_path_factory.mktemp("broker") / "broker.log")
     with b:
         yield b
+
+
+# the ProductView schema under ids tests put first on the dead-letter topic, a retry topic or the input
+DLQ_ID, PARKED_ID, LIVE_ID = 51, 52, 53
+JSON_ID, PROTO_ID = 61, 62  # a JSON Schema and a Protobuf schema, each with a reference
+
+
+def registry_schemas() -> tuple[dict[int, Any], dict[tuple[str, int], Registered]]:
+    """What the shared registry stub serves: the embedded ids, aliases of ProductView, and schemas of
+    other types with references (by id, and the referenced subjects' versions)."""
+    schemas: dict[int, Any] = embedded_schemas()
+    schemas.update(dict.fromkeys((DLQ_ID, PARKED_ID, LIVE_ID), schemas[1]))
+    schemas[JSON_ID] = Registered({"type": "object", "properties": {"a": {"$ref": "common.json"}}}, "JSON",
+                                  [{"name": "common.json", "subject": "common-json", "version": 1}])
+    schemas[PROTO_ID] = Registered('syntax = "proto3";\nimport "common.proto";\nmessage V { common.Id id = 1; }\n',
+                                   "PROTOBUF", [{"name": "common.proto", "subject": "common-proto", "version": 1}])
+    subjects = {("common-json", 1): Registered({"type": "object", "properties": {}}, "JSON"),
+                ("common-proto", 1): Registered('syntax = "proto3";\npackage common;\nmessage Id { string v = 1; }\n',
+                                                "PROTOBUF")}
+    return schemas, subjects
+
+
+_REGISTRY: list[RegistryStub] = []  # the session's shared stub (``registry``)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def registry() -> Iterator[RegistryStub]:
+    """The shared schema registry stub every ``relay_config`` points at (never stopped mid-session: a
+    test that takes its registry away starts a stub of its own)."""
+    schemas, subjects = registry_schemas()
+    stub = RegistryStub(schemas, subjects=subjects).start()
+    _REGISTRY.append(stub)
+    yield stub
+    _REGISTRY.remove(stub)
+    stub.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker of this test's own, to freeze (SIGSTOP) and thaw (SIGCONT): the shared one keeps data in
+    memory only and must not be touched."""
+    with LocalBroker(log_path=tmp_path / "own-broker.log") as b:
+        yield b
+
+
+def freeze(b: LocalBroker, frozen: bool) -> None:
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
 
 
 class SandboxProcess:
@@ -103,8 +157,11 @@ def topics(broker: LocalBroker) -> Topics:
 
 
 def relay_config(broker: LocalBroker, topics: Topics, sandbox: SandboxProcess, vendors: dict[str, Any],
-                 **relay: Any) -> dict[str, Any]:
+                 registry: bool = True, **relay: Any) -> dict[str, Any]:
+    """The production shape: the shared schema registry and parking on (the default); ``registry=False``:
+    the embedded id map."""
     return {
+        **({"schema_registry": {"url": _REGISTRY[0].url}} if registry else {}),
         "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": topics.group, "topics": [topics.events],
                   "client": dict(LOCAL_CONSUMER_SETTINGS)},
         "deadletter": {"topic": topics.dlq},

@@ -21,12 +21,13 @@ def expected_view_ids(messages):
 
 def test_retryable_failures_are_retried_and_exhausted_ones_dead_lettered(broker, topics, sandbox, relays):
     """With ``on_outage: block`` a vendor retries in place until its attempts run out (park mode has its
-    own tests: test_isolation.py)."""
+    own tests: test_isolation.py). On the embedded id map: with test_bad_input's poison messages, the
+    small suite of the relay without a schema registry."""
     msgs = sample_messages(100)
     produce(broker.bootstrap, topics.events, msgs)
     sandbox.faults("quicklizard", burst=3, error_status=503)  # three failures, then healthy
     vendor = quicklizard_vendor(sandbox, on_outage="block", breaker={"consecutive_failures": 1000})
-    cfg = relay_config(broker, topics, sandbox, {"quicklizard": vendor})
+    cfg = relay_config(broker, topics, sandbox, {"quicklizard": vendor}, registry=False)
     relay = relays(cfg)
     want = expected_view_ids(msgs)
     wait_for(lambda: want <= set(view_ids(sandbox.received("quicklizard"))), 60, "delivered after retries")

@@ -12,15 +12,21 @@ from typing import Any
 from processor.codec import confluent_frame
 from processor.deadletter import dlq_headers, headers_dict
 from processor.devstack.kafka_io import committed, end_offsets, produce, read_all
-from processor.devstack.registry import Registered, RegistryStub, embedded_schemas
+from processor.devstack.registry import RegistryStub
 from processor.devstack.samples import encode, make_view
 from processor.events import EventKind, Source
-from tests.integration.conftest import quicklizard_vendor, relay_config, wait_for
+from tests.integration.conftest import (
+    DLQ_ID,
+    JSON_ID,
+    LIVE_ID,
+    PARKED_ID,
+    PROTO_ID,
+    quicklizard_vendor,
+    registry_schemas,
+    relay_config,
+    wait_for,
+)
 from tests.integration.test_replay import Cli, put_records, replay_config
-
-VIEW_SCHEMA = embedded_schemas()[1]
-DLQ_ID, PARKED_ID, LIVE_ID = 51, 52, 53  # the ProductView schema under ids seen first where the test puts them
-JSON_ID, PROTO_ID = 61, 62
 
 
 def view_value(i: int, schema_id: int) -> bytes:
@@ -37,17 +43,9 @@ def received(sandbox: Any) -> collections.Counter[str]:
     return collections.Counter(i["product_id"] for i in sandbox.received("quicklizard") if i["event"] == "view")
 
 
-def stub_with(*ids: int) -> RegistryStub:
-    schemas = embedded_schemas()
-    proto_refs = [{"name": "common.proto", "subject": "common-proto", "version": 1}]
-    json_refs = [{"name": "common.json", "subject": "common-json", "version": 1}]
-    schemas.update({sid: VIEW_SCHEMA for sid in ids})
-    schemas[JSON_ID] = Registered({"type": "object", "properties": {"a": {"$ref": "common.json"}}}, "JSON", json_refs)
-    schemas[PROTO_ID] = Registered('syntax = "proto3";\nimport "common.proto";\nmessage V { common.Id id = 1; }\n',
-                                   "PROTOBUF", proto_refs)
-    subjects = {("common-json", 1): Registered({"type": "object", "properties": {}}, "JSON"),
-                ("common-proto", 1): Registered('syntax = "proto3";\npackage common;\nmessage Id { string v = 1; }\n',
-                                                "PROTOBUF")}
+def own_registry() -> RegistryStub:
+    """A stub of this test's own, to take away (the shared one stays up for the other tests)."""
+    schemas, subjects = registry_schemas()
     return RegistryStub(schemas, subjects=subjects).start()
 
 
@@ -67,23 +65,19 @@ def dead_letters(first: int, n: int, schema_id: int) -> list[tuple[bytes, bytes,
 
 
 def test_inspect_show_and_replay_resolve_ids_never_fetched_before(broker, topics, sandbox, tmp_path):
-    stub = stub_with(DLQ_ID)
-    try:
-        put_records(broker.bootstrap, topics.dlq, dead_letters(0, 40, DLQ_ID))
-        cli = Cli(with_registry(replay_config(broker, topics, sandbox), stub), tmp_path)
-        doc = cli.json("inspect", "--show", "2")  # exited 1: schema id 51 has not been fetched from the registry
-        assert doc["matched"] == 40
-        assert [s["kind"] for s in doc["samples"]] == ["product_view", "product_view"]
-        assert [s["payload"]["product"]["product_id"] for s in doc["samples"]] == [pid(0), pid(1)]
-        done = cli.json("replay", "--vendor", "quicklizard")  # exited 1 the same way: 0 of 40 delivered
-        assert done["complete"] and done["delivered"] == 40 and done["still_undecodable"] == 0
-        assert set(received(sandbox)) == {pid(i) for i in range(40)}
-    finally:
-        stub.stop()
+    put_records(broker.bootstrap, topics.dlq, dead_letters(0, 40, DLQ_ID))
+    cli = Cli(replay_config(broker, topics, sandbox), tmp_path)  # the shared registry
+    doc = cli.json("inspect", "--show", "2")  # exited 1: schema id 51 has not been fetched from the registry
+    assert doc["matched"] == 40
+    assert [s["kind"] for s in doc["samples"]] == ["product_view", "product_view"]
+    assert [s["payload"]["product"]["product_id"] for s in doc["samples"]] == [pid(0), pid(1)]
+    done = cli.json("replay", "--vendor", "quicklizard")  # exited 1 the same way: 0 of 40 delivered
+    assert done["complete"] and done["delivered"] == 40 and done["still_undecodable"] == 0
+    assert set(received(sandbox)) == {pid(i) for i in range(40)}
 
 
 def test_replay_waits_while_the_registry_is_down_and_says_so_then_completes(broker, topics, sandbox, tmp_path):
-    stub = stub_with(DLQ_ID)
+    stub = own_registry()
     try:
         put_records(broker.bootstrap, topics.dlq, dead_letters(100, 30, DLQ_ID))
         cli = Cli(with_registry(replay_config(broker, topics, sandbox), stub), tmp_path)
@@ -121,39 +115,30 @@ def parked(first: int, n: int, topic: str) -> list[tuple[bytes, bytes, list[tupl
 
 def test_a_relay_restarted_with_a_parked_backlog_of_never_fetched_ids_redrives_it_all(broker, topics, sandbox,
                                                                                       relays):
-    stub = stub_with(PARKED_ID)
-    try:
-        put_records(broker.bootstrap, topics.retry["quicklizard"], parked(0, 60, topics.events))
-        cfg = with_registry(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), stub)
-        relay = relays(cfg)  # exited 1: "redrive of parked events failed: RegistryUnavailable(...)", again and again
-        wait_for(lambda: relay.alive_or_fail() and set(received(sandbox)) >= {pid(i) for i in range(60)}, 90,
-                 "the parked backlog redriven")
-        assert read_all(broker.bootstrap, topics.dlq, idle_s=1) == []
-        assert relay.stop() == 0
-    finally:
-        stub.stop()
+    put_records(broker.bootstrap, topics.retry["quicklizard"], parked(0, 60, topics.events))
+    relay = relays(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}))
+    # it exited 1: "redrive of parked events failed: RegistryUnavailable(...)", at every restart
+    wait_for(lambda: relay.alive_or_fail() and set(received(sandbox)) >= {pid(i) for i in range(60)}, 90,
+             "the parked backlog redriven")
+    assert read_all(broker.bootstrap, topics.dlq, idle_s=1) == []
+    assert relay.stop() == 0
 
 
 def test_json_schema_and_protobuf_ids_with_references_are_unknown_schema_and_the_partition_goes_on(
         broker, topics, sandbox, relays):
-    stub = stub_with(LIVE_ID)
-    try:
-        msgs = [(b"k0", view_value(0, LIVE_ID)), (b"k1", confluent_frame(JSON_ID, b'{"a": 1}')),
-                (b"k1", confluent_frame(PROTO_ID, b"\x0a\x01x")),
-                *[(b"k1", view_value(i, LIVE_ID)) for i in range(1, 20)]]
-        produce(broker.bootstrap, topics.events, msgs)
-        cfg = with_registry(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), stub)
-        relay = relays(cfg)
-        wait_for(lambda: relay.alive_or_fail() and set(received(sandbox)) >= {pid(i) for i in range(20)}, 60,
-                 "every view delivered past the foreign schemas")
-        dlq = read_all(broker.bootstrap, topics.dlq, expect=2, timeout_s=30)
-        reasons = sorted(headers_dict(m.headers())["relay.reason"] for m in dlq)
-        assert [r.split(":")[0] for r in reasons] == ["unknown_schema", "unknown_schema"], reasons
-        assert any(f"schema id {JSON_ID} is JSON" in r for r in reasons), reasons
-        assert any(f"schema id {PROTO_ID} is PROTOBUF" in r for r in reasons), reasons
-        ends = end_offsets(broker.bootstrap, topics.events)
-        wait_for(lambda: {p: o for p, o in committed(broker.bootstrap, topics.group, topics.events).items()
-                          if p in ends} == ends, 30, "every partition committed to its end")
-        assert relay.stop() == 0
-    finally:
-        stub.stop()
+    msgs = [(b"k0", view_value(0, LIVE_ID)), (b"k1", confluent_frame(JSON_ID, b'{"a": 1}')),
+            (b"k1", confluent_frame(PROTO_ID, b"\x0a\x01x")),
+            *[(b"k1", view_value(i, LIVE_ID)) for i in range(1, 20)]]
+    produce(broker.bootstrap, topics.events, msgs)
+    relay = relays(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}))
+    wait_for(lambda: relay.alive_or_fail() and set(received(sandbox)) >= {pid(i) for i in range(20)}, 60,
+             "every view delivered past the foreign schemas")
+    dlq = read_all(broker.bootstrap, topics.dlq, expect=2, timeout_s=30)
+    reasons = sorted(headers_dict(m.headers())["relay.reason"] for m in dlq)
+    assert [r.split(":")[0] for r in reasons] == ["unknown_schema", "unknown_schema"], reasons
+    assert any(f"schema id {JSON_ID} is JSON" in r for r in reasons), reasons
+    assert any(f"schema id {PROTO_ID} is PROTOBUF" in r for r in reasons), reasons
+    ends = end_offsets(broker.bootstrap, topics.events)
+    wait_for(lambda: {p: o for p, o in committed(broker.bootstrap, topics.group, topics.events).items()
+                      if p in ends} == ends, 30, "every partition committed to its end")
+    assert relay.stop() == 0
