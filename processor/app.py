@@ -58,6 +58,7 @@ class Relay:
         self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
         self._held: list[Any] = []  # a poll's messages waiting for the schema registry
         self.resolver: SchemaResolver | None = None
+        self._stall_logged: str | None = None  # the stall last logged (``_watch_stall``)
 
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
@@ -118,17 +119,51 @@ class Relay:
             return self.dlq.failing_why or "dead-letter or retry-topic writes are not acknowledged"
         if self.resolver is not None and self.resolver.down is not None:
             return f"schema registry unreachable: {self.resolver.down}"
-        return self.stalled()
+        return self.stalled() or self._waiting_past_stall()
 
     def stalled(self) -> str | None:
         """Why liveness should fail although the loop turns: a message (or a parked record being redriven)
-        unsettled past the bound."""
+        unsettled past ``relay.stall_after_s`` that nothing owns any more (no vendor pipeline holds an
+        event, no dead-letter or retry-topic write is pending): only a restart, redelivering it, settles it."""
+        oldest = self._oldest_unsettled()
+        if oldest <= self.config.relay.stall_after_s or self._owners():
+            return None
+        return f"a message has been unsettled for {oldest:.0f}s (relay.stall_after_s) and nothing works on it"
+
+    def _oldest_unsettled(self) -> float:
         oldest = max(self.tracker.oldest_unsettled().values(), default=0.0)
         if self.parked is not None:
             oldest = max([oldest, *self.parked.tracker.oldest_unsettled().values()])
-        if oldest > self.config.relay.stall_after_s:
-            return f"a message has been unsettled for {oldest:.0f}s (relay.stall_after_s)"
-        return None
+        return oldest
+
+    def _owners(self) -> list[str]:
+        """What still works on unsettled messages: vendors holding events, pending topic writes."""
+        owners = [f"{name} holds {p.admission.unsettled} events" for name, p in self.pipelines.items()
+                  if p.admission.unsettled]
+        if self.dlq.pending:
+            owners.append(f"{self.dlq.pending} dead-letter or retry-topic writes pending")
+        return owners
+
+    def _waiting_past_stall(self) -> str | None:
+        """Readiness: a message unsettled past ``relay.stall_after_s`` that something still works on (a
+        vendor retrying in place through an outage, a topic write not acknowledged): an alert, not a
+        restart."""
+        oldest = self._oldest_unsettled()
+        if oldest <= self.config.relay.stall_after_s:
+            return None
+        owners = self._owners()
+        if not owners:
+            return None  # nothing owns it: liveness (``stalled``)
+        return f"a message has been unsettled for {oldest:.0f}s (past relay.stall_after_s): {'; '.join(owners)}"
+
+    def _watch_stall(self) -> None:
+        """Log when a message goes past ``relay.stall_after_s`` and when that ends (once each)."""
+        why = self.stalled() or self._waiting_past_stall()
+        if why is not None and self._stall_logged is None:
+            logger.error("%s", why)
+        elif why is None and self._stall_logged is not None:
+            logger.info("no message unsettled past relay.stall_after_s any more")
+        self._stall_logged = why
 
     # -- main loop ------------------------------------------------------------
     async def run(self) -> int:
@@ -138,7 +173,7 @@ class Relay:
         self._build_pipelines()
         tune_gc()
         self.health = HealthServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
-                                   self.not_ready, self.stalled)
+                                   self.not_ready, self.stalled, self.config.relay.loop_stall_s)
         await self.health.start()
         logger.info("metrics on http://%s:%d/metrics, vendors: %s", self.config.metrics.host, self.health.port,
                     ", ".join(self.pipelines) or "none")
@@ -286,11 +321,10 @@ class Relay:
                 second_due = now + 1.0
                 for (t, part), age in self.tracker.oldest_unsettled(now).items():
                     self.metrics.oldest_unsettled.labels(t, str(part)).set(age)
+                self._watch_stall()
             if now >= summary_due:
                 summary_due = now + SUMMARY_EVERY_S
                 self.settlement.log_summary()
-            if self.health is not None:
-                self.health.beat()
             await asyncio.sleep(step)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:

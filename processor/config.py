@@ -83,7 +83,9 @@ class ParkingConfig(Frozen):
 class RelayConfig(Frozen):
     max_inflight_events: int = Field(20_000, ge=1, description="pause fetching above this many unsettled")
     stall_after_s: float = Field(
-        900.0, gt=0, description="not ready (and not healthy) while a message stays unsettled longer than this")
+        900.0, gt=0, description="not ready while a message stays unsettled longer than this; not healthy only "
+        "when nothing in the relay still works on it")
+    loop_stall_s: float = Field(30.0, gt=0, description="not healthy when the event loop has not turned for this long")
     resume_ratio: float = Field(0.5, gt=0, lt=1, description="resume when in-flight falls below limit x this")
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM/rebalance, wait this long for in-flight")
     commit_interval_s: float = Field(1.0, gt=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from processor.devstack.broker import LocalBroker
 from processor.devstack.kafka_io import committed, end_offsets, produce, read_all
 from tests.integration.conftest import (
     Topics,
+    freeze,
     http_text,
     quicklizard_vendor,
     relay_config,
@@ -236,19 +235,6 @@ def test_sigterm_under_load_drains_once(graceful_stop):
     log = graceful_stop["log"]
     assert log.count("stopping: no more fetching") == 1
     assert log.count("not settled after the grace time") <= 1, "the drain ran more than once"
-
-
-@pytest.fixture
-def own_broker(tmp_path) -> Iterator[LocalBroker]:
-    """A broker of this test's own, to freeze (SIGSTOP) and thaw (SIGCONT): the shared one keeps data in
-    memory only and must not be touched."""
-    with LocalBroker(log_path=tmp_path / "own-broker.log") as b:
-        yield b
-
-
-def freeze(b: LocalBroker, frozen: bool) -> None:
-    assert b.proc is not None
-    b.proc.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
 
 
 def test_broker_unavailable_at_start_and_for_30s_mid_run(own_broker, sandbox, relays):

@@ -83,3 +83,19 @@ def test_messages_held_for_the_registry_are_dropped_on_revoke_like_any_revoked_w
     assert [(m.partition(), m.offset()) for m in r._held] == [(1, 7), (1, 8)]  # the new owner redelivers t[0]
     asyncio.run(r._on_revoke([("t", 1)], lost=True))
     assert r._held == []
+
+
+def test_liveness_fails_only_for_a_message_nothing_works_on_readiness_for_one_a_vendor_holds():
+    r = relay()
+    r.tracker.assign("t", 0)
+    events = [as_event(EventKind.ORDER, make_order(0), 0, topic="t")]
+    r.router.route(events)  # qubit and quicklizard hold it (batched)
+    slot = r.tracker.tracks[("t", 0)].slots[0]
+    slot[3] -= r.config.relay.stall_after_s + 5  # consumed long ago
+    assert r.stalled() is None  # a vendor still works on it: not a restart's to cure
+    why = r._waiting_past_stall()
+    assert why is not None and "qubit holds 1 events" in why and "past relay.stall_after_s" in why
+    for p in r.pipelines.values():  # the events leave the pipelines without settling: nothing owns the message
+        p.admission.unsettled = 0
+    assert r.stalled() is not None and "nothing works on it" in r.stalled()
+    assert r._waiting_past_stall() is None
