@@ -93,7 +93,8 @@ class KafkaSource:
         self.held: set[tuple[str, int]] = set()  # partitions paused one by one (``poll(hold=...)``)
         self.assigned: Partitions = []
         self.had_assignment = False
-        self.positions: dict[tuple[str, int], int] = {}  # last committed, for lag
+        self.positions: dict[tuple[str, int], int] = {}  # last committed (by the group, read at assignment), for lag
+        self.position_timeout_s = 5.0
         self.lag_every_s = 2.0
         self._lag_due = 0.0
 
@@ -121,7 +122,36 @@ class KafkaSource:
             self.held.clear()
         if self.paused and partitions:
             consumer.pause(partitions)
+        self._read_positions(consumer, partitions)
         self.had_assignment = True
+
+    def _read_positions(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """The group's committed offsets of newly assigned partitions (the start of what is not yet done,
+        for the lag), so lag is exported before this process commits: a relay that cannot commit yet (the
+        registry away, a vendor blocking) still shows what waits. Where the group has committed nothing,
+        the partition's low watermark (``auto.offset.reset: earliest``). Best effort: a partition whose
+        position cannot be read now shows its lag after the first commit."""
+        if not partitions:
+            return
+        try:
+            tps = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in partitions],
+                                     timeout=self.position_timeout_s)
+        except KafkaException as exc:
+            logger.warning("committed offsets of the assigned partitions not read (%s): lag shown after the "
+                           "first commit", exc)
+            return
+        for tp in tps:
+            key = (tp.topic, tp.partition)
+            if tp.error is not None:
+                continue
+            offset = tp.offset
+            if offset < 0:
+                try:
+                    offset, _hi = consumer.get_watermark_offsets(tp, timeout=self.position_timeout_s, cached=False)
+                except KafkaException:
+                    continue
+            if offset >= 0:
+                self.positions[key] = offset
 
     def _revoke_cb(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool = False) -> None:
         parts = [(tp.topic, tp.partition) for tp in partitions]

@@ -1,13 +1,17 @@
 """Liveness means a restart would cure it. A relay waiting for its broker, or holding events for a vendor
 that blocks through a long outage, is alive (``/healthz`` 200) and not ready (``/readyz`` 503, saying
-why); it recovers without a restart."""
+why); it recovers without a restart. And a relay that has not committed yet still shows its lag and the
+parked backlog."""
 
 from __future__ import annotations
 
 import collections
 from typing import Any
 
+from confluent_kafka import Producer
+
 from processor.devstack.kafka_io import produce
+from processor.devstack.registry import RegistryStub
 from processor.devstack.samples import encode, make_view
 from processor.events import EventKind
 from tests.integration.conftest import Topics, freeze, http_text, quicklizard_vendor, relay_config, wait_for
@@ -93,3 +97,45 @@ def test_a_blocking_vendor_down_past_stall_after_s_is_not_ready_but_alive(broker
     wait_for(lambda: http_text(f"{relay.metrics_url}/readyz")[0] == 200, 30, "ready again")
     assert set(probes.health) == {200}
     assert relay.stop() == 0
+
+
+def gauge_series(relay: Any, name: str) -> dict[str, float]:
+    """Every sample of ``name`` by its label text (empty while /metrics does not answer)."""
+    status, text = http_text(f"{relay.metrics_url}/metrics")
+    out = {}
+    for line in text.splitlines() if status == 200 else []:
+        head, _, value = line.rpartition(" ")
+        if head.startswith(name + "{") or head == name:
+            out[head[len(name):]] = float(value)
+    return out
+
+
+def test_a_restarted_relay_exports_lag_and_the_parked_backlog_before_its_first_commit(broker, topics, sandbox,
+                                                                                      relays):
+    one_a_batch = {"batch.num.messages": 1}  # the local broker's high watermark is exact with one record a batch
+    cfg = relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)})
+    produce(broker.bootstrap, topics.events, views(0, 9), settings=one_a_batch)
+    first = relays(cfg, "first")
+    wait_for(lambda: first.alive_or_fail() and len(view_ids(sandbox)) == 9, 60, "the first run delivered")
+    assert first.stop() == 0  # committed what it delivered
+
+    produce(broker.bootstrap, topics.events, views(100, 30), settings=one_a_batch)
+    put = Producer({"bootstrap.servers": broker.bootstrap, "log_level": 3, **one_a_batch})
+    for key, value in views(200, 12):  # a parked backlog its redrive group has never committed on
+        put.produce(topics.retry["quicklizard"], value=value, key=key, headers=[
+            ("relay.vendor", b"quicklizard"), ("relay.error_class", b"parked"), ("relay.next_attempt_ms", b"0")])
+    assert put.flush(30) == 0
+    # restarted while the schema registry is away: every message is held, nothing registered, no commit
+    registry = RegistryStub().start()
+    registry.stop()
+    cfg["schema_registry"] = {"url": registry.url, "client": {"max.retries": 0, "timeout": 2}}
+    second = relays(cfg, "second")
+    wait_for(lambda: second.alive_or_fail() and "waiting for the schema registry" in second.log(), 60,
+             "the restarted relay waiting for the registry")
+    wait_for(lambda: second.alive_or_fail() and sum(gauge_series(second, "processor_consumer_lag").values()) == 30
+             and len(gauge_series(second, "processor_consumer_lag")) == 3, 60, "the consumer lag exported")
+    wait_for(lambda: second.metric("processor_parked_events", vendor="quicklizard") == 12, 60,
+             "the parked backlog exported")
+    assert gauge_series(second, "processor_committed_offset") == {}  # it has not committed anything
+    assert len(view_ids(sandbox)) == 9
+    assert second.stop() == 0

@@ -19,6 +19,8 @@ class FakeConsumer:
     def __init__(self) -> None:
         self.assigned: set[tuple[str, int]] = set()
         self.paused: set[tuple[str, int]] = set()
+        self.group_offsets: dict[tuple[str, int], int] = {}  # what the group committed
+        self.lows: dict[tuple[str, int], int] = {}
 
     def assign(self, tps: list[TopicPartition]) -> None:
         self.assigned = {(tp.topic, tp.partition) for tp in tps}
@@ -45,7 +47,11 @@ class FakeConsumer:
         pass
 
     def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
-        return 0, 0
+        return self.lows.get((tp.topic, tp.partition), 0), 100
+
+    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.group_offsets.get((tp.topic, tp.partition), -1001))
+                for tp in tps]
 
 
 def tps(*parts: int) -> list[TopicPartition]:
@@ -118,3 +124,13 @@ async def test_single_partitions_can_be_held_paused():
     await s.poll(10, 0, hold=set())
     assert fake.paused == set()
     s.executor.shutdown()
+
+
+async def test_assigned_partitions_take_the_group_positions_so_lag_shows_before_the_first_commit():
+    s, fake = await source(None)
+    fake.group_offsets = {("t", 0): 40}
+    fake.lows = {("t", 1): 7}  # nothing committed by the group: the start of what the partition holds
+    await in_worker(s._assign_cb, fake, tps(0, 1))
+    assert s.positions == {("t", 0): 40, ("t", 1): 7}
+    poll = await s.poll(10, 0)
+    assert poll.lag == {("t", 0): 60, ("t", 1): 93} and not poll.committed
