@@ -262,7 +262,7 @@ class SchemaResolver:
     def __init__(self, decoder: Decoder, what: str, on_change: Callable[[bool], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.decoder = decoder
-        self.what = what  # who waits, for the log: "consumption", "parked redrive", "replay", "inspect"
+        self.what = what  # who waits, for the log: "the relay", "replay to qubit", "dlq inspect"
         self.on_change = on_change
         self.clock = clock
         self.down: str | None = None
