@@ -321,7 +321,23 @@ class Outcomes:
         child.inc(n)
 
 
-class RelaySettlement:
+class SettlesThroughOutcomes:
+    """The settlement calls that ``Outcomes`` answers alone (one outcome per event and vendor, counted),
+    for a settlement that keeps one as ``self.outcomes``: the relay's and the redrive's."""
+
+    outcomes: Outcomes
+
+    def settle_many(self, events: Sequence[Any], vendor: str, outcome: str = "delivered") -> int:
+        return self.outcomes.settle_many(events, vendor, outcome)
+
+    def drop(self, events: Sequence[Any], vendor: str) -> int:
+        return self.outcomes.drop(events, vendor)
+
+    def has_outcome(self, item: Any, vendor: str) -> bool:
+        return self.outcomes.has_outcome(item, vendor)
+
+
+class RelaySettlement(SettlesThroughOutcomes):
     """The relay's settlement: delivered and filtered events settle at once; a dead-lettered or parked
     event settles only when Kafka acknowledged its record. Work of a revoked partition is dropped,
     never written: the partition's new owner redelivers it.
@@ -336,15 +352,6 @@ class RelaySettlement:
         self._dead: Counter[tuple[str, str]] = Counter()
         self._parked: Counter[tuple[str, str]] = Counter()
         self._reasons: dict[tuple[str, str], str] = {}
-
-    def settle_many(self, events: Sequence[Any], vendor: str, outcome: str = "delivered") -> int:
-        return self.outcomes.settle_many(events, vendor, outcome)
-
-    def drop(self, events: Sequence[Any], vendor: str) -> int:
-        return self.outcomes.drop(events, vendor)
-
-    def has_outcome(self, item: Any, vendor: str) -> bool:
-        return self.outcomes.has_outcome(item, vendor)
 
     def dead_letter(self, event: Any, vendor: str | None, error_class: str, status: int | None, reason: str,
                     attempts: int = 0, first_ms: int | None = None, redriven_as: str = "dead_lettered") -> bool:

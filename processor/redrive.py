@@ -54,7 +54,7 @@ from processor.delivery import VendorPipeline
 from processor.errors import DecodeError
 from processor.events import Event, FromSource, Source
 from processor.metrics import Metrics
-from processor.offsets import OffsetTracker, Outcomes, is_revoked
+from processor.offsets import OffsetTracker, Outcomes, SettlesThroughOutcomes, is_revoked
 from processor.transport import HttpSender
 from processor.validation import validate
 from processor.vendors.base import Adapter
@@ -210,7 +210,7 @@ class Report:
     reason: str
 
 
-class Redrive:
+class Redrive(SettlesThroughOutcomes):
     """Relay records to one vendor: decide, register with the tracker in order, deliver through the
     vendor's pipeline, write back what fails again. Event loop only (as the tracker and the pipeline)."""
 
@@ -300,16 +300,7 @@ class Redrive:
             assert self.pipeline is not None, "attach() a pipeline before dispatching events"
             self.pipeline.submit_many(t.events)
 
-    # -- the pipeline's settlement (processor.offsets.Settlement) ----------------------------------------
-    def settle_many(self, events: Sequence[Event], vendor: str, outcome: str = "delivered") -> int:
-        return self.outcomes.settle_many(events, vendor, outcome)
-
-    def drop(self, events: Sequence[Event], vendor: str) -> int:
-        return self.outcomes.drop(events, vendor)
-
-    def has_outcome(self, item: Any, vendor: str) -> bool:
-        return self.outcomes.has_outcome(item, vendor)
-
+    # -- the pipeline's settlement (processor.offsets.Settlement; settle_many, drop, has_outcome inherited) ---
     def park(self, event: Event, vendor: str, why: str, reason: str, attempts: int, first_ms: int | None,
              next_attempt_ms: int) -> bool:
         raise AssertionError("a replay's pipeline does not park")  # attach() builds it with parking off
