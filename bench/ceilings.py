@@ -1,4 +1,4 @@
-"""The two physical ceilings, measured on the same machine in the same run as the relay.
+"""The two physical ceilings, and the adapters' floor, measured on the same machine in the same run as the relay.
 
 * Decode: a bare loop with the relay's consumer settings (librdkafka, the same
   client settings and ``consume()`` batch size) that consumes the benchmark
@@ -11,6 +11,10 @@
   in the scenario's own proportions of requests (``mix_ceiling``): sending
   every vendor flat out at once would let the big array requests crowd out
   the small ones and measure a mix the relay never sends.
+* Client: the relay's sender against aiohttp's own client, CPU a request (``client_ceiling``).
+* Adapters' floor: the CPU every event costs before the relay does anything of its own (decode,
+  validate, batch, each vendor's ``plan``), against decoding alone (``adapter_floor``): the highest
+  decode ratio any relay with these adapters could reach, and what each request carries of it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from processor.config import load_config
 from processor.devstack.broker import LOCAL_CONSUMER_SETTINGS
 from processor.events import Event, Source
 from processor.transport import make_sender
+from processor.validation import validate_all
 from processor.vendors import adapter_class
 from processor.vendors.base import Adapter, VendorRequest
 
@@ -79,20 +84,25 @@ def decoded_events(values: list[tuple[bytes, bytes]]) -> list[Event]:
     return events
 
 
-def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[tuple[bytes, bytes]],
-                     sample: int) -> tuple[dict[str, tuple[Adapter[Any, Any], list[VendorRequest]]], int]:
-    """Per vendor: the adapter (configured as the relay is) and the requests it plans for the first
-    ``sample`` benchmark events, batched by its effective batch limits; and the number of events."""
+def configured_adapters(vendors: dict[str, Any], env: dict[str, str]) -> list[tuple[Adapter[Any, Any], Any]]:
+    """(adapter, settings) of each enabled vendor, configured as the relay configures it."""
     from bench.scenarios import relay_config
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(yaml.safe_dump(relay_config("127.0.0.1:9", "t", "g", vendors, 0)))
         f.flush()
         config = load_config(f.name, env)
+    return [(adapter_class(name)(settings), settings) for name, settings in config.enabled_vendors().items()]
+
+
+def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[tuple[bytes, bytes]],
+                     sample: int) -> tuple[dict[str, tuple[Adapter[Any, Any], list[VendorRequest]]], int]:
+    """Per vendor: the adapter (configured as the relay is) and the requests it plans for the first
+    ``sample`` benchmark events, batched by its effective batch limits; and the number of events."""
     events = decoded_events(values[:sample])
     out = {}
-    for name, settings in config.enabled_vendors().items():
-        adapter = adapter_class(name)(settings)
+    for adapter, settings in configured_adapters(vendors, env):
+        name = adapter.name
         batcher = Batcher(settings.batch)  # the vendor's default batch limits unless configured
         requests: list[VendorRequest] = []
         closed = [b for b in (batcher.add(e) for e in events if adapter.takes(e.kind)) if b]
@@ -102,6 +112,61 @@ def planned_requests(vendors: dict[str, Any], env: dict[str, str], values: list[
             requests += plan.requests
         out[name] = (adapter, requests)
     return out, len(events)
+
+
+def _decode_round(decoder: Decoder, values: list[bytes]) -> float:
+    t0 = time.process_time()
+    for value in values:
+        decoder.decode(value)
+    return time.process_time() - t0
+
+
+def _floor_round(decoder: Decoder, values: list[bytes], adapters: list[tuple[Adapter[Any, Any], Batcher]],
+                 poll: int) -> tuple[float, int]:
+    """CPU seconds to decode, validate, batch and plan ``values`` a poll at a time; requests planned."""
+    requests = 0
+    t0 = time.process_time()
+    for start in range(0, len(values), poll):
+        events = []
+        for offset, value in enumerate(values[start:start + poll], start):
+            kind, record = decoder.decode(value)
+            events.append(Event(kind, record, "bench", 0, offset, None, None, value, None))  # type: ignore[arg-type]
+        validate_all(events)
+        for adapter, batcher in adapters:
+            for batch in batcher.add_many([e for e in events if adapter.takes(e.kind)]):
+                requests += len(adapter.plan(batch).requests)
+    for adapter, batcher in adapters:
+        last = batcher.flush()
+        if last:
+            requests += len(adapter.plan(last).requests)
+    return time.process_time() - t0, requests
+
+
+def adapter_floor(vendors: dict[str, Any], env: dict[str, str], values: list[tuple[bytes, bytes]], sample: int,
+                  rounds: int = 3, poll: int = 1000) -> dict[str, Any]:
+    """The work no relay with these adapters can skip, in this process's CPU time: decode (the relay's
+    ``Decoder``), validate, batch and ``plan`` every event for every vendor (no Kafka, no HTTP, no
+    settlement), against decoding alone, the same values in alternating rounds, median of each.
+
+    ``decode_over_floor`` bounds the decode ratio of the scenario (a relay that did nothing else but
+    this work would reach it); ``floor_cpu_us_per_request`` is what each request carries of it."""
+    raw = [v for _, v in values[:sample]]
+    decoder = Decoder()
+    _decode_round(decoder, raw[:poll])  # warm-up: writer schemas cached, code paths hot
+    decode: list[float] = []
+    floor: list[float] = []
+    requests = 0
+    for _ in range(rounds):
+        decode.append(_decode_round(decoder, raw))
+        adapters = [(a, Batcher(s.batch)) for a, s in configured_adapters(vendors, env)]
+        cpu, requests = _floor_round(decoder, raw, adapters, poll)
+        floor.append(cpu)
+    n = max(len(raw), 1)
+    d, f = sorted(decode)[rounds // 2], sorted(floor)[rounds // 2]
+    return {"events": len(raw), "rounds": rounds, "requests": requests,
+            "decode_cpu_us_per_event": round(d / n * 1e6, 2), "floor_cpu_us_per_event": round(f / n * 1e6, 2),
+            "decode_over_floor": round(d / max(f, 1e-12), 3),
+            "floor_cpu_us_per_request": round(f / max(requests, 1) * 1e6, 1) if requests else None}
 
 
 async def _vendor_ceiling(adapter: Adapter[Any, Any], requests: list[VendorRequest], transport: str,

@@ -26,11 +26,23 @@ def _f(v: Any, digits: int = 0) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+COLUMNS = ("run", "vendors", "events/s", "steady ev/s", "deliveries/s", "requests/s", "HTTP ceiling req/s",
+           "decode ceiling ev/s", "ratio", "adapters' floor", "p50 ms", "p95 ms", "p99 ms", "peak RSS MB", "CPU s/1k")
+
+
+def _decode(sc: dict[str, Any]) -> str:
+    """The scenario's own decode ceiling (measured next to it) and the adapters' floor ratio."""
+    return _f(sc.get("decode_ceiling", {}).get("events_per_s"))
+
+
+def _floor(sc: dict[str, Any]) -> str:
+    return _f(sc.get("floor", {}).get("decode_over_floor"))
+
+
 def table(doc: dict[str, Any]) -> Table:
     t = Table(title=f"event relay benchmark: {doc['events']:,} events, {doc['cores']} cores, "
                     f"decode ceiling {_f(doc.get('decode_ceiling_events_per_s'))} events/s")
-    cols = ("run", "vendors", "events/s", "steady ev/s", "deliveries/s", "requests/s", "HTTP ceiling req/s", "ratio",
-            "p50 ms", "p95 ms", "p99 ms", "peak RSS MB", "CPU s/1k")
+    cols = COLUMNS
     for c in cols:
         t.add_column(c, justify="left" if c in ("run", "vendors") else "right")
     for key, sc in doc["scenarios"].items():
@@ -40,8 +52,8 @@ def table(doc: dict[str, Any]) -> Table:
         t.add_row(f"scenario {key}", ", ".join(sc["vendors"]), _f(sc["relay_events_per_s"]),
                   _f(sc["steady_events_per_s"]),
                   _f(sc["vendor_deliveries_per_s"]), _f(sc["relay_requests_per_s"]),
-                  _f(sc["http_ceiling_requests_per_s"]), f"{sc['ratio']:.2f} ({sc['binding']})",
-                  _f(sc["p50_ms"]), _f(sc["p95_ms"]), _f(sc["p99_ms"]), _f(sc["peak_rss_mb"]),
+                  _f(sc["http_ceiling_requests_per_s"]), _decode(sc), f"{sc['ratio']:.2f} ({sc['binding']})",
+                  _floor(sc), _f(sc["p50_ms"]), _f(sc["p95_ms"]), _f(sc["p99_ms"]), _f(sc["peak_rss_mb"]),
                   _f(sc["cpu_s_per_1k"], 3))
     extra_runs = {
         "scaling": lambda r: (f"--workers {r['workers']} ({r['scenario']})", scaling_label(r)),
@@ -52,7 +64,7 @@ def table(doc: dict[str, Any]) -> Table:
         if key in doc:
             r = doc[key]
             t.add_row(*labels(r), _f(r["relay_events_per_s"]), _f(r["steady_events_per_s"]),
-                      _f(r["vendor_deliveries_per_s"]), _f(r["relay_requests_per_s"]), "", "",
+                      _f(r["vendor_deliveries_per_s"]), _f(r["relay_requests_per_s"]), "", "", "", "",
                       _f(r["p50_ms"]), _f(r["p95_ms"]), _f(r["p99_ms"]), _f(r["peak_rss_mb"]),
                       _f(r["cpu_s_per_1k"], 3))
     return t
@@ -122,14 +134,15 @@ def client_table(doc: dict[str, Any]) -> Table:
     t = Table(title=f"client ceiling: {c['vendor']}'s requests, {c['concurrency']} concurrent, median of "
                     f"{c['rounds']} alternating rounds of {c['requests_per_round']:,}")
     cols = ("relay sender us/req", "aiohttp client us/req", "sender ÷ aiohttp",
-            *(f"scenario {k}: relay all in ÷ aiohttp" for k, sc in doc["scenarios"].items()
-              if "relay_over_bare_client" in sc))
+            *(col for k, sc in doc["scenarios"].items() if "relay_over_bare_client" in sc
+              for col in (f"scenario {k}: relay all in ÷ aiohttp",
+                          f"scenario {k}: adapters' floor + aiohttp ÷ aiohttp")))
     for col in cols:
         t.add_column(col, justify="right")
     t.add_row(_f(c["relay_sender_cpu_us_per_request"], 1), _f(c["aiohttp_cpu_us_per_request"], 1),
               _f(c["sender_over_aiohttp"], 2),
-              *(_f(sc["relay_over_bare_client"], 2) for sc in doc["scenarios"].values()
-                if "relay_over_bare_client" in sc))
+              *(_f(sc.get(k), 2) for sc in doc["scenarios"].values() if "relay_over_bare_client" in sc
+                for k in ("relay_over_bare_client", "floor_over_bare_client")))
     return t
 
 
@@ -146,21 +159,21 @@ def write(doc: dict[str, Any], path: Path) -> None:
 
 def markdown(doc: dict[str, Any]) -> str:
     """The table as Markdown, for the READMEs: ``python -m bench.report bench/results/latest.json``."""
-    head = ("run", "vendors", "events/s", "steady ev/s", "deliveries/s", "requests/s", "HTTP ceiling req/s", "ratio",
-            "p50 ms", "p95 ms", "p99 ms", "peak RSS MB", "CPU s/1k")
+    head = COLUMNS
     rows = [head, tuple("---" if c in ("run", "vendors", "ratio") else "---:" for c in head)]
 
-    def row(name: str, vendors: str, r: dict[str, Any], ceiling: str = "", ratio: str = "",
+    def row(name: str, vendors: str, r: dict[str, Any], ceilings: tuple[str, ...] = ("", "", "", ""),
             latency: bool = True) -> tuple[str, ...]:
         lat = [_f(r[k]) for k in ("p50_ms", "p95_ms", "p99_ms")] if latency else ["(backlog)", "", ""]
         return (name, vendors, _f(r["relay_events_per_s"]), _f(r["steady_events_per_s"]),
-                _f(r["vendor_deliveries_per_s"]), _f(r["relay_requests_per_s"]), ceiling, ratio, *lat,
+                _f(r["vendor_deliveries_per_s"]), _f(r["relay_requests_per_s"]), *ceilings, *lat,
                 _f(r["peak_rss_mb"]), _f(r["cpu_s_per_1k"], 3))
 
     for key, sc in doc["scenarios"].items():
         if "skipped" not in sc:
-            rows.append(row(f"scenario {key}", ", ".join(sc["vendors"]), sc, _f(sc["http_ceiling_requests_per_s"]),
-                            f"{sc['ratio']:.2f} ({sc['binding']})"))
+            rows.append(row(f"scenario {key}", ", ".join(sc["vendors"]), sc, (
+                _f(sc["http_ceiling_requests_per_s"]), _decode(sc), f"{sc['ratio']:.2f} ({sc['binding']})",
+                _floor(sc))))
     if "scaling" in doc:
         r = doc["scaling"]
         rows.append(row(f"`--workers {r['workers']}` ({r['scenario']})", scaling_label(r), r, latency=False))

@@ -47,6 +47,9 @@ def test_bench_smoke_run_writes_sane_results(tmp_path: Path) -> None:
     assert client["vendor"] == "convead" and client["non_2xx"] == {"relay_sender": 0, "aiohttp": 0}
     assert client["relay_sender_cpu_us_per_request"] > 0 and client["aiohttp_cpu_us_per_request"] > 0
     assert ran["c"]["relay_over_bare_client"] > 0 and "relay_over_bare_client" not in ran["a"]
+    assert ran["c"]["floor_over_bare_client"] > 1
+    for sc in ran.values():  # each scenario: its own decode ceiling next to it, and the adapters' floor
+        assert sc["decode_ceiling"]["events_per_s"] > 0 and sc["floor"]["decode_over_floor"] > 0
     assert doc["scaling"]["workers"] == 2 and doc["scaling"]["relay_events_per_s"] > 0
     assert doc["backlog"]["events"] == 1000 and doc["backlog"]["peak_rss_mb"] > 0
     assert set(doc["targets"]) >= {f"ratio_{k}" for k in ran} | {"scaling", "backlog_rss", "outage_lost"}

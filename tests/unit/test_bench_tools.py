@@ -91,3 +91,20 @@ def test_the_outage_summary_rates_come_from_the_phases_windows():
         m.counts[BROKEN].update(parked=0.0, redriven_delivered=0.0, backlog=0.0)
     r = summarise(marks, 20.0, 40.0, 40.0, 20.0, vendors)["recovery"]
     assert r["nothing_parked"] and "drain_ratio" not in r
+
+
+def test_the_adapters_floor_plans_what_the_relay_would_plan_and_costs_more_than_decoding():
+    from bench.ceilings import adapter_floor, planned_requests
+    from bench.scenarios import Scenario
+    from bench.stack import workload_messages
+
+    values = list(workload_messages(1200))
+    for key in ("a", "b"):
+        sc = Scenario.build(key, "http://127.0.0.1:9")
+        planned, _ = planned_requests(sc.vendors, sc.env, values, 1200)
+        floor = adapter_floor(sc.vendors, sc.env, values, 1200, rounds=1)
+        # a poll at a time through add_many: the same batches, so the same requests, as one event at a time
+        assert floor["requests"] == sum(len(reqs) for _, reqs in planned.values()) > 0
+        assert floor["events"] == 1200
+        assert floor["floor_cpu_us_per_event"] > floor["decode_cpu_us_per_event"] > 0
+        assert floor["decode_over_floor"] < 1
