@@ -63,7 +63,10 @@ class HealthServer:
             await self._runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        """The exposition; ``?name[]=<sample name>`` (repeatable) restricts it to those metrics, as
+        prometheus_client's own exposition server does (a frequent scraper of one counter renders only it)."""
+        names = request.query.getall("name[]", [])
+        body = generate_latest(self.registry.restricted_registry(names) if names else self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:

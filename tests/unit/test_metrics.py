@@ -35,3 +35,31 @@ def test_registry_carries_the_process_and_platform_collectors_and_the_build_info
     (build,) = families["processor_build_info"].samples
     assert build.name == "processor_build_info" and build.labels == {"version": relay_version()}
     assert relay_version() != "unknown"  # installed by make install
+
+
+async def test_metrics_endpoint_restricts_the_exposition_to_the_names_asked_for():
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from processor.health import HealthServer
+    from processor.metrics import Metrics
+
+    m = Metrics()
+    m.vendor_events.labels("qubit", "product_view", "delivered").inc(3)
+    m.vendor_requests.labels("qubit", "2xx").inc()
+    server = HealthServer(m.registry, "127.0.0.1", 0, lambda: None)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{server.port}/metrics"
+            async with http.get(base, params=[("name[]", "processor_vendor_events_total")]) as r:
+                assert r.status == 200
+                only = list(text_string_to_metric_families(await r.text()))
+            async with http.get(base) as r:
+                everything = {f.name for f in text_string_to_metric_families(await r.text())}
+    finally:
+        await server.stop()
+    assert [f.name for f in only] == ["processor_vendor_events"]
+    assert [(s.labels, s.value) for s in only[0].samples if s.name.endswith("_total")] == [
+        ({"vendor": "qubit", "event_kind": "product_view", "outcome": "delivered"}, 3.0)]
+    assert {"processor_vendor_events", "processor_vendor_requests", "process_resident_memory_bytes"} <= everything
