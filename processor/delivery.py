@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from operator import attrgetter
 from typing import Any
 
@@ -35,7 +35,7 @@ from processor.logs import where_failed
 from processor.metrics import Metrics
 from processor.offsets import Settlement, is_revoked
 from processor.retry import Step, backoff_delay, decide, expired
-from processor.service import CIRCUIT_OPEN, RequestService
+from processor.service import CIRCUIT_OPEN, Answer, RequestService
 from processor.transport import HttpSender
 from processor.vendors.base import DELIVERED, Adapter, Outcome, VendorRequest, Verdict
 
@@ -167,8 +167,7 @@ class VendorPipeline:
                     self._release(self.settlement.settle_many(plan.filtered, self.name, "filtered"))
                 for ev, reason in plan.rejected:
                     self._dead(ev, "rejected", None, reason, attempts.get(id(ev), 0) + 1, first_ms)
-                self.unsent += len(plan.requests)
-                answers = await asyncio.gather(*(self._send(r) for r in plan.requests))
+                answers = await self._send_all(plan.requests)
                 retry: list[Event] = []
                 wait_at_least = 0.0
                 now_s = time.time()
@@ -318,13 +317,39 @@ class VendorPipeline:
             self._room.clear()
             await self._room.wait()
 
-    async def _send(self, req: VendorRequest) -> Any:
+    async def _send_all(self, requests: list[VendorRequest]) -> list[Answer]:
+        """Each request's answer, in order; sent concurrently by at most ``concurrency`` workers (the
+        vendor's limit lets no more through at once), in the order planned: one task a worker, not one a
+        request, and none for a batch of one request."""
+        n = len(requests)
+        self.unsent += n
+        answers: list[Answer] = [None] * n  # type: ignore[list-item]  # every slot is filled
+        todo = iter(enumerate(requests))
         try:
-            return await self.service.send(req)
+            if n == 1:
+                await self._worker(todo, answers)
+            else:
+                workers = min(n, self.admission.limit.maximum)
+                await asyncio.gather(*(self._worker(todo, answers) for _ in range(workers)))
         finally:
-            self.unsent -= 1
-            if self.unsent < self.max_unsent:
-                self._room.set()
+            left = sum(1 for _ in todo)  # cancelled before a worker took them: never sent
+            if left:
+                self._sent(left)
+        return answers
+
+    async def _worker(self, todo: Iterator[tuple[int, VendorRequest]], answers: list[Answer]) -> None:
+        send = self.service.send
+        for i, req in todo:
+            try:
+                answers[i] = await send(req)
+            finally:
+                self._sent(1)
+
+    def _sent(self, n: int) -> None:
+        self.unsent -= n
+        if self.unsent < self.max_unsent:
+            self._room.set()
+
 
     async def drain(self, timeout_s: float) -> bool:
         """Flush the open batch and wait for in-flight deliveries (up to timeout)."""

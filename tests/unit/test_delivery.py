@@ -5,7 +5,7 @@ breaker, budgets, parking, throttling, revoked work and the relay's own failures
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import httpx
 import orjson
@@ -294,19 +294,29 @@ class PerEventAdapter(FakeAdapter):
         return Plan(requests=[VendorRequest(self.base_url, orjson.dumps([e.source.offset]), [e]) for e in events])
 
 
-async def test_planned_requests_are_bounded_and_every_event_still_settles_in_bulk():
-    planned_ahead = 0
+def per_event_harness(concurrency: int, max_events: int, seen: Callable[[httpx.Request], None]) -> Harness:
+    """One request per event, each answered ok after 1 ms; ``seen`` is called with each request as it arrives."""
 
     class Slow(httpx.AsyncBaseTransport):
         async def handle_async_request(self, request):
-            nonlocal planned_ahead
-            planned_ahead = max(planned_ahead, h.pipe.unsent)
+            seen(request)
             await asyncio.sleep(0.001)
             return answer(["ok"] * len(orjson.loads(request.content)))
 
-    h = Harness(lambda c, o: answer([]), concurrency=2, batch={"max_events": 5})
+    h = Harness(lambda c, o: answer([]), concurrency=concurrency, batch={"max_events": max_events})
     h.adapter = h.pipe.adapter = h.pipe.service.adapter = PerEventAdapter(h.adapter.settings)
     h.pipe.service.client = Sender(Slow())
+    return h
+
+
+async def test_planned_requests_are_bounded_and_every_event_still_settles_in_bulk():
+    planned_ahead = 0
+
+    def seen(request: httpx.Request) -> None:
+        nonlocal planned_ahead
+        planned_ahead = max(planned_ahead, h.pipe.unsent)
+
+    h = per_event_harness(2, 5, seen)
     await h.run(60)
     settled_in_bulk = h.settled_batches
     assert planned_ahead <= 2 * 2 + 5  # 2 x concurrency, checked before a batch (5 requests) is planned
@@ -314,6 +324,46 @@ async def test_planned_requests_are_bounded_and_every_event_still_settles_in_bul
     assert h.pipe.unsent == 0 and h.pipe.admission.unsettled == 0
     assert h.count("delivered") == 60
     assert h.metrics.registry.get_sample_value("processor_delivery_latency_seconds_count", {"vendor": "fake"}) == 60
+
+
+async def test_a_batch_of_many_requests_is_sent_in_order_on_at_most_concurrency_tasks():
+    """A batch's requests are sent concurrently, in the order planned, but on no more tasks than the vendor's
+    concurrency lets requests through at once (not one task a request)."""
+    sent: list[int] = []
+    peak_tasks = 0
+
+    def seen(request: httpx.Request) -> None:
+        nonlocal peak_tasks
+        peak_tasks = max(peak_tasks, len(asyncio.all_tasks()))
+        sent.extend(orjson.loads(request.content))
+
+    h = per_event_harness(3, 40, seen)
+    await h.run(40)
+    assert sent == list(range(40)) and sorted(h.settled) == list(range(40))
+    assert peak_tasks <= 1 + 1 + 3  # the test, the batch's delivery, its three senders
+    assert h.pipe.unsent == 0 and h.pipe.admission.unsettled == 0
+
+
+async def test_a_cancelled_batch_leaves_no_request_counted_as_unsent():
+    """Cancelled mid-batch (a revocation's drain timed out, shutdown): the requests in flight and those no
+    sender took yet all leave the planned-unsent count."""
+    started = asyncio.Event()
+
+    class Hung(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request):
+            started.set()
+            await asyncio.Event().wait()  # never answers: only the cancel ends it
+
+    h = Harness(lambda c, o: answer([]), concurrency=2, batch={"max_events": 10})
+    h.adapter = h.pipe.adapter = h.pipe.service.adapter = PerEventAdapter(h.adapter.settings)
+    h.pipe.service.client = Sender(Hung())
+    h.pipe.submit_many(h.events(10))
+    h.pipe.flush()
+    await asyncio.wait_for(started.wait(), 5)
+    assert h.pipe.unsent == 10
+    await h.pipe.cancel()
+    assert h.pipe.unsent == 0 and h.pipe.admission.limit.in_use == 0
+    await h.pipe.close()
 
 
 # -- isolation: park, don't block --------------------------------------------------------------------
