@@ -71,10 +71,10 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a request go now? Half-open: only while fewer than ``probes`` probes are out."""
+        if self._state is BreakerState.CLOSED:  # tick moves only an open breaker
+            return True
         self.tick(self.clock())
         state = self._state
-        if state is BreakerState.CLOSED:
-            return True
         if state is BreakerState.HALF_OPEN and self.probes_out + self.probes_ok < self.s.probes:
             self.probes_out += 1
             return True
@@ -160,9 +160,15 @@ class AdaptiveLimit:
     def current(self) -> int:
         return max(1, int(self.limit))
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """A place now if one is free and nobody waits for one (``acquire`` without the await)."""
         if self.in_use < self.current and not self._waiters:
             self.in_use += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)

@@ -7,15 +7,20 @@ order or URL.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client import metrics as prometheus_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
+
+C = TypeVar("C")
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 30, 60, 120, 300)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -27,28 +32,50 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "error"
 
 
-class BulkHistogram:
+def _created_series() -> bool:
+    """Whether prometheus_client exports ``_created`` samples (``PROMETHEUS_DISABLE_CREATED_SERIES`` or
+    ``disable_created_metrics()`` turn them off)."""
+    return bool(getattr(prometheus_metrics, "_use_created", True))
+
+
+class _Family(Generic[C]):
+    """A labelled family of the relay's own (children made on first use, as prometheus_client's); a
+    collector on ``registry``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self._children: dict[tuple[str, ...], C] = {}
+        registry.register(self)  # type: ignore[arg-type]
+
+    def labels(self, *values: str) -> C:
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._child()
+        return child
+
+    def _child(self) -> C:
+        raise NotImplementedError
+
+
+class BulkHistogram(_Family["BulkHistogramChild"]):
     """A labelled histogram whose children take a whole request's observations at once.
 
     prometheus_client's Histogram takes a lock and walks its buckets in Python for every
     observation; once per delivered event that was a visible share of the relay's time (bench/README.md).
-    Exposed exactly like a Histogram (``_bucket``, ``_sum``, ``_count``). Event loop only."""
+    Exposed exactly like a Histogram (``_bucket``, ``_sum``, ``_count``, and ``_created`` when ``created``).
+    Event loop only."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
-                 registry: CollectorRegistry) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = list(labelnames)
+                 registry: CollectorRegistry, created: bool = False) -> None:
         self.bounds = [float(b) for b in buckets] + [float("inf")]
-        self._children: dict[tuple[str, ...], BulkHistogramChild] = {}
-        registry.register(self)
+        self.created = created
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> BulkHistogramChild:
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = BulkHistogramChild(self.bounds)
-        return child
+    def _child(self) -> BulkHistogramChild:
+        return BulkHistogramChild(self.bounds)
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
@@ -61,16 +88,20 @@ class BulkHistogram:
                 cumulative += n
                 buckets.append((floatToGoString(bound), cumulative))
             family.add_metric(list(key), buckets, child.sum)
+            if self.created and _created_series():
+                family.add_sample(self.name + "_created", dict(zip(self.labelnames, key, strict=True)),
+                                  child.created)
         yield family
 
 
 class BulkHistogramChild:
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "created", "sum")
 
     def __init__(self, bounds: list[float]) -> None:
         self.bounds = bounds
         self.counts = [0] * len(bounds)
         self.sum = 0.0
+        self.created = time.time()
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
@@ -93,6 +124,37 @@ class BulkHistogramChild:
             at_most = n if i == last else n - bisect_left(ts, now_ms - bound * 1000)
             counts[i] += at_most - below
             below = at_most
+
+
+class PlainCounter(_Family["PlainCounterChild"]):
+    """A labelled counter without prometheus_client's lock per increment (the relay counts once per HTTP
+    request). Exposed exactly like a Counter (``_total``, ``_created``). Event loop only."""
+
+    def _child(self) -> PlainCounterChild:
+        return PlainCounterChild()
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = _created_series()
+        for key, child in self._children.items():
+            family.add_metric(list(key), child.value, created=child.created if created else None)
+        yield family
+
+
+class PlainCounterChild:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
 
 
 def relay_version() -> str:
@@ -119,11 +181,11 @@ class Metrics:
         self.vendor_events = Counter(
             "processor_vendor_events", "Events settled per vendor",
             ["vendor", "event_kind", "outcome"], registry=r)
-        self.vendor_requests = Counter(
-            "processor_vendor_requests", "HTTP requests to vendors", ["vendor", "status_class"], registry=r)
-        self.request_duration = Histogram(
+        self.vendor_requests = PlainCounter(
+            "processor_vendor_requests", "HTTP requests to vendors", ["vendor", "status_class"], r)
+        self.request_duration = BulkHistogram(
             "processor_vendor_request_duration_seconds", "Vendor HTTP request duration", ["vendor"],
-            buckets=REQUEST_BUCKETS, registry=r)
+            REQUEST_BUCKETS, r, created=True)
         self.delivery_latency = BulkHistogram(
             "processor_delivery_latency_seconds", "Kafka timestamp to vendor acknowledgement", ["vendor"],
             LATENCY_BUCKETS, r)

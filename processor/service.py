@@ -30,7 +30,7 @@ import httpx
 from processor.admission import Admission
 from processor.logs import where_failed
 from processor.metrics import Metrics, status_class
-from processor.transport import HttpSender
+from processor.transport import HttpSender, Reply
 from processor.vendors.base import Adapter, Outcome, Response, VendorRequest, Verdict, retryable
 
 logger = logging.getLogger(__name__)
@@ -71,48 +71,67 @@ class RequestService:
                  sleep: Any = asyncio.sleep) -> None:
         self.adapter = adapter
         self.name = adapter.name
-        self.client = sender
         self.admission = admission
         self.total_timeout = adapter.settings.timeout.total_s
+        self.client = sender
         self.metrics = metrics
         self.sleep = sleep  # replaceable in tests, with the clock
         self._duration = metrics.request_duration.labels(self.name)
-        self._requests: dict[str, Any] = {}  # status class -> its counter, made on first use (as before the split)
+        self._requests: dict[int | None, Any] = {}  # HTTP status (None: no answer) -> its status class's counter
+
+    @property
+    def client(self) -> HttpSender:
+        return self._client
+
+    @client.setter
+    def client(self, sender: HttpSender) -> None:
+        """The sender; the service bounds each request with ``asyncio.timeout`` unless the sender enforces a
+        total timeout of its own no longer than the vendor's (one timer a request, not two)."""
+        self._client = sender
+        own = getattr(sender, "total_s", None)
+        self._timer = own is None or own > self.total_timeout
 
     async def send(self, req: VendorRequest) -> Answer:
         """The request's answer; never raises but ``CancelledError``."""
         try:
-            return await self._send(req)
+            n = len(req.events)
+            a = self.admission
+            if a.gate.wait_s() > 0:
+                await a.gate.wait(self.sleep)
+            if not a.breaker.allow():
+                return Answer(None, [retryable(CIRCUIT_OPEN)] * n, counted=False)
+            if not a.limit.try_acquire():
+                await a.limit.acquire()
+            t0 = time.perf_counter()
+            try:
+                if self._timer:
+                    async with asyncio.timeout(self.total_timeout):
+                        r = await self._client.request(req.method, req.url, req.content, req.headers)
+                else:  # the sender bounds the whole request itself
+                    r = await self._client.request(req.method, req.url, req.content, req.headers)
+            except (TimeoutError, httpx.TimeoutException):
+                self._no_answer(t0, backpressure=True)
+                return Answer(None, [retryable("timeout")] * n)
+            except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):  # give the limit and any probe back
+                a.limit.release(ok=False)
+                a.breaker.abandon()
+                raise
+            except Exception as exc:  # a transport error, a body that does not decode, an unmapped error
+                self._no_answer(t0, backpressure=False)
+                if not isinstance(exc, httpx.TransportError):
+                    logger.warning("%s: a request of %d events failed without a usable answer: %s; retried",
+                                   self.name, n, where_failed(exc))
+                return Answer(None, [retryable(f"transport error: {type(exc).__name__}")] * n)
+            return self._answered(req, r, time.perf_counter() - t0)
         except Exception as exc:  # an error of ours around the request: retryable, this request alone
             logger.error("%s: a request of %d events failed inside the relay: %s; retried", self.name,
                          len(req.events), where_failed(exc))
             return Answer(None, [retryable(f"internal error: {type(exc).__name__}")] * len(req.events))
 
-    async def _send(self, req: VendorRequest) -> Answer:
-        n = len(req.events)
+    def _answered(self, req: VendorRequest, r: Reply, latency: float) -> Answer:
+        """An HTTP answer: admission told, counted, read by the adapter."""
         a = self.admission
-        await a.gate.wait(self.sleep)
-        if not a.breaker.allow():
-            return Answer(None, [retryable(CIRCUIT_OPEN)] * n, counted=False)
-        await a.limit.acquire()
-        t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.total_timeout):
-                r = await self.client.request(req.method, req.url, content=req.content, headers=req.headers)
-        except (TimeoutError, httpx.TimeoutException):
-            self._no_answer(t0, backpressure=True)
-            return Answer(None, [retryable("timeout")] * n)
-        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):  # give the limit and any probe back
-            a.limit.release(ok=False)
-            a.breaker.abandon()
-            raise
-        except Exception as exc:  # a transport error, a body that does not decode, an unmapped error
-            self._no_answer(t0, backpressure=False)
-            if not isinstance(exc, httpx.TransportError):
-                logger.warning("%s: a request of %d events failed without a usable answer: %s; retried",
-                               self.name, n, where_failed(exc))
-            return Answer(None, [retryable(f"transport error: {type(exc).__name__}")] * n)
-        latency = time.perf_counter() - t0
+        n = len(req.events)
         self._duration.observe(latency)
         status = r.status_code
         after = parse_retry_after(r.headers.get("retry-after")) if status >= 400 else None
@@ -122,7 +141,7 @@ class RequestService:
         a.limit.release(ok=healthy and not throttled, backpressure=throttled, latency_s=latency)
         if throttled:
             a.gate.hold(after if after is not None else 1.0)
-        self._count(status_class(status))
+        self._count(status)
         resp = Response(status, r.headers, r.content)
         try:
             outcomes = self.adapter.interpret(req, resp)
@@ -138,15 +157,15 @@ class RequestService:
                         if o.verdict is Verdict.RETRYABLE else o for o in outcomes]
         return Answer(status, outcomes, counted=not throttled)
 
-    def _count(self, status_class: str) -> None:
-        child = self._requests.get(status_class)
+    def _count(self, status: int | None) -> None:
+        child = self._requests.get(status)
         if child is None:
-            child = self._requests[status_class] = self.metrics.vendor_requests.labels(self.name, status_class)
+            child = self._requests[status] = self.metrics.vendor_requests.labels(self.name, status_class(status))
         child.inc()
 
     def _no_answer(self, t0: float, backpressure: bool) -> None:
         self._duration.observe(time.perf_counter() - t0)
-        self._count("error")
+        self._count(None)
         a = self.admission
         a.breaker.record(False)
         a.limit.release(ok=False, backpressure=backpressure)

@@ -15,6 +15,7 @@ Neither follows redirects (an answer is the answer: adapters classify 3xx) nor k
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -38,7 +39,11 @@ class Reply(Protocol):
 
 
 class HttpSender(Protocol):
-    """What the delivery pipeline sends through."""
+    """What the delivery pipeline sends through. ``total_s``: the whole-request timeout the sender enforces
+    itself (past it a request raises ``TimeoutError``), or None when it cannot: then the request service
+    bounds each request with ``asyncio.timeout``."""
+
+    total_s: float | None
 
     async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> Reply: ...
 
@@ -61,7 +66,9 @@ class Sender:
 
     httpx.AsyncClient wraps every request in layers a relay does not use (a cookie jar, auth and
     redirect handling, default-header merging): the transport is called directly. Transport errors
-    are httpx's, as they are through the client."""
+    are httpx's, as they are through the client. httpx has no whole-request timeout: ``total_s`` is None."""
+
+    total_s: float | None = None
 
     def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout | None = None) -> None:
         self.transport = transport
@@ -86,14 +93,19 @@ class AiohttpSender:
 
     The session is made on first use (inside the running event loop). Timeouts as httpx-aiohttp sets
     them from an ``httpx.Timeout``: connect -> ``sock_connect``, read -> ``sock_read``, pool -> ``connect``
-    (the wait for a pooled connection)."""
+    (the wait for a pooled connection); and ``total_s``, when given, bounds the whole request (pool wait,
+    connect, send, the answer and its body) with aiohttp's own timer, to the moment as ``asyncio.timeout``
+    would (no rounding up to a whole second): past it the request raises ``TimeoutError``, as
+    ``asyncio.timeout`` around it did, and the request service sets no timer of its own."""
 
     def __init__(self, limits: httpx.Limits, timeout: httpx.Timeout | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, total_s: float | None = None) -> None:
         self._limits = limits
+        self.total_s = total_s
         t = (timeout or httpx.Timeout(10.0)).as_dict()
-        self._timeout = aiohttp.ClientTimeout(sock_connect=t.get("connect"), sock_read=t.get("read"),
-                                              connect=t.get("pool"))
+        exact = {"ceil_threshold": math.inf} if total_s is not None else {}
+        self._timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=t.get("connect"), sock_read=t.get("read"),
+                                              connect=t.get("pool"), **exact)
         self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context()
         self._session: aiohttp.ClientSession | None = None
 
@@ -129,5 +141,5 @@ def make_sender(adapter: Any, transport: str = "aiohttp") -> HttpSender:
                           keepalive_expiry=30)
     timeout = httpx.Timeout(s.timeout.total_s, connect=s.timeout.connect_s)
     if transport == "aiohttp":
-        return AiohttpSender(limits, timeout)
+        return AiohttpSender(limits, timeout, total_s=s.timeout.total_s)
     return Sender(httpx.AsyncHTTPTransport(limits=limits), timeout)

@@ -133,6 +133,37 @@ async def test_the_limit_bounds_concurrent_holders_and_wakes_waiters_in_order():
     assert order == list(range(6)) and lim.in_use == 0
 
 
+async def test_try_acquire_takes_a_free_place_and_never_jumps_the_queue():
+    lim = AdaptiveLimit(1)
+    assert lim.try_acquire() and lim.in_use == 1
+    assert not lim.try_acquire()  # full
+    waiter = asyncio.ensure_future(lim.acquire())
+    await asyncio.sleep(0)
+    lim.limit = 2.0  # room again, but a waiter came first
+    assert not lim.try_acquire() and lim.in_use == 1
+    lim.release(ok=True, latency_s=0.01)  # its place goes to the waiter
+    await waiter
+    assert lim.in_use == 1 and lim.try_acquire() and lim.in_use == 2
+
+
+def test_a_closed_breaker_allows_without_reading_the_clock_and_an_open_one_half_opens_when_asked():
+    reads = 0
+    b, clock, seen = breaker()
+
+    def counting() -> float:
+        nonlocal reads
+        reads += 1
+        return clock.t
+
+    b.clock = counting
+    assert b.allow() and reads == 0
+    for _ in range(3):
+        b.record(False)
+    assert not b.allow()
+    clock.t += 5
+    assert b.allow() and seen == [BreakerState.OPEN, BreakerState.HALF_OPEN]
+
+
 async def test_the_gate_holds_every_request_until_the_time_given():
     clock = Clock()
     gate = RateGate(clock)

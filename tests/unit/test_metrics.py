@@ -63,3 +63,60 @@ async def test_metrics_endpoint_restricts_the_exposition_to_the_names_asked_for(
     assert [(s.labels, s.value) for s in only[0].samples if s.name.endswith("_total")] == [
         ({"vendor": "qubit", "event_kind": "product_view", "outcome": "delivered"}, 3.0)]
     assert {"processor_vendor_events", "processor_vendor_requests", "process_resident_memory_bytes"} <= everything
+
+
+def _exposition(registry) -> str:
+    """The text exposition with every ``_created`` value replaced by its series' name (made at different
+    instants by the two implementations)."""
+    from prometheus_client import generate_latest
+
+    lines = []
+    for line in generate_latest(registry).decode().splitlines():
+        name = line.split("{")[0]
+        if name.endswith("_created") and not line.startswith("#"):
+            line = line.rsplit(" ", 1)[0] + " <created>"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def test_plain_counter_and_bulk_histogram_expose_what_prometheus_client_does():
+    """The request counter and duration histogram, observed per request without prometheus_client's locks,
+    give the same exposition as its Counter and Histogram for the same observations."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from processor.metrics import REQUEST_BUCKETS, BulkHistogram, PlainCounter
+
+    rng = random.Random(5)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    counter = PlainCounter("processor_vendor_requests", "HTTP requests to vendors", ["vendor", "status_class"], ours)
+    ref_counter = Counter("processor_vendor_requests", "HTTP requests to vendors", ["vendor", "status_class"],
+                          registry=theirs)
+    hist = BulkHistogram("processor_vendor_request_duration_seconds", "Vendor HTTP request duration", ["vendor"],
+                         REQUEST_BUCKETS, ours, created=True)
+    ref_hist = Histogram("processor_vendor_request_duration_seconds", "Vendor HTTP request duration", ["vendor"],
+                         buckets=REQUEST_BUCKETS, registry=theirs)
+    for _ in range(2000):
+        vendor = rng.choice(["convead", "tracardi", "convert"])
+        cls = rng.choice(["2xx", "4xx", "5xx", "error"])
+        counter.labels(vendor, cls).inc()
+        ref_counter.labels(vendor, cls).inc()
+        # durations on and around the bucket bounds, tiny and beyond the last bound
+        value = rng.choice([rng.random() * 12, rng.choice(REQUEST_BUCKETS), 0.0, 1e-9, 30.0])
+        hist.labels(vendor).observe(value)
+        ref_hist.labels(vendor).observe(value)
+    counter.labels("qubit", "2xx")  # made, never increased: exposed at 0 as prometheus_client does
+    ref_counter.labels("qubit", "2xx")
+    assert _exposition(ours) == _exposition(theirs)
+    assert "processor_vendor_requests_created" in _exposition(ours)
+    assert "processor_vendor_request_duration_seconds_created" in _exposition(ours)
+
+
+def test_plain_counter_refuses_a_decrease_as_prometheus_client_does():
+    import pytest
+    from prometheus_client import CollectorRegistry
+
+    from processor.metrics import PlainCounter
+
+    child = PlainCounter("c", "d", ["v"], CollectorRegistry()).labels("x")
+    with pytest.raises(ValueError):
+        child.inc(-1)

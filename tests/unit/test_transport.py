@@ -75,12 +75,31 @@ async def _empty(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def _slow_body(request: web.Request) -> web.StreamResponse:
+    """Headers at once, then a chunk every 0.1 s for 3 s: no single read waits long, the whole does."""
+    r = web.StreamResponse(status=200)
+    await r.prepare(request)
+    try:
+        for _ in range(30):
+            await r.write(b"x" * 10)
+            await asyncio.sleep(0.1)
+    except ConnectionResetError:  # the client gave up: what the tests make it do
+        pass
+    return r
+
+
+async def _hung(request: web.Request) -> web.Response:
+    await asyncio.sleep(1.5)
+    return web.Response(status=200)
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
     app = web.Application()
     app.add_routes([web.post("/ok", _ok), web.post("/throttled", _throttled), web.post("/redirect", _redirect),
                     web.post("/gzip", _gzip_ok), web.post("/garbled", _gzip_garbled), web.post("/slow", _slow),
-                    web.post("/drop", _drop), web.post("/empty", _empty)])
+                    web.post("/drop", _drop), web.post("/empty", _empty), web.post("/slow-body", _slow_body),
+                    web.post("/hung", _hung)])
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -186,3 +205,78 @@ async def test_every_twin_answers_the_same(vendor: str, tmp_path: Path) -> None:
         assert throttled[0] == 429 and throttled[1]["retry-after"] == "3"
     finally:
         await server.stop()
+
+
+# -- the whole-request timeout: aiohttp's own timer instead of asyncio.timeout around the sender ---------
+
+TOTAL_S = 0.5
+LONG_READS = httpx.Timeout(5.0, connect=1.0)  # no socket read waits 5 s: only the total timeout can fire
+
+
+def _service(sender: Any) -> Any:
+    from processor.admission import Admission
+    from processor.metrics import Metrics
+    from processor.service import RequestService
+    from tests.unit.test_delivery import FakeAdapter
+
+    adapter = FakeAdapter(FakeAdapter.settings_model().model_validate(
+        {"sites": {"default": {}}, "options": {}, "timeout": {"total_s": TOTAL_S}, "concurrency": 4}))
+    s = adapter.settings
+    return RequestService(adapter, sender, Admission(100, False, 10, s.breaker, s.concurrency), Metrics())
+
+
+async def _timed_out(sender: Any, url: str) -> tuple[Any, ...]:
+    """What the request service makes of a request that outlives the total timeout: the answer, the
+    metrics and the admission's state after it."""
+    from processor.vendors.base import VendorRequest
+
+    svc = _service(sender)
+    try:
+        answer = await svc.send(VendorRequest(url, b"[1]", [object()]))
+    finally:
+        await sender.aclose()
+    m, a = svc.metrics.registry, svc.admission
+    return (svc._timer, answer.status, answer.outcomes, answer.counted, answer.internal,
+            m.get_sample_value("processor_vendor_requests_total", {"vendor": "fake", "status_class": "error"}),
+            m.get_sample_value("processor_vendor_request_duration_seconds_count", {"vendor": "fake"}),
+            a.breaker.consecutive, a.limit.in_use, a.limit.current)
+
+
+@pytest.mark.parametrize("path", ["/slow-body", "/hung"])
+async def test_a_total_timeout_is_the_same_outcome_when_aiohttp_enforces_it(server: str, path: str) -> None:
+    """Before: asyncio.timeout in the request service around a sender without a total timeout. Now: the
+    sender's aiohttp timer, no timer in the service. The same outcome (timeout: retryable, back-pressure),
+    the same metrics and admission state."""
+    from processor.vendors.base import retryable
+
+    before = await _timed_out(AiohttpSender(LIMITS, LONG_READS), server + path)
+    after = await _timed_out(AiohttpSender(LIMITS, LONG_READS, total_s=TOTAL_S), server + path)
+    assert before[0] is True and after[0] is False  # one timer a request: the service's, or aiohttp's
+    assert after[1:] == before[1:]
+    assert before[1:5] == (None, [retryable("timeout")], True, "")
+    assert before[5:] == (1.0, 1.0, 1, 0, 2)  # counted as an error, a breaker failure, the limit halved
+
+
+@pytest.mark.parametrize("path", ["/slow-body", "/hung"])
+async def test_the_sender_raises_what_asyncio_timeout_raised(server: str, path: str) -> None:
+    untimed, sender = AiohttpSender(LIMITS, LONG_READS), AiohttpSender(LIMITS, LONG_READS, total_s=TOTAL_S)
+    try:
+        with pytest.raises(TimeoutError) as before:
+            async with asyncio.timeout(TOTAL_S):
+                await untimed.request("POST", server + path, b"", {})
+        with pytest.raises(TimeoutError) as after:
+            await sender.request("POST", server + path, b"", {})
+    finally:
+        await untimed.aclose()
+        await sender.aclose()
+    assert type(after.value) is type(before.value) is TimeoutError
+
+
+async def test_a_sender_that_cannot_bound_itself_is_bounded_by_the_service(server: str) -> None:
+    """httpx's transports have no whole-request timeout: the service keeps its own timer for them."""
+    from processor.vendors.base import retryable
+
+    got = await _timed_out(Sender(AiohttpTransport(limits=LIMITS), LONG_READS), server + "/slow-body")
+    assert got[0] is True and got[2] == [retryable("timeout")]
+    longer = await _timed_out(AiohttpSender(LIMITS, LONG_READS, total_s=TOTAL_S * 10), server + "/empty")
+    assert longer[0] is True  # a sender's total longer than the vendor's: the service's timer still bounds it
