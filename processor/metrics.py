@@ -110,7 +110,7 @@ class BulkHistogramChild:
     def observe_since(self, now_s: float, timestamps_ms: Iterable[int | None]) -> None:
         """``observe(max(0, now_s - ts / 1000))`` for every timestamp (missing ones skipped), with no
         Python work per value: the timestamps are sorted once and each bucket bound is one bisection
-        (an age <= bound is a timestamp >= now - bound)."""
+        (an age <= bound is a timestamp >= now - bound), up to the first bound every age is within."""
         ts = sorted(filter(None, timestamps_ms))  # type: ignore[arg-type]
         n = len(ts)
         if not n:
@@ -123,6 +123,8 @@ class BulkHistogramChild:
         for i, bound in enumerate(self.bounds):
             at_most = n if i == last else n - bisect_left(ts, now_ms - bound * 1000)
             counts[i] += at_most - below
+            if at_most == n:  # every age counted: the later buckets get nothing more
+                return
             below = at_most
 
 
