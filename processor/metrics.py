@@ -116,6 +116,13 @@ class BulkHistogramChild:
         if not n:
             return
         now_ms = now_s * 1000
+        if n == 1:  # one event a request (Convead's, most of Tracardi's): its bucket by one bisection
+            one = ts[0]
+            if one <= now_ms:
+                self.sum += (now_ms - one) / 1000
+            # the first bound with now - bound <= ts; compared negated (exact), as key, to bisect the bounds
+            self.counts[bisect_left(self.bounds, -one, hi=len(self.bounds) - 1, key=lambda b: b * 1000 - now_ms)] += 1
+            return
         past = bisect_right(ts, now_ms)  # later timestamps (clock skew) count as age 0
         self.sum += (past * now_ms - sum(ts[:past] if past < n else ts)) / 1000
         counts, below = self.counts, 0

@@ -21,6 +21,24 @@ def test_observe_since_matches_one_observation_per_timestamp():
         assert abs(bulk.sum - one.sum) < 1e-6 * max(1.0, one.sum)
 
 
+def test_observe_since_of_one_timestamp_counts_as_the_bulk_path_does():
+    """One timestamp takes a shortcut (one bisection): the same bucket and sum as the bulk path gives it,
+    here fed the same timestamp twice."""
+    rng = random.Random(4)
+    bounds = [float(b) for b in LATENCY_BUCKETS] + [float("inf")]
+    for _ in range(3000):
+        now_s = 1_700_000_000.0005 + rng.randint(0, 10**6) + rng.random()
+        now_ms = int(now_s * 1000)
+        ts = rng.choice([now_ms + rng.randint(1, 5000), now_ms - rng.randint(0, 400_000), now_ms,
+                         now_ms - int(rng.choice(LATENCY_BUCKETS) * 1000), int(now_s * 1000 - 25)])
+        one, bulk = BulkHistogramChild(bounds), BulkHistogramChild(bounds)
+        one.observe_since(now_s, [ts, None])
+        one.observe_since(now_s, iter([ts]))
+        bulk.observe_since(now_s, [ts, ts])
+        assert one.counts == bulk.counts and sum(one.counts) == 2
+        assert abs(one.sum - bulk.sum) <= 1e-9 * max(1.0, bulk.sum)
+
+
 def test_registry_carries_the_process_and_platform_collectors_and_the_build_info():
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
