@@ -118,11 +118,14 @@ class AiohttpSender:
 
     async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> Reply:
         session = self._session or self._open()
-        with map_aiohttp_exceptions():
+        try:
             async with session.request(method, url, data=content or None, headers=headers,
                                        allow_redirects=False) as r:
                 body = await r.read()
                 status, raw = r.status, r.headers
+        except Exception as exc:  # translated as httpx-aiohttp does, only when raised (no context a request)
+            with map_aiohttp_exceptions():
+                raise exc
         if "Content-Encoding" in raw:  # rare for a vendor's answer: httpx decodes it, as it did
             return httpx.Response(status, headers=list(r.raw_headers), content=body)
         return Answered(status, raw, body)
