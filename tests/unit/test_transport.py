@@ -280,3 +280,23 @@ async def test_a_sender_that_cannot_bound_itself_is_bounded_by_the_service(serve
     assert got[0] is True and got[2] == [retryable("timeout")]
     longer = await _timed_out(AiohttpSender(LIMITS, LONG_READS, total_s=TOTAL_S * 10), server + "/empty")
     assert longer[0] is True  # a sender's total longer than the vendor's: the service's timer still bounds it
+
+
+@pytest.mark.parametrize("events", [1, 3])
+async def test_a_pipeline_over_a_hung_vendor_times_out_each_request_once(server: str, events: int) -> None:
+    """Through the delivery pipeline (a batch of one request awaited in the batch's task; several on worker
+    tasks): aiohttp's timer ends each attempt as a timeout, the task goes on, every event gets one outcome."""
+    from tests.unit.test_delivery import Harness, PerEventAdapter
+
+    h = Harness(lambda c, o: None, base_url=server + "/hung", timeout={"total_s": TOTAL_S},
+                retry={"max_attempts": 2, "base_delay_ms": 10, "max_delay_ms": 10, "max_elapsed_s": 60},
+                breaker={"consecutive_failures": 100}, batch={"max_events": events})
+    h.adapter = h.pipe.adapter = h.pipe.service.adapter = PerEventAdapter(h.adapter.settings)
+    h.pipe.service.client = AiohttpSender(LIMITS, LONG_READS, total_s=TOTAL_S)
+    assert not h.pipe.service._timer
+    await h.run(events)
+    assert sorted(d[0] for d in h.dead) == list(range(events)) and not h.settled
+    assert {(d[1], d[3]) for d in h.dead} == {("exhausted", "timeout (after 2 attempts)")}
+    assert h.metrics.registry.get_sample_value(
+        "processor_vendor_requests_total", {"vendor": "fake", "status_class": "error"}) == 2 * events
+    assert h.pipe.admission.unsettled == 0 and h.pipe.unsent == 0 and h.pipe.admission.limit.in_use == 0
