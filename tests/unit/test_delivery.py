@@ -344,6 +344,29 @@ async def test_a_batch_of_many_requests_is_sent_in_order_on_at_most_concurrency_
     assert h.pipe.unsent == 0 and h.pipe.admission.unsettled == 0
 
 
+async def test_requests_queued_behind_the_limit_meet_the_breaker_when_their_turn_comes():
+    """A batch's requests ask the breaker when a sender takes them, not all when the batch starts: once the
+    breaker opens mid-batch, the rest are parked as circuit-open instead of going out behind the limit
+    (before the workers, all five reached the failing vendor)."""
+
+    class Failing(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request):
+            h.calls.append(orjson.loads(request.content))
+            await asyncio.sleep(0.001)  # a real request suspends: the batch's other requests queue meanwhile
+            return httpx.Response(503)
+
+    h = Harness(lambda call, offsets: answer([]), parking=True, concurrency=1, batch={"max_events": 5},
+                breaker={"consecutive_failures": 2}, retry={"max_attempts": 1})
+    h.adapter = h.pipe.adapter = h.pipe.service.adapter = PerEventAdapter(h.adapter.settings)
+    h.pipe.service.client = Sender(Failing())
+    await h.run(5)
+    assert h.calls == [[0], [1]]
+    assert sorted((p[0], p[2]) for p in h.parked) == [
+        (0, "HTTP 503 (after 1 attempts)"), (1, "HTTP 503 (after 1 attempts)"),
+        *((i, "circuit open (after 0 attempts)") for i in (2, 3, 4))]
+    assert h.pipe.admission.unsettled == 0 and h.pipe.unsent == 0
+
+
 async def test_a_cancelled_batch_leaves_no_request_counted_as_unsent():
     """Cancelled mid-batch (a revocation's drain timed out, shutdown): the requests in flight and those no
     sender took yet all leave the planned-unsent count."""
