@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from operator import attrgetter
 from typing import Any
@@ -75,7 +76,7 @@ class VendorPipeline:
         # requests, so nothing can wait on itself.
         self.unsent = 0
         self.max_unsent = 2 * s.concurrency
-        self._room = asyncio.Event()
+        self._waiting: deque[asyncio.Future[None]] = deque()  # batches waiting for room to plan, in turn
         self.retry = s.retry
         self.tasks: set[asyncio.Task[None]] = set()
         self.clock: Callable[[], float] = time.monotonic  # replaceable in tests, with ``sleep``
@@ -313,9 +314,34 @@ class VendorPipeline:
             self._release(len(stuck))
 
     async def _room_to_plan(self) -> None:
+        """Until fewer than ``max_unsent`` requests are planned and unanswered. Waiting batches take their
+        turns in order, woken one at a time (not every waiting batch on every answer): a batch given room
+        wakes the next, which looks again once this one has planned (no await between the two)."""
+        again = False
         while self.unsent >= self.max_unsent:
-            self._room.clear()
-            await self._room.wait()
+            fut = asyncio.get_running_loop().create_future()
+            if again:  # woken, but no room after all: still first in line
+                self._waiting.appendleft(fut)
+            else:
+                self._waiting.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():  # woken, then cancelled: the turn passes on
+                    self._wake()
+                elif fut in self._waiting:
+                    self._waiting.remove(fut)
+                raise
+            again = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """The first waiting batch looks for room, if there is any now."""
+        while self._waiting and self.unsent < self.max_unsent:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
 
     async def _send_all(self, requests: list[VendorRequest]) -> list[Answer]:
         """Each request's answer, in order; sent concurrently by at most ``concurrency`` workers (the
@@ -347,8 +373,8 @@ class VendorPipeline:
 
     def _sent(self, n: int) -> None:
         self.unsent -= n
-        if self.unsent < self.max_unsent:
-            self._room.set()
+        if self._waiting:
+            self._wake()
 
 
     async def drain(self, timeout_s: float) -> bool:

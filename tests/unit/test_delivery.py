@@ -367,6 +367,52 @@ async def test_requests_queued_behind_the_limit_meet_the_breaker_when_their_turn
     assert h.pipe.admission.unsettled == 0 and h.pipe.unsent == 0
 
 
+async def until(condition: Callable[[], bool], bound: int = 10_000) -> None:
+    """Let the loop run until ``condition`` holds (at most ``bound`` turns)."""
+    for _ in range(bound):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+async def test_batches_waiting_for_room_take_turns_and_a_cancelled_one_passes_its_turn_on():
+    """Batches waiting for room to plan are woken one at a time, in order. One cancelled while it waits
+    leaves the line; one cancelled just after it was woken hands its turn to the next, which plans at once
+    (else it would wait for an answer that never comes here)."""
+    first, last = asyncio.Event(), asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    class Held(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request):
+            offsets = orjson.loads(request.content)
+            h.calls.append(offsets)
+            if offsets == [1]:  # batch A's second request: A's first answer has just woken batch B
+                tasks[1].cancel()
+                await last.wait()
+            await first.wait()
+            return answer(["ok"])
+
+    h = Harness(lambda c, o: answer([]), concurrency=1, batch={"max_events": 2})  # 2 requests planned at most
+    h.adapter = h.pipe.adapter = h.pipe.service.adapter = PerEventAdapter(h.adapter.settings)
+    h.pipe.service.client = Sender(Held())
+    for start in (0, 2, 4, 6):  # batches A, B, C, D of two one-event requests each
+        before = set(h.pipe.tasks)
+        h.pipe.submit_many(h.events(2, start=start))
+        tasks += list(h.pipe.tasks - before)
+    await until(lambda: len(h.pipe._waiting) == 3)  # A planned; B, C, D wait in that order
+    tasks[2].cancel()  # C, while it waits
+    await until(lambda: len(h.pipe._waiting) == 2)
+    first.set()
+    await until(lambda: h.pipe.unsent == 3)  # D planned while A's second request is still unanswered
+    assert h.calls == [[0], [1]]
+    last.set()
+    assert await h.pipe.drain(5)
+    assert h.calls == [[0], [1], [6], [7]] and sorted(h.settled) == [0, 1, 6, 7]
+    assert h.pipe.unsent == 0 and not h.pipe._waiting
+    await h.pipe.close()
+
+
 async def test_a_cancelled_batch_leaves_no_request_counted_as_unsent():
     """Cancelled mid-batch (a revocation's drain timed out, shutdown): the requests in flight and those no
     sender took yet all leave the planned-unsent count."""
