@@ -34,7 +34,7 @@ from processor.events import Event
 from processor.isolation import BreakerState
 from processor.logs import where_failed
 from processor.metrics import Metrics
-from processor.offsets import Settlement, is_revoked
+from processor.offsets import Settlement, any_revoked, is_revoked
 from processor.retry import Step, backoff_delay, decide, expired
 from processor.service import CIRCUIT_OPEN, Answer, RequestService
 from processor.transport import HttpSender
@@ -258,7 +258,7 @@ class VendorPipeline:
         self.admission.release(n)
 
     def _drop_revoked(self, events: list[Event]) -> list[Event]:
-        if not any(map(is_revoked, events)):
+        if not any_revoked(events):
             return events
         keep = [ev for ev in events if not is_revoked(ev)]
         dropped = [ev for ev in events if is_revoked(ev)]

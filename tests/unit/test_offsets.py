@@ -108,3 +108,60 @@ def test_register_many_tracks_each_partition_in_consume_order():
     t.settle_items(events)
     assert t.commit_positions() == {("shop.events", 0): 13, ("shop.events", 1): 6}
     assert t.inflight == 0
+
+
+def test_any_revoked_is_is_revoked_of_any_item_whatever_the_runs_of_partitions():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from processor.offsets import any_revoked, is_revoked
+
+    @given(st.lists(st.integers(0, 3), min_size=0, max_size=30), st.sets(st.integers(0, 3)))
+    def check(partitions, revoked):
+        t = OffsetTracker()
+        for p in range(4):
+            t.assign("t", p)
+        items = [Msg("t", p, off) for off, p in enumerate(partitions)]
+        for item in items:  # one by one: runs of any length, a partition coming back after another
+            t.register_many([item], [1])
+        for p in revoked:
+            t.revoke("t", p)
+        assert any_revoked(items) == any(map(is_revoked, items))
+
+    check()
+
+
+def test_outcome_counts_per_kind_are_the_plain_count_of_each_events_kind():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from processor.events import EventKind
+    from processor.metrics import Metrics
+    from processor.offsets import Outcomes
+
+    class Item(Msg):
+        def __init__(self, kind):
+            super().__init__("t", 0, 0)
+            self.kind = kind
+
+    kinds = st.sampled_from([EventKind.PRODUCT_VIEW, EventKind.ORDER, None])
+
+    @given(st.lists(st.lists(kinds, min_size=1, max_size=12), max_size=4))
+    def check(requests):
+        t = OffsetTracker()
+        t.assign("t", 0)
+        o = Outcomes(Metrics())
+        want: dict[str, int] = {}
+        for request in requests:
+            items = [Item(k) for k in request]
+            t.register_many(items, [1] * len(items))
+            o.count("qubit", items, "delivered")
+            for item in items:  # the plain reference: one count an event of a kind (no kind: not counted)
+                if item.kind is not None:
+                    want[item.kind.value] = want.get(item.kind.value, 0) + 1
+        got = {k.value: o.metrics.registry.get_sample_value(
+            "processor_vendor_events_total", {"vendor": "qubit", "event_kind": k.value, "outcome": "delivered"})
+            for k in EventKind}
+        assert {k: v for k, v in got.items() if v} == want
+
+    check()
