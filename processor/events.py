@@ -100,7 +100,13 @@ class Event(Source):
     def __init__(self, kind: EventKind, record: dict[str, Any], topic: str, partition: int, offset: int,
                  timestamp_ms: int | None, key: bytes | None, value: bytes,
                  headers: list[tuple[str, bytes]] | None) -> None:
-        Source.__init__(self, topic, partition, offset, timestamp_ms, key, value, headers)
+        self.topic = topic  # Source's fields, set here: one call an event, not two
+        self.partition = partition
+        self.offset = offset
+        self.timestamp_ms = timestamp_ms
+        self.key = key
+        self.value = value
+        self.headers = headers
         self.kind = kind
         self.record = record
         self.size = len(value)

@@ -236,7 +236,7 @@ class KafkaSource:
         append = out.append
         from_message = Source.from_message
         for msg in msgs:
-            if is_error(msg, "consumer"):
+            if msg.error() is not None and is_error(msg, "consumer"):
                 continue
             value = msg.value() or b""
             try:

@@ -134,3 +134,58 @@ async def test_assigned_partitions_take_the_group_positions_so_lag_shows_before_
     assert s.positions == {("t", 0): 40, ("t", 1): 7}
     poll = await s.poll(10, 0)
     assert poll.lag == {("t", 0): 60, ("t", 1): 93} and not poll.committed
+
+
+def test_decode_all_makes_an_event_of_each_routable_record_and_a_decoded_of_the_rest(caplog, tmp_path):
+    """Each message as the relay holds it, in consume order: an Event carrying the message's place, key,
+    value, headers and timestamp (None when the message has none), a Decoded for what is undecodable or
+    of a schema the relay does not route; a consumer error is logged and skipped, a fatal one raises."""
+    import io
+    import json
+
+    import confluent_kafka as ck
+    from fastavro import parse_schema, schemaless_writer
+
+    from processor.codec import confluent_frame
+    from processor.devstack.samples import encode, make_order, make_view
+    from processor.events import Event, EventKind
+    from processor.source import Decoded
+
+    schema = {"type": "record", "name": "Other", "namespace": "shop.other", "fields": [{"name": "a", "type": "string"}]}
+    (tmp_path / "other.avsc").write_text(json.dumps(schema))
+    record = {"a": "b"}
+    buf = io.BytesIO()
+    schemaless_writer(buf, parse_schema(schema), record)
+    source = KafkaSource.__new__(KafkaSource)  # decode_all needs only the decoder
+    source.decoder = Decoder(local_ids={1: "shop.events.ProductView", 2: "shop.events.OrderCompleted",
+                                        9: tmp_path / "other.avsc"})
+    view, order = make_view(1, 2), make_order(3)
+    eof = ck.KafkaError(ck.KafkaError._PARTITION_EOF, "end of partition", fatal=False)
+    msgs = [
+        ck.Message(topic="t", partition=1, offset=7, key=b"k1", value=encode(EventKind.PRODUCT_VIEW, view),
+                   headers=[("h", b"v")], timestamp=(ck.TIMESTAMP_CREATE_TIME, 1_700_000_000_123)),
+        ck.Message(topic="t", partition=1, offset=8, error=eof),
+        ck.Message(topic="t", partition=1, offset=9, key=None, value=encode(EventKind.ORDER, order),
+                   timestamp=(ck.TIMESTAMP_NOT_AVAILABLE, 0)),
+        ck.Message(topic="t", partition=1, offset=10, value=b"\x00\x00"),
+        ck.Message(topic="t", partition=1, offset=11, value=confluent_frame(9, buf.getvalue())),
+    ]
+    with caplog.at_level("WARNING", "processor.source"):
+        out = KafkaSource.decode_all(source, msgs)
+    assert "end of partition" in caplog.text
+    first, second, bad, other = out
+    assert type(first) is Event and type(second) is Event
+    assert [(e.kind, e.topic, e.partition, e.offset, e.key, e.headers, e.timestamp_ms, e.size, e.invalid)
+            for e in (first, second)] == [
+        (EventKind.PRODUCT_VIEW, "t", 1, 7, b"k1", [("h", b"v")], 1_700_000_000_123, len(msgs[0].value()),
+         first.invalid),
+        (EventKind.ORDER, "t", 1, 9, None, None, None, len(msgs[2].value()), second.invalid)]
+    assert first.value == msgs[0].value() and first.record == view and second.record == order
+    assert first.source is first and first.slot is None and first.where() == "t[1]@7"
+    assert isinstance(bad, Decoded) and bad.error is not None and bad.error.reason == "bad_framing"
+    assert bad.source.offset == 10 and bad.kind is None
+    assert isinstance(other, Decoded) and other.error is None and other.kind is None and other.record == record
+    fatal = ck.Message(topic="t", partition=1, offset=12,
+                       error=ck.KafkaError(ck.KafkaError._FATAL, "fenced", fatal=True))
+    with pytest.raises(ck.KafkaException):
+        KafkaSource.decode_all(source, [fatal])
