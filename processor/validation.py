@@ -109,6 +109,17 @@ def _add(bad: Violations | None, key: str, why: str) -> Violations:
     return bad
 
 
+def _experiments(bad: Violations | None, buckets: list[dict[str, Any]]) -> Violations | None:
+    """``bad`` with the empty ids of the experiment buckets, each named by its index."""
+    for i, bucket in enumerate(buckets):
+        exp, var = bucket["experience_id"], bucket["variation_id"]
+        if _empty(exp):
+            bad = _add(bad, EXPERIENCE_ID, f"experiments[{i}].experience_id is empty")
+        if _empty(var):
+            bad = _add(bad, VARIATION_ID, f"experiments[{i}].variation_id is empty")
+    return bad
+
+
 def check(kind: EventKind, rec: dict[str, Any], reference_ms: int) -> Violations | None:
     """The event's violations (field key -> reason), or None when it keeps every rule. One pass; on a
     valid event it builds nothing. ``reference_ms`` is the message's Kafka timestamp (else now).
@@ -122,13 +133,11 @@ def check(kind: EventKind, rec: dict[str, Any], reference_ms: int) -> Violations
         for key in (EVENT_ID, SITE_ID):
             if _empty(rec[key]):
                 bad = _add(bad, key, f"{key} is empty")
-    for i, bucket in enumerate(rec["experiments"]):
+    for bucket in rec["experiments"]:
         exp, var = bucket["experience_id"], bucket["variation_id"]
         if not exp or not var or exp.isspace() or var.isspace():
-            if _empty(exp):
-                bad = _add(bad, EXPERIENCE_ID, f"experiments[{i}].experience_id is empty")
-            if _empty(var):
-                bad = _add(bad, VARIATION_ID, f"experiments[{i}].variation_id is empty")
+            bad = _experiments(bad, rec["experiments"])  # the buckets before this one were fine
+            break
     if kind is _VIEW:
         product = rec["product"]
         price = product["price"]
@@ -172,9 +181,10 @@ def validate(event: Event, now_ms: int | None = None) -> Violations | None:
 def validate_all(events: Iterable[Event]) -> None:
     """Validate a poll's events (routing, before the fan-out)."""
     now_ms = int(time.time() * 1000)
-    for event in events:
+    for event in events:  # ``validate(event, now_ms)`` of each, without a call an event
         if event.invalid is UNCHECKED:
-            validate(event, now_ms)
+            ts = event.timestamp_ms
+            event.invalid = check(event.kind, event.record, ts if ts is not None and ts > 0 else now_ms)
 
 
 def reason(invalid: Violations, fields: Iterable[str]) -> str:
