@@ -237,6 +237,15 @@ def null_path(value: Any, path: str) -> str | None:
     return None
 
 
+def url_group(groups: dict[str, tuple[list[Any], ...]], url: str, width: int) -> tuple[list[Any], ...]:
+    """``url``'s group of ``width`` lists in ``groups`` (a request's events, rows, ...), made on first use:
+    an adapter's ``build`` asks once a run of events of one site, not once an event."""
+    group = groups.get(url)
+    if group is None:
+        group = groups[url] = tuple([] for _ in range(width))
+    return group
+
+
 def require(value: Any, field_path: str) -> Any:
     """``value`` if present (not None, not empty), else MissingField naming the canonical field."""
     if not value and (value is None or value == "" or value == []):  # a truthy value is present: one test
@@ -355,3 +364,11 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
 
     def no_site_reason(self, event: Event) -> str:
         return f"no {self.name} site config for site_id {event.record['site_id']!r} and no 'default'"
+
+    def route_or_reject(self, event: Event, plan: Plan) -> Any:
+        """The event's site's route (``prepare_site``), or None with the event rejected in ``plan`` naming
+        its site id."""
+        route = self.routes.get(event.record["site_id"], self.default_route)
+        if route is None:
+            plan.rejected.append((event, self.no_site_reason(event)))
+        return route

@@ -41,7 +41,7 @@ is classified by its status (502 retries).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import methodcaller
 from typing import Any, Literal, NamedTuple
 
@@ -70,6 +70,7 @@ from processor.vendors.base import (
     require,
     retryable,
     status_outcome,
+    url_group,
 )
 from processor.vendors.codes import COUNTRIES, CURRENCIES, LANGUAGES
 
@@ -92,6 +93,7 @@ _CODES = {"language": (codes.language, "an IETF language tag (en-GB)"),
           "currency": (codes.currency, "an ISO 4217 currency code (GBP)")}
 _FIELD_CODES = {"page.language": _CODES["language"], "page.country": _CODES["country"],
                 "product.currency": _CODES["currency"], "order.currency": _CODES["currency"]}
+_VIEW = EventKind.PRODUCT_VIEW
 _status = methodcaller("get", "status")
 _warnings = methodcaller("get", "warnings")
 
@@ -211,25 +213,48 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
                 "transaction": {"id": order["order_id"] or require(rec["event_id"], "event_id")}}
 
     def build(self, events: Sequence[Event]) -> Plan:
+        """``row`` of each event, grouped by URL. A view whose codes are already in Qubit's form (nearly
+        every event) is built here, as ``row`` builds it, without a call; everything else goes through
+        ``row``. The site's route and group are looked up again only when the site id changes."""
         plan = Plan()
-        groups: dict[str, tuple[list[Event], list[dict[str, Any]]]] = {}
-        routes, default = self.routes, self.default_route
+        groups: dict[str, tuple[list[Any], ...]] = {}  # URL -> its events, its rows
+        site: str | None = None
+        route: _Route | None = None
+        add_event: Callable[[Event], None] | None = None  # the appenders of the route's URL's group
+        add_row: Callable[[dict[str, Any]], None] | None = None
+        view_type = source = ""
         for event in events:
-            route = routes.get(event.record["site_id"], default)
-            if route is None:
-                plan.rejected.append((event, self.no_site_reason(event)))
-                continue
+            rec = event.record
+            if rec["site_id"] != site or route is None:  # a new run of one site's events
+                site = rec["site_id"]
+                route = self.route_or_reject(event, plan)
+                if route is None:
+                    continue
+                add_event = add_row = None  # the URL's group is made with its first event, as ``row`` made it
+                view_type, source = route.view_type, route.source
+            if event.kind is _VIEW:
+                qid = rec["visitor"]["vendor_ids"].get("qubit_visitor_id")
+                page, product = rec["page"], rec["product"]
+                language, country, currency = page["language"], page["country"], product["currency"]
+                if qid and language in LANGUAGES and country in COUNTRIES and currency in CURRENCIES:
+                    url = page["url"] or product["url"]
+                    if add_event is None:
+                        add_event, add_row = (g.append for g in url_group(groups, route.url, 2))
+                    add_event(event)
+                    add_row({"context": {"id": qid},
+                             "meta": ({"type": view_type, "ts": rec["event_time"], "url": url, "source": source}
+                                      if url else {"type": view_type, "ts": rec["event_time"], "source": source}),
+                             "type": "product", "language": language, "country": country, "currency": currency})
+                    continue
             try:
                 row = self.row(event, route)
             except (MissingField, InvalidField) as exc:
                 plan.rejected.append((event, str(exc)))
                 continue
-            group = groups.get(route.url)
-            if group is None:
-                group = groups[route.url] = ([], [])
-            evs, rows = group
-            evs.append(event)
-            rows.append(row)
+            if add_event is None:
+                add_event, add_row = (g.append for g in url_group(groups, route.url, 2))
+            add_event(event)
+            add_row(row)  # type: ignore[misc]  # made with add_event
         for url, (evs, rows) in groups.items():
             plan.requests.append(VendorRequest(url=url, content=json_body({"events": rows}), events=evs,
                                                headers=self._headers))

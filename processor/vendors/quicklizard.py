@@ -54,9 +54,11 @@ from processor.vendors.base import (
     rejected,
     require,
     status_outcome,
+    url_group,
 )
 
 _INF = float("inf")
+_VIEW = EventKind.PRODUCT_VIEW
 
 
 class QuickLizardSite(Frozen):
@@ -164,14 +166,44 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
         return out
 
     def build(self, events: Sequence[Event]) -> Plan:
+        """``rows`` of each event, grouped by URL. A view with its price, product id and permalink (nearly
+        every event) is built here, as ``rows`` builds it, without a call; everything else goes through
+        ``rows``. The site's route and group are looked up again only when the site id changes."""
         plan = Plan()
-        by_url: dict[str, tuple[list[Event], list[dict[str, Any]], list[int]]] = {}
-        routes, default = self.routes, self.default_route
+        by_url: dict[str, tuple[list[Any], ...]] = {}  # URL -> its events, its rows, rows per event
+        site: str | None = None
+        route: _Route | None = None
+        group: tuple[list[Any], ...] | None = None
+        client_key, send_vid, extras = "", False, {}
         for event in events:
-            route = routes.get(event.record["site_id"], default)
-            if route is None:
-                plan.rejected.append((event, self.no_site_reason(event)))
-                continue
+            rec = event.record
+            if rec["site_id"] != site or route is None:  # a new run of one site's events
+                site = rec["site_id"]
+                route = self.route_or_reject(event, plan)
+                if route is None:
+                    continue
+                group = None  # the URL's group is made with its first event, as before
+                client_key, send_vid, extras = route.client_key, route.send_vid, route.extras
+            if event.kind is _VIEW:
+                product = rec["product"]
+                price, product_id = product["price"], product["product_id"]
+                permalink = product["url"] or rec["page"]["url"]
+                if price is not None and product_id and permalink:
+                    if send_vid:
+                        visitor = rec["visitor"]
+                        vid = visitor["vendor_ids"].get("quicklizard_vid") or visitor["visitor_id"]
+                    else:
+                        vid = None
+                    row = ({"client_key": client_key, "price": float(price), "product_id": product_id,
+                            "event": "view", "permalink": permalink, "vid": vid, **extras} if vid else
+                           {"client_key": client_key, "price": float(price), "product_id": product_id,
+                            "event": "view", "permalink": permalink, **extras})
+                    if group is None:
+                        group = url_group(by_url, route.url, 3)
+                    group[0].append(event)
+                    group[1].append(row)
+                    group[2].append(1)
+                    continue
             try:
                 rows = self.rows(event, route)
             except (MissingField, InvalidField) as exc:
@@ -180,9 +212,8 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
             if not rows:
                 plan.filtered.append(event)
                 continue
-            group = by_url.get(route.url)
             if group is None:
-                group = by_url[route.url] = ([], [], [])
+                group = url_group(by_url, route.url, 3)
             evs, all_rows, counts = group
             evs.append(event)
             all_rows.extend(rows)

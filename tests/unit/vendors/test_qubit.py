@@ -412,3 +412,24 @@ async def test_example_settings_validate_and_work_with_the_twin(sandbox):
     events = [as_event(VIEW, make_view(1, 1), 0), as_event(ORDER, make_order(2), 1)]
     ((resp, outcomes),) = await exchange(a, a.plan(events).requests)
     assert resp.status == 200 and all(o.verdict is Verdict.DELIVERED for o in outcomes)
+
+
+@pytest.mark.parametrize("sites", [
+    {"default": {"tracking_id": "t1"}},
+    {"shop-1": {"tracking_id": "t1", "namespace": "someco", "language": "en", "country": "gb", "currency": "eur"},
+     "shop-2": {"tracking_id": "t2", "endpoint": "https://eu.example.com", "vertical": "travel"}},
+    {"shop-2": {"tracking_id": "t2"}, "shop-3": {"tracking_id": "t2"}},  # two sites, one URL
+])
+def test_build_makes_what_the_plain_row_of_each_event_makes(sites):
+    """``build`` builds most views inline: its requests, rejections and their order are those of
+    ``row`` called on each event in turn, grouped by URL in order of each URL's first row."""
+    from tests.unit.vendors.conftest import plain_build, varied_events
+
+    a = QubitAdapter(QubitAdapter.settings_model().model_validate({"sites": sites, "options": {}}))
+    events = varied_events()
+    groups, rejected, filtered = plain_build(a, events, lambda ev, route: [a.row(ev, route)])
+    assert not filtered
+    plan = a.build(events)
+    assert [(r.url, r.content, r.events) for r in plan.requests] == [
+        (url, orjson.dumps({"events": rows}), evs) for url, (evs, rows, _) in groups.items()]
+    assert plan.rejected == rejected and len(rejected) > 3 and plan.filtered == []

@@ -178,3 +178,24 @@ async def test_injected_partial_failures_reject_only_those_events(sandbox):
     rejected = sum(o.verdict is Verdict.REJECTED for o in outcomes)
     assert 0 < rejected < 40
     assert len(sandbox.sandbox.received["quicklizard"]) == 40 - rejected
+
+
+@pytest.mark.parametrize("sites", [
+    {"default": {"client_key": "K"}},
+    {"default": {"client_key": "K", "tags": ["a", "b"], "channel": "online", "send_vid": False}},
+    {"shop-1": {"client_key": "K1", "channel": "web"},
+     "shop-2": {"client_key": "K2", "endpoint": "https://sdk-events.quicklizard.com/events", "tags": ["t"]}},
+    {"shop-2": {"client_key": "K2"}, "shop-3": {"client_key": "K3"}},  # two sites, one URL
+])
+def test_build_makes_what_the_plain_rows_of_each_event_make(sites):
+    """``build`` builds most views inline: its requests, their context, rejections and filtered events
+    are those of ``rows`` called on each event in turn, grouped by URL in order of each URL's first row."""
+    from tests.unit.vendors.conftest import plain_build, varied_events
+
+    a = QuickLizardAdapter(QuickLizardAdapter.settings_model().model_validate({"sites": sites, "options": {}}))
+    events = varied_events()
+    groups, rejected, filtered = plain_build(a, events, a.rows)
+    plan = a.build(events)
+    assert [(r.url, r.content, r.events, r.context) for r in plan.requests] == [
+        (url, orjson.dumps(rows), evs, (rows, counts)) for url, (evs, rows, counts) in groups.items()]
+    assert plan.rejected == rejected and rejected and plan.filtered == filtered and filtered
