@@ -8,6 +8,8 @@ import httpx
 import orjson
 import pytest
 import yaml
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from processor.config import load_config
 from processor.devstack.samples import as_event, make_order, make_view, with_changes
@@ -98,6 +100,23 @@ def test_form_encoding_is_the_stdlibs_quote_plus_for_every_byte():
     for n in range(1, 200):
         raw = bytes((i * 37 + n) % 256 for i in range(n))
         assert form_quote(raw) == quote_plus(raw, safe="-_.").encode()
+
+
+@st.composite
+def _few_distinct_bytes(draw) -> bytes:
+    """Inputs of a few distinct bytes (as JSON is): '%', '+', ' ', '~', NUL, 0xff and UTF-8 bytes among them."""
+    special = st.sampled_from(b"%+ ~-_.&=\x00\x7f\x80\xbf\xc3\xd0\xe2\xff{}\":,/?")
+    alphabet = draw(st.lists(st.one_of(special, st.integers(0, 255)), min_size=1, max_size=30, unique=True))
+    n = draw(st.integers(0, 600))
+    return bytes(draw(st.lists(st.sampled_from(alphabet + list(b"aZ09")), min_size=n, max_size=n)))
+
+
+@given(st.one_of(st.binary(max_size=700), _few_distinct_bytes(), st.text(max_size=300).map(str.encode)))
+@example(bytes(range(256)))  # every byte: many distinct bytes to escape, the byte table
+@example(b'{"q":"%25 a+b %2B ~"}' * 4)  # escapes in the input are escaped again, not read
+@example("Кроссовки — 100% + ~".encode() * 8)
+def test_form_encoding_is_quote_plus_for_any_bytes(raw):
+    assert form_quote(raw) == quote_plus(raw, safe="-_.~").encode()
 
 
 def test_events_one_request_each_and_only_invalid_ones_rejected():
