@@ -45,6 +45,7 @@ not say otherwise), so it cannot be detected here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,7 @@ _FORM_SAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.
 _FORM_BYTE = [bytes((b,)) if b in _FORM_SAFE else b"+" if b == 0x20 else b"%%%02X" % b for b in range(256)]
 _ONE_BYTE = [bytes((b,)) for b in range(256)]
 _PERCENT, _SPACE = 0x25, 0x20
+_HTTP_URL = re.compile(r"https?://([^/?#]*)([^?#]*)")  # netloc, path
 
 
 def form_quote(raw: bytes) -> bytes:
@@ -131,22 +133,35 @@ class _Site:
     visitor_info: bool
 
 
+def url_parts(url: str) -> tuple[str | None, str, str]:
+    """``url``'s hostname (lower case; None if empty), host (the netloc less any userinfo) and path, as
+    ``urlsplit`` reads them; InvalidField naming ``page.url`` where urlsplit refuses the URL. A printable
+    ASCII ``http(s)://`` URL without brackets (IPv6) or ``%`` (zone ids) in its netloc is split by one
+    regex, urlsplit's rules for such a URL: the netloc ends at the first ``/?#``, the path at ``?#``."""
+    m = _HTTP_URL.match(url)
+    if m is not None and url.isascii() and url.isprintable():
+        netloc, path = m.groups()
+        if not ("[" in netloc or "]" in netloc or "%" in netloc):
+            host = netloc.rpartition("@")[2]
+            return host.partition(":")[0].lower() or None, host, path
+    try:
+        parts = urlsplit(url)
+        return parts.hostname, parts.netloc.rpartition("@")[2], parts.path
+    except ValueError:
+        raise InvalidField("page.url", "not a URL") from None
+
+
 def _page_data(kind: str, url: str | None, site: _Site) -> dict[str, Any]:
     """``data`` up to the page fields: domain (the site's, else the page's host), host, url, path."""
     if not url:
         if not site.domain:
             raise MissingField("page.url")
         return {"type": kind, "domain": site.domain}
-    try:
-        parts = urlsplit(url)
-        hostname = parts.hostname
-    except ValueError:
-        raise InvalidField("page.url", "not a URL") from None
+    hostname, host, path = url_parts(url)
     domain = site.domain or hostname
     if not domain:
         raise MissingField("page.url")
-    return {"type": kind, "domain": domain, "host": parts.netloc.rpartition("@")[2], "url": url,
-            "path": parts.path or "/"}
+    return {"type": kind, "domain": domain, "host": host, "url": url, "path": path or "/"}
 
 
 def _view_properties(product: dict[str, Any], page_url: str | None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, parse_qsl, quote_plus, urlencode
+from urllib.parse import parse_qs, parse_qsl, quote_plus, urlencode, urlsplit
 
 import httpx
 import orjson
@@ -16,8 +16,8 @@ from processor.devstack.samples import as_event, make_order, make_view, with_cha
 from processor.events import EventKind
 from processor.sandbox import Faults
 from processor.sandbox.convead import parse_form, validate
-from processor.vendors.base import Response, Verdict
-from processor.vendors.convead import DROPPED_NOTE, ConveadAdapter, ConveadSite, form_quote
+from processor.vendors.base import InvalidField, Response, Verdict
+from processor.vendors.convead import DROPPED_NOTE, ConveadAdapter, ConveadSite, form_quote, url_parts
 from tests.unit.vendors.conftest import exchange
 
 VIEW, ORDER = EventKind.PRODUCT_VIEW, EventKind.ORDER
@@ -117,6 +117,50 @@ def _few_distinct_bytes(draw) -> bytes:
 @example("Кроссовки — 100% + ~".encode() * 8)
 def test_form_encoding_is_quote_plus_for_any_bytes(raw):
     assert form_quote(raw) == quote_plus(raw, safe="-_.~").encode()
+
+
+def _urlsplit_parts(url: str) -> tuple[str | None, str, str] | type[InvalidField]:
+    """The reference: hostname, host and path as the mapping read them from urlsplit before url_parts."""
+    try:
+        parts = urlsplit(url)
+        return parts.hostname, parts.netloc.rpartition("@")[2], parts.path
+    except ValueError:
+        return InvalidField
+
+
+_URL_PIECES = ["http", "https", "HTTPS", "ftp", "://", ":", "/", "//", "?", "#", "@", "[", "]", "::1", "%", "%25",
+               "eth0", "Shop.Example.COM", "x", ".", "443", " ", "\t", "\n", "\r", "\x00", "\x7f", "é", "\u2100",
+               "\uff45", "\\", "~", "-"]
+_ODD_URLS = st.builds(lambda head, rest: head + "".join(rest), st.sampled_from(["https://", "http://", ""]),
+                      st.lists(st.sampled_from(_URL_PIECES), max_size=12))
+
+
+@given(st.one_of(_ODD_URLS, st.text(max_size=40), st.text(max_size=40).map("https://".__add__)))
+@example("https://u:p@Shop.Example.com:443/p/1;x?q=/a#f?g")
+@example("https://shop.example.com")
+@example("https://shop.example.com#frag/x?y")
+@example("https://shop.example.com?q/x#y")
+@example("http://[::1]:8080/p")
+@example("http://[::1/p")  # urlsplit: Invalid IPv6 URL
+@example("http://a]b/p")
+@example("http://[fe80::1%25eth0]/p")
+@example("http://Host%ETH0/p")  # urlsplit lowers the host, not a zone id
+@example("https://\u2100.com/p")  # NFKC makes a/c: urlsplit refuses it
+@example("https://sh op.example.com/p q")
+@example("https://shop.example.com/p\n/q")  # urlsplit drops tab, CR and LF anywhere
+@example(" https://shop.example.com/p")  # and leading spaces and C0 controls
+@example("HTTPS://SHOP.EXAMPLE.COM/P")
+@example("https:shop.example.com/p")
+@example("https:///p")
+@example("https://@:80/p")
+@example("https://")
+def test_url_parts_are_urlsplits_for_any_url(url):
+    try:
+        got = url_parts(url)
+    except InvalidField as exc:
+        assert str(exc) == "invalid field page.url: not a URL"
+        got = InvalidField
+    assert got == _urlsplit_parts(url)
 
 
 def test_events_one_request_each_and_only_invalid_ones_rejected():
