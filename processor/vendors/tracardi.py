@@ -44,7 +44,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -125,13 +125,27 @@ class _Site:
     tags: list[str]
 
 
+_EPOCH = datetime(1970, 1, 1)
+_EXACT_MS = 2**33 * 1000  # below this, ms / 1000 is a float within half a microsecond of the exact time
+_SECONDS = [f"{s:02d}." for s in range(60)]
+_MILLIS = [f"{ms:03d}Z" for ms in range(1000)]
+_minute = (-1, "")  # the last minute formatted (a batch's events mostly share it): (minutes since 1970, its prefix)
+
+
 def _iso(ms: int) -> str:
+    """``ms`` (epoch milliseconds) as ISO 8601 UTC to the millisecond, ``2023-11-14T22:13:20.001Z``: what
+    ``datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")`` writes (with ``Z``), which
+    is exact below 2**33 seconds (year 2242), so there the minute's prefix is formatted once and the seconds
+    and milliseconds looked up; other times (which validation lets through only with such a Kafka
+    timestamp) take that float path itself."""
+    global _minute
+    if type(ms) is int and 0 <= ms < _EXACT_MS:
+        minute, rest = divmod(ms, 60_000)
+        if _minute[0] != minute:
+            _minute = (minute, (_EPOCH + timedelta(minutes=minute)).isoformat()[:17])  # 2023-11-14T22:13:
+        seconds, millis = divmod(rest, 1000)
+        return _minute[1] + _SECONDS[seconds] + _MILLIS[millis]
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _put(out: dict[str, Any], key: str, value: Any) -> None:
-    if value is not None and value != "":
-        out[key] = value
 
 
 class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
@@ -173,27 +187,36 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         rec = event.record
         kind = event.kind
         out: dict[str, Any] = {"id": require(rec["event_id"], "event_id"), "type": site.types[kind]}
+        # an optional field is sent when present: neither None nor empty
         if kind is EventKind.PRODUCT_VIEW:
             p = rec["product"]
-            props: dict[str, Any] = {}
-            _put(props, "product", p["name"])
+            name = p["name"]
+            props: dict[str, Any] = {"product": name} if name is not None and name != "" else {}
             props["price"] = p["price"]
             props["productId"] = require(p["product_id"], "product.product_id")
             props["currency"], props["categories"] = p["currency"], p["categories"]
-            _put(props, "sku", p["sku"])
-            _put(props, "url", p["url"])
-            _put(props, "imageUrl", p["image_url"])
+            sku, url, image_url = p["sku"], p["url"], p["image_url"]
+            if sku is not None and sku != "":
+                props["sku"] = sku
+            if url is not None and url != "":
+                props["url"] = url
+            if image_url is not None and image_url != "":
+                props["imageUrl"] = image_url
         else:
             o = rec["order"]
             items = []
             units = 0
             for i, it in enumerate(o["items"]):
                 item = {"productId": require(it["product_id"], f"order.items[{i}].product_id")}
-                _put(item, "product", it["name"])
+                name, sku, url = it["name"], it["sku"], it["url"]
+                if name is not None and name != "":
+                    item["product"] = name
                 item["quantity"], item["price"] = it["quantity"], it["unit_price"]
                 item["categories"] = it["categories"]
-                _put(item, "sku", it["sku"])
-                _put(item, "url", it["url"])
+                if sku is not None and sku != "":
+                    item["sku"] = sku
+                if url is not None and url != "":
+                    item["url"] = url
                 units += it["quantity"]
                 items.append(item)
             props = {"orderId": require(o["order_id"], "order.order_id"), "total": o["total"],
@@ -202,9 +225,13 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         page = rec["page"]
         ctx: dict[str, Any] = {"time": _iso(rec["event_time"])}
         where: dict[str, Any] = {}
-        _put(where, "url", page["url"])
-        _put(where, "title", page["title"])
-        _put(where, "referrer", page["referrer"])
+        url, title, referrer = page["url"], page["title"], page["referrer"]
+        if url is not None and url != "":
+            where["url"] = url
+        if title is not None and title != "":
+            where["title"] = title
+        if referrer is not None and referrer != "":
+            where["referrer"] = referrer
         if where:
             ctx["page"] = where
         out["context"] = ctx
@@ -223,12 +250,14 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         if profile_id:
             payload["profile"] = {"id": profile_id}
         page = event.record["page"]
-        client: dict[str, Any] = {}
-        _put(client, "browser", page["browser"])
-        _put(client, "device", page["device"])
-        _put(client, "userAgent", page["user_agent"])
-        _put(client, "language", page["language"])
-        _put(client, "country", page["country"])
+        browser, device, agent, language, country = (page["browser"], page["device"], page["user_agent"],
+                                                     page["language"], page["country"])
+        if browser and device and agent and language and country:  # all present (strings), the common case
+            client = {"browser": browser, "device": device, "userAgent": agent, "language": language,
+                      "country": country}
+        else:
+            client = {k: v for k, v in (("browser", browser), ("device", device), ("userAgent", agent),
+                                        ("language", language), ("country", country)) if v is not None and v != ""}
         context = {**site.context, "client": client} if client else site.context
         if context:
             payload["context"] = context

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 import yaml
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from processor.config import load_config
 from processor.devstack.samples import as_event, make_order, make_view, with_changes
@@ -14,7 +17,7 @@ from processor.events import EventKind
 from processor.sandbox import Faults
 from processor.sandbox.tracardi import KNOWN_SOURCES, new_profile_id, validate_payload
 from processor.vendors.base import Response, Verdict
-from processor.vendors.tracardi import SESSION_NAMESPACE, TracardiAdapter
+from processor.vendors.tracardi import _EXACT_MS, SESSION_NAMESPACE, TracardiAdapter, _iso
 from tests.unit.vendors.conftest import exchange
 
 VIEW, ORDER = EventKind.PRODUCT_VIEW, EventKind.ORDER
@@ -341,3 +344,27 @@ async def test_example_settings_validate_and_work_with_the_twin(sandbox, tmp_pat
     events = [as_event(VIEW, make_view(1, 1), 0), as_event(ORDER, make_order(1), 1)]
     ((resp, outcomes),) = await exchange(a, a.plan(events).requests)
     assert resp.status == 200 and [o.verdict for o in outcomes] == [Verdict.DELIVERED] * 2
+
+
+def _float_iso(ms: int) -> str:
+    """The reference: context.time as the mapping wrote it before _iso cached the minute."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_MINUTE_EDGES = st.integers(0, _EXACT_MS // 60_000 - 1).flatmap(
+    lambda m: st.integers(-1, 1).map(lambda d: max(0, m * 60_000 + d)))
+
+
+@given(st.one_of(st.integers(0, _EXACT_MS - 1), st.integers(_EXACT_MS - 10**9, _EXACT_MS + 10**9),
+                 _MINUTE_EDGES, st.integers(1_600_000_000_000, 1_900_000_000_000)),
+       st.integers(-120_000, 120_000))
+@example(0, 0)
+@example(_EXACT_MS - 1, 1)  # the last time of the exact range, and the first beyond it
+@example(978_307_200_000, -1)  # 2001-01-01, the earliest valid event time, and the millisecond before it
+@example(1_767_225_599_999, 1)  # a day, a month and a year change
+@example(253_402_300_799_999, 0)  # 9999-12-31T23:59:59.999 (beyond the exact range: the float path)
+def test_event_time_is_written_as_the_float_path_writes_it(ms, step):
+    # two times in a row, a step apart (the same minute, the next, one far): the cached minute is never stale
+    for t in (ms, ms + step):
+        if t >= 0:
+            assert _iso(t) == _float_iso(t)
