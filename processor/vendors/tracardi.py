@@ -148,6 +148,25 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# optional fields, (key sent, canonical field): sent when present (neither None nor empty); where all of a
+# group are truthy (strings, as Avro decodes them: truthy is present) one dict literal takes them at once
+_NAME = (("product", "name"),)
+_PRODUCT_OPTIONAL = (("sku", "sku"), ("url", "url"), ("imageUrl", "image_url"))
+_ITEM_OPTIONAL = (("sku", "sku"), ("url", "url"))
+_PAGE = (("url", "url"), ("title", "title"), ("referrer", "referrer"))
+_CLIENT = (("browser", "browser"), ("device", "device"), ("userAgent", "user_agent"), ("language", "language"),
+           ("country", "country"))
+
+
+def _present(out: dict[str, Any], src: dict[str, Any], fields: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """``out`` with those of ``src``'s ``fields`` that are present (neither None nor empty), in order."""
+    for key, name in fields:
+        value = src[name]
+        if value is not None and value != "":
+            out[key] = value
+    return out
+
+
 class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
     name = "tracardi"
     kinds = frozenset({EventKind.PRODUCT_VIEW, EventKind.ORDER})
@@ -187,51 +206,37 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         rec = event.record
         kind = event.kind
         out: dict[str, Any] = {"id": require(rec["event_id"], "event_id"), "type": site.types[kind]}
-        # an optional field is sent when present: neither None nor empty
         if kind is EventKind.PRODUCT_VIEW:
             p = rec["product"]
-            name = p["name"]
-            props: dict[str, Any] = {"product": name} if name is not None and name != "" else {}
-            props["price"] = p["price"]
-            props["productId"] = require(p["product_id"], "product.product_id")
-            props["currency"], props["categories"] = p["currency"], p["categories"]
-            sku, url, image_url = p["sku"], p["url"], p["image_url"]
-            if sku is not None and sku != "":
-                props["sku"] = sku
-            if url is not None and url != "":
-                props["url"] = url
-            if image_url is not None and image_url != "":
-                props["imageUrl"] = image_url
+            name, sku, url, image_url = p["name"], p["sku"], p["url"], p["image_url"]
+            product_id = require(p["product_id"], "product.product_id")
+            if name and sku and url and image_url:  # all present: the common case
+                props = {"product": name, "price": p["price"], "productId": product_id, "currency": p["currency"],
+                         "categories": p["categories"], "sku": sku, "url": url, "imageUrl": image_url}
+            else:
+                props = _present({}, p, _NAME)
+                props["price"] = p["price"]
+                props["productId"] = product_id
+                props["currency"], props["categories"] = p["currency"], p["categories"]
+                _present(props, p, _PRODUCT_OPTIONAL)
         else:
             o = rec["order"]
             items = []
             units = 0
             for i, it in enumerate(o["items"]):
-                item = {"productId": require(it["product_id"], f"order.items[{i}].product_id")}
-                name, sku, url = it["name"], it["sku"], it["url"]
-                if name is not None and name != "":
-                    item["product"] = name
+                item = _present({"productId": require(it["product_id"], f"order.items[{i}].product_id")}, it, _NAME)
                 item["quantity"], item["price"] = it["quantity"], it["unit_price"]
                 item["categories"] = it["categories"]
-                if sku is not None and sku != "":
-                    item["sku"] = sku
-                if url is not None and url != "":
-                    item["url"] = url
+                items.append(_present(item, it, _ITEM_OPTIONAL))
                 units += it["quantity"]
-                items.append(item)
             props = {"orderId": require(o["order_id"], "order.order_id"), "total": o["total"],
                      "currency": o["currency"], "itemCount": units, "items": items}
         out["properties"] = props
-        page = rec["page"]
         ctx: dict[str, Any] = {"time": _iso(rec["event_time"])}
-        where: dict[str, Any] = {}
+        page = rec["page"]
         url, title, referrer = page["url"], page["title"], page["referrer"]
-        if url is not None and url != "":
-            where["url"] = url
-        if title is not None and title != "":
-            where["title"] = title
-        if referrer is not None and referrer != "":
-            where["referrer"] = referrer
+        where = ({"url": url, "title": title, "referrer": referrer} if url and title and referrer
+                 else _present({}, page, _PAGE))
         if where:
             ctx["page"] = where
         out["context"] = ctx
@@ -252,12 +257,8 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         page = event.record["page"]
         browser, device, agent, language, country = (page["browser"], page["device"], page["user_agent"],
                                                      page["language"], page["country"])
-        if browser and device and agent and language and country:  # all present (strings), the common case
-            client = {"browser": browser, "device": device, "userAgent": agent, "language": language,
-                      "country": country}
-        else:
-            client = {k: v for k, v in (("browser", browser), ("device", device), ("userAgent", agent),
-                                        ("language", language), ("country", country)) if v is not None and v != ""}
+        client = ({"browser": browser, "device": device, "userAgent": agent, "language": language, "country": country}
+                  if browser and device and agent and language and country else _present({}, page, _CLIENT))
         context = {**site.context, "client": client} if client else site.context
         if context:
             payload["context"] = context
