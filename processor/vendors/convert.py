@@ -252,8 +252,10 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
         goals = ep.view_goals if order is None else ep.order_goals
         if not pairs and not goals:
             return None
-        unique = dict.fromkeys(pairs) if len(pairs) > 1 else pairs  # each pair once, in order
-        new = [pair for pair in unique if pair not in seen]
+        if len(pairs) > 1:
+            new = [pair for pair in dict.fromkeys(pairs) if pair not in seen]  # each pair once, in order
+        else:
+            new = pairs if pairs and pairs[0] not in seen else []
         if goals and order is not None:
             amount, count = _order_totals(order)
         rows: list[dict[str, Any]] = []
@@ -275,12 +277,15 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
                         data["bucketingData"] = bucketing
                     rows.append({"eventType": "conversion", "data": data})
         else:
-            if new:
-                rows.append({"evt": "viewExp", "vars": [v for _, v in new], "exps": [e for e, _ in new]})
+            if pairs:
+                variations, experiences = [v for _, v in pairs], [e for e, _ in pairs]
+            if new:  # mostly all the event's pairs (one, not seen yet): their lists serve both rows
+                rows.append({"evt": "viewExp", "vars": variations, "exps": experiences} if new is pairs else
+                            {"evt": "viewExp", "vars": [v for _, v in new], "exps": [e for e, _ in new]})
             if goals:
                 row: dict[str, Any] = {"evt": "hitGoal" if order is None else "tr", "goals": goals}
                 if pairs:
-                    row["vars"], row["exps"] = [v for _, v in pairs], [e for e, _ in pairs]
+                    row["vars"], row["exps"] = variations, experiences
                 if order is not None:
                     row["r"], row["prc"] = amount, count
                 rows.append(row)
