@@ -141,10 +141,12 @@ def _iso(ms: int) -> str:
     global _minute
     if type(ms) is int and 0 <= ms < _EXACT_MS:
         minute, rest = divmod(ms, 60_000)
-        if _minute[0] != minute:
-            _minute = (minute, (_EPOCH + timedelta(minutes=minute)).isoformat()[:17])  # 2023-11-14T22:13:
+        cached, prefix = _minute  # one read: the pair stays a pair, whoever else formats a time
+        if cached != minute:
+            prefix = (_EPOCH + timedelta(minutes=minute)).isoformat()[:17]  # 2023-11-14T22:13:
+            _minute = (minute, prefix)
         seconds, millis = divmod(rest, 1000)
-        return _minute[1] + _SECONDS[seconds] + _MILLIS[millis]
+        return prefix + _SECONDS[seconds] + _MILLIS[millis]
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
