@@ -36,7 +36,7 @@ def _decode(sc: dict[str, Any]) -> str:
 
 
 def _floor(sc: dict[str, Any]) -> str:
-    return _f(sc.get("floor", {}).get("decode_over_floor"))
+    return _f(sc.get("floor", {}).get("decode_over_floor"), 2)
 
 
 def table(doc: dict[str, Any]) -> Table:
