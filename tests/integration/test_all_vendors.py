@@ -7,6 +7,8 @@ import itertools
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from processor.deadletter import headers_dict
 from processor.devstack.demo import demo_config
 from processor.devstack.kafka_io import committed, end_offsets, produce, read_all
@@ -26,11 +28,15 @@ def workload_messages(n: int = 400) -> tuple[list[tuple[bytes, bytes]], Counter[
     return [(key, encode(kind, rec)) for kind, rec, key in events], kinds
 
 
-def start_relay(broker, topics, sandbox, relays) -> tuple[Any, dict[str, str]]:
+def start_relay(broker, topics, sandbox, relays, registry_url: str | None = None) -> tuple[Any, dict[str, str]]:
+    """The five vendors as ``make run`` configures them (embedded schema ids), or, given ``registry_url``,
+    resolving ids through that schema registry (the production shape; parking is on in both)."""
     demo, env = demo_config(broker.bootstrap, sandbox.url, 0)
     assert set(demo["vendors"]) == set(REGISTRY)  # the demo shows all five
     config = {**demo, "kafka": {**demo["kafka"], "group_id": topics.group, "topics": [topics.events]},
               "deadletter": {"topic": topics.dlq}, "relay": {"shutdown_grace_s": 10, "commit_interval_s": 0.5}}
+    if registry_url is not None:
+        config["schema_registry"] = {"url": registry_url}
     for vendor in config["vendors"].values():  # fast retries, so injected failures settle quickly
         vendor["retry"] = {"max_attempts": 8, "base_delay_ms": 20, "max_delay_ms": 200, "max_elapsed_s": 20}
     relay = relays(config, "all", env=env)
@@ -66,13 +72,16 @@ def wait_settled(relay, kinds: Counter[EventKind]) -> dict[str, dict[str, float]
     return out
 
 
-def test_every_vendor_receives_what_it_takes(broker, topics, sandbox, relays):
+@pytest.mark.parametrize("with_registry", [False, True], ids=["embedded-ids", "schema-registry"])
+def test_every_vendor_receives_what_it_takes(broker, topics, sandbox, relays, registry, with_registry):
     messages, kinds = workload_messages()
     produce(broker.bootstrap, topics.events, messages)
-    relay, env = start_relay(broker, topics, sandbox, relays)
+    asked = registry.requests
+    relay, env = start_relay(broker, topics, sandbox, relays, registry.url if with_registry else None)
 
     for vendor, counts in wait_settled(relay, kinds).items():
         assert counts["dead_lettered"] == 0 and counts["delivered"] > 0, (vendor, counts)
+    assert (registry.requests > asked) is with_registry  # the writer schemas came from where configured
     stats = sandbox.stats()
     for vendor in REGISTRY:
         assert stats[vendor]["accepted"] > 0, vendor
