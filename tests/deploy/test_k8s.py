@@ -311,4 +311,4 @@ def test_strimzi_topics_are_what_topics_create_makes_for_the_example():
         assert obj["metadata"]["labels"]["strimzi.io/cluster"]
         assert {k: str(v) for k, v in obj["spec"]["config"].items()} == topic_settings(needs[name], CreateOptions())
         if needs[name].min_retention_ms is not None:
-            assert obj["spec"]["config"]["retention.ms"] > needs[name].min_retention_ms
+            assert obj["spec"]["config"]["retention.ms"] >= needs[name].min_retention_ms
