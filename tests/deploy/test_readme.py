@@ -50,13 +50,12 @@ with open(log, "a") as f:
 
 
 def sasl_blocks() -> list[str]:
-    """The bash blocks that follow the marker, dedented (they sit in a numbered list)."""
-    text = README.read_text()
+    """The bash blocks right after each marker, dedented (they sit in a numbered list)."""
     blocks = []
-    for part in text.split(MARKER)[1:]:
-        match = BLOCK.search(part)
-        assert match and part.index("```bash") < part.index("\n\n", part.index("-->")) + 3, \
-            "a README test marker must be followed by its ```bash block"
+    for part in README.read_text().split(MARKER)[1:]:
+        after = part.split("-->", 1)[1].lstrip("\n")
+        match = BLOCK.match(after)
+        assert match, "a README test marker must be followed by its ```bash block"
         blocks.append(textwrap.dedent(match.group(1) + match.group(2)))
     return blocks
 
