@@ -432,3 +432,13 @@ def test_a_literal_value_error_never_quotes_the_value(tmp_path):
     text = str(err.value)
     assert "kafka.consume_batch" in text and "PROCESSOR__KAFKA__CONSUME_BATCH" in text
     assert "NOT_SET" not in text and "z$" not in text
+
+
+def test_a_secret_set_by_its_shell_safe_name_is_masked_everywhere(tmp_path):
+    from processor.config import secret_values
+
+    cfg = _with_env(tmp_path, {"PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD": "k9${HOSTNAME}q-s3cr3t",
+                               "PROCESSOR__SCHEMA_REGISTRY__CLIENT__BASIC_AUTH_USER_INFO": "relay:r3g-s3cr3t"})
+    assert {"k9${HOSTNAME}q-s3cr3t", "r3g-s3cr3t"} <= set(secret_values(cfg))
+    shown = yaml.safe_dump(redacted(cfg))
+    assert "s3cr3t" not in shown and "sasl.password: '***'" in shown
