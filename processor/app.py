@@ -186,7 +186,7 @@ class Relay:
             return 2
         problems = await self._topic_problems()
         if problems:
-            logger.error("the relay could not write to its dead-letter or retry topics: %s", "; ".join(problems))
+            logger.error("the dead-letter or retry topics would refuse or lose records: %s", "; ".join(problems))
             await self.health.stop()
             return 2
         if self.stopping.is_set():

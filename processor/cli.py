@@ -83,8 +83,9 @@ _timeout_option = click.option("--timeout", "timeout_s", default=30.0, show_defa
               help="Partitions of each new topic [default: as many as the first input topic has].")
 @click.option("--replication-factor", default=-1, show_default=True, type=int,
               help="Replicas of each new topic (-1: the broker's default.replication.factor).")
-@click.option("--retry-retention-margin-hours", default=24.0, show_default=True, type=click.FloatRange(0),
-              help="A retry topic keeps records its vendor's retry.max_elapsed_s plus this long.")
+@click.option("--retry-retention-margin-hours", default=24.0, show_default=True, type=click.FloatRange(24),
+              help="A retry topic keeps records its vendor's retry.max_elapsed_s plus this long (at least the "
+                   "24 h `topics check` requires).")
 @click.option("--deadletter-retention-days", default=14.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="retention.ms of the dead-letter topic (time to inspect and replay).")
 @_timeout_option

@@ -3,6 +3,26 @@
 value as written, lists and sections take JSON), validated into
 frozen models that forbid unknown keys. Everything is validated before the
 relay connects to anything; an error names the field (``vendors.qubit.sites.default.tracking_id``).
+
+Overrides, and why they are spelled as they are. A shell, a systemd unit or a CI job can only export
+names of letters, digits and ``_``; Kubernetes takes dotted names too. So every setting has a name of the
+first kind: sections and fields are joined by ``__`` (``PROCESSOR__KAFKA__GROUP_ID``), and in a section
+that passes a client library's own settings through (a ``dict[str, Any]``: ``kafka.client`` and
+``deadletter.producer`` for librdkafka, ``schema_registry.client`` for the registry client) the rest of the
+name is one key, upper-cased, ``_`` standing for ``.`` and ``__`` for ``_``:
+``PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD`` is ``sasl.password``, ``PROCESSOR__KAFKA__CLIENT__LOG__LEVEL``
+is ``log_level``. librdkafka's keys are lower-case letters, digits, dots and a few underscores, never two
+of ``._`` in a row, so the spelling maps every key to one name and back. The dotted name
+(``PROCESSOR__KAFKA__CLIENT__SASL.PASSWORD``) keeps working; both spellings of one key at once are an
+error naming both variables. A typed ``kafka.sasl`` section was the alternative; it would cover only
+the settings it names (OAUTHBEARER, Kerberos and ``ssl.*`` would need more fields with every librdkafka
+release) and a second way to say what ``kafka.client`` says. pydantic-settings was not adopted: its
+nested delimiter has the same gap for dotted keys, and the loader would still need this module's YAML
+interpolation, typing by the model and error naming.
+
+An override's value is taken as written, never ``${VAR}``-interpolated (a password ``k9${HOSTNAME}q``
+stays that); only the YAML file is interpolated, after the overrides replaced what they set, so a
+``${VAR}`` an override replaces need not be set.
 """
 
 from __future__ import annotations
@@ -15,6 +35,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -214,21 +235,83 @@ def _is_structured(tp: Any) -> bool:
     return origin in (list, dict, set, frozenset, tuple) or (isinstance(tp, type) and issubclass(tp, BaseModel))
 
 
-def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
-    """PROCESSOR__KAFKA__BOOTSTRAP_SERVERS=host:9092 -> data['kafka']['bootstrap_servers'].
+@dataclass(frozen=True)
+class _Literal:
+    """An override's value inside the raw config: ``interpolate`` leaves it as it is."""
 
-    Keys are lower-cased. The value is typed by the config model, as pydantic-settings does: it stays the
-    string as written (a string setting takes ``0123`` or ``yes`` as such; pydantic makes a number or a
-    boolean of it where the field is one), and a list, mapping or section takes JSON. Returns setting path ->
-    variable name, so an error can name the variable; no error carries the value."""
+    value: Any
+
+
+def _literal(value: Any) -> Any:
+    """``value`` with every leaf marked literal (the structure stays, so overrides below it can merge)."""
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    return _Literal(value)
+
+
+def _unwrap(node: Any) -> Any:
+    if isinstance(node, _Literal):
+        return node.value
+    if isinstance(node, dict):
+        return {k: _unwrap(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unwrap(v) for v in node]
+    return node
+
+
+def _is_passthrough(tp: Any) -> bool:
+    """A ``dict[str, Any]`` setting: a client library's own settings, passed through (``kafka.client``)."""
+    tp = _without_none(tp)
+    return typing.get_origin(tp) is dict and typing.get_args(tp) == (str, Any)
+
+
+def env_key(parts: list[str]) -> str:
+    """The library setting a name's remaining ``__``-separated parts spell: ``['SASL_PASSWORD']`` ->
+    ``sasl.password``, ``['LOG', 'LEVEL']`` -> ``log_level``; a dotted part is taken as written."""
+    return "_".join(p.lower() if "." in p else p.lower().replace("_", ".") for p in parts)
+
+
+def shell_name(key: str) -> str:
+    """The shell-safe spelling of a library setting (``sasl.password`` -> ``SASL_PASSWORD``): the inverse
+    of ``env_key``."""
+    return key.replace("_", "__").replace(".", "_").upper()
+
+
+def _override_path(var: str) -> list[str] | None:
+    """The setting path a ``PROCESSOR__...`` name sets, lower-cased; a client library's key is one part
+    (None: the name sets nothing)."""
+    parts = var[len(ENV_PREFIX):].split("__")
+    keys: list[str] = []
+    for i, part in enumerate(parts):
+        if not part:
+            return None
+        if _is_passthrough(_field_type(keys)):
+            return [*keys, env_key(parts[i:])]
+        keys.append(part.lower())
+    return keys or None
+
+
+def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """PROCESSOR__KAFKA__BOOTSTRAP_SERVERS=host:9092 -> data['kafka']['bootstrap_servers'];
+    PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD=... -> data['kafka']['client']['sasl.password'].
+
+    The value is typed by the config model, as pydantic-settings does: it stays the string as written (a
+    string setting takes ``0123`` or ``yes`` as such; pydantic makes a number or a boolean of it where the
+    field is one), and a list, mapping or section takes JSON. It is marked literal (``interpolate`` leaves
+    it alone). Returns setting path -> variable name, so an error can name the variable; no error carries
+    the value."""
     applied: dict[str, str] = {}
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX):
             continue
-        keys = [k.lower() for k in var[len(ENV_PREFIX):].split("__") if k]
-        if not keys:
+        keys = _override_path(var)
+        if keys is None:
             continue
         path = ".".join(keys)
+        if path in applied:
+            raise ConfigError(f"{path}: set twice by the environment, as {applied[path]} and {var}; keep one")
         value: Any = env[var]
         if _is_structured(_field_type(keys)):
             try:
@@ -239,10 +322,13 @@ def _apply_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, 
         node = data
         for k in keys[:-1]:
             child = node.get(k)
+            if isinstance(child, _Literal) and isinstance(child.value, dict):
+                child = _literal(child.value)
             if not isinstance(child, dict):
-                child = node[k] = {}
+                child = {}
+            node[k] = child
             node = child
-        node[keys[-1]] = value
+        node[keys[-1]] = _literal(value)
         applied[path] = var
     return applied
 
@@ -266,7 +352,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     applied = _apply_overrides(raw, env)
-    data = interpolate(raw, "", env)
+    data = _unwrap(interpolate(raw, "", env))  # the file's ${VAR}s; the overrides' values as written
     try:
         return parse_config(data)
     except ConfigError as exc:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -345,3 +346,99 @@ def test_check_config_lists_the_topics_the_config_needs(tmp_path):
     assert result.exit_code == 0, result.output
     listed = [line.split()[1:] for line in result.stderr.splitlines() if line.startswith("#   ")]
     assert listed == [["t", "(input)"], ["t.dlq", "(dead-letter)"], ["t.retry.quicklizard", "(retry:quicklizard)"]]
+
+
+# shell-safe names for a library's dotted settings (kafka.client, deadletter.producer, schema_registry.client)
+
+
+@pytest.mark.parametrize(("var", "section", "key"), [
+    ("PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD", "client", "sasl.password"),
+    ("PROCESSOR__KAFKA__CLIENT__SECURITY_PROTOCOL", "client", "security.protocol"),
+    ("PROCESSOR__KAFKA__CLIENT__SSL_CA_LOCATION", "client", "ssl.ca.location"),
+    ("PROCESSOR__KAFKA__CLIENT__ENABLE_SSL_CERTIFICATE_VERIFICATION", "client", "enable.ssl.certificate.verification"),
+    ("PROCESSOR__KAFKA__CLIENT__LOG__LEVEL", "client", "log_level"),  # librdkafka's own underscore: doubled
+    ("PROCESSOR__KAFKA__CLIENT__SASL.PASSWORD", "client", "sasl.password"),  # the dotted name still works
+])
+def test_shell_safe_name_of_a_librdkafka_setting(tmp_path, var, section, key):
+    assert var.replace(".", "_").isidentifier() or "." in var
+    cfg = _with_env(tmp_path, {var: "v"})
+    assert cfg.kafka.client == {key: "v"}
+
+
+def test_shell_safe_names_in_every_library_section(tmp_path):
+    cfg = _with_env(tmp_path, {"PROCESSOR__DEADLETTER__PRODUCER__MESSAGE_MAX_BYTES": "2000000",
+                               "PROCESSOR__SCHEMA_REGISTRY__CLIENT__BASIC_AUTH_USER_INFO": "u:p"})
+    assert cfg.deadletter.producer == {"message.max.bytes": "2000000"}
+    assert cfg.schema_registry.client == {"basic.auth.user.info": "u:p"}
+
+
+def test_shell_safe_names_are_unambiguous_for_librdkafkas_keys():
+    """Every librdkafka key is lower-case letters, digits, '.' and '_', never two of '._' in a row: the
+    spelling (upper-case, '_' for '.', '__' for '_') is a bijection on them."""
+    from processor.config import env_key, shell_name
+    keys = ["sasl.password", "sasl.oauthbearer.client.id", "log_level", "ssl.certificate.verify_cb",
+            "enable.ssl.certificate.verification", "topic.metadata.refresh.fast.interval.ms", "enabled_events"]
+    names = [shell_name(k) for k in keys]
+    assert all(n.isidentifier() and n.isupper() for n in names)
+    assert [env_key(n.split("__")) for n in names] == keys
+
+
+def test_two_spellings_of_one_setting_are_an_error_naming_both(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _with_env(tmp_path, {"PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD": "s3cr3t-a",
+                             "PROCESSOR__KAFKA__CLIENT__SASL.PASSWORD": "s3cr3t-b"})
+    text = str(err.value)
+    assert "PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD" in text and "PROCESSOR__KAFKA__CLIENT__SASL.PASSWORD" in text
+    assert "kafka.client.sasl.password" in text and "s3cr3t" not in text
+
+
+# override values are taken as written: never ${VAR}-interpolated (the YAML file is)
+
+
+@pytest.mark.parametrize("value", ["k9${HOSTNAME}q", "z${NOT_SET}z", "${NOT_SET:-d}", "$${HOSTNAME}", "${"])
+def test_override_values_are_never_interpolated(tmp_path, value):
+    env = {"HOSTNAME": "pod-7", "PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD": value,
+           "PROCESSOR__DEADLETTER__TOPIC": value, "PROCESSOR__KAFKA__TOPICS": json.dumps([value]),
+           "PROCESSOR__VENDORS__QUICKLIZARD__SITES__DEFAULT__CLIENT_KEY": value}
+    cfg = _with_env(tmp_path, env, vendors={"quicklizard": {"sites": {"default": {"client_key": "k"}},
+                                                            "options": {}}})
+    assert cfg.kafka.client["sasl.password"] == value
+    assert cfg.deadletter.topic == value
+    assert cfg.kafka.topics == [value]
+    assert cfg.vendors["quicklizard"].sites["default"].client_key.get_secret_value() == value
+
+
+def test_yaml_keeps_its_interpolation_and_an_override_replaces_an_unset_reference(tmp_path):
+    """An override replaces the YAML value before interpolation, so a ${VAR} it replaces need not be set."""
+    cfg = _with_env(tmp_path, {"PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD": "k9${HOSTNAME}q", "HOSTNAME": "pod-7",
+                               "USER_FROM_ENV": "relay"},
+                    kafka={"bootstrap_servers": "k:9092", "topics": ["t"],
+                           "client": {"sasl.username": "${USER_FROM_ENV}", "sasl.password": "${KAFKA_PASSWORD}",
+                                      "client.id": "relay-${HOSTNAME}"}})
+    assert cfg.kafka.client == {"sasl.username": "relay", "sasl.password": "k9${HOSTNAME}q",
+                                "client.id": "relay-pod-7"}
+
+
+def test_an_override_merges_into_a_json_section_set_by_another(tmp_path):
+    cfg = _with_env(tmp_path, {"PROCESSOR__KAFKA__CLIENT": '{"security.protocol": "SASL_SSL", "x.y": "${A}"}',
+                               "PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD": "p${A}"})
+    assert cfg.kafka.client == {"security.protocol": "SASL_SSL", "x.y": "${A}", "sasl.password": "p${A}"}
+
+
+def test_a_literal_value_error_never_quotes_the_value(tmp_path):
+    """An override the model refuses names the field and the variable, not the text (nor a ${...} in it)."""
+    with pytest.raises(ConfigError) as err:
+        _with_env(tmp_path, {"PROCESSOR__KAFKA__CONSUME_BATCH": "z${NOT_SET}z"})
+    text = str(err.value)
+    assert "kafka.consume_batch" in text and "PROCESSOR__KAFKA__CONSUME_BATCH" in text
+    assert "NOT_SET" not in text and "z$" not in text
+
+
+def test_a_secret_set_by_its_shell_safe_name_is_masked_everywhere(tmp_path):
+    from processor.config import secret_values
+
+    cfg = _with_env(tmp_path, {"PROCESSOR__KAFKA__CLIENT__SASL_PASSWORD": "k9${HOSTNAME}q-s3cr3t",
+                               "PROCESSOR__SCHEMA_REGISTRY__CLIENT__BASIC_AUTH_USER_INFO": "relay:r3g-s3cr3t"})
+    assert {"k9${HOSTNAME}q-s3cr3t", "r3g-s3cr3t"} <= set(secret_values(cfg))
+    shown = yaml.safe_dump(redacted(cfg))
+    assert "s3cr3t" not in shown and "sasl.password: '***'" in shown
