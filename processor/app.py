@@ -13,8 +13,8 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from processor.codec import Decoder, SchemaResolver
-from processor.config import SHARED_CLIENT_PREFIXES, Config
+from processor.codec import SchemaResolver, build_decoder, registry_name
+from processor.config import Config
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline
 from processor.health import HealthServer
@@ -28,16 +28,9 @@ from processor.vendors import adapter_class
 
 logger = logging.getLogger(__name__)
 SUMMARY_EVERY_S = 5.0
-
-
-def build_decoder(config: Config) -> Decoder:
-    sr = config.schema_registry
-    registry = None
-    if sr.url:
-        from confluent_kafka.schema_registry import SchemaRegistryClient
-
-        registry = SchemaRegistryClient({"url": sr.url, **sr.client})
-    return Decoder(sr.schemas_dir, sr.local_ids, registry)
+# SIGTERM: the drain takes up to relay.shutdown_grace_s; what follows (the last commits, leaving the
+# consumer groups, the producer's last acknowledgements) fits in this margin, each step bounded
+CLOSE_MARGIN_S = 10.0
 
 
 class Relay:
@@ -56,7 +49,9 @@ class Relay:
         self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
         self.exit_code = 0
         self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
-        self._held: list[Any] = []  # a poll's messages waiting for the schema registry
+        # per partition, the messages from the first one whose schema id the registry has not answered
+        # for: that partition is paused, the others go on
+        self._held: dict[tuple[str, int], list[Any]] = {}
         self.resolver: SchemaResolver | None = None
         self._stall_logged: str | None = None  # the stall last logged (``_watch_stall``)
 
@@ -90,8 +85,8 @@ class Relay:
             await self._drain(self.config.relay.shutdown_grace_s)
         mine = set(parts)
         positions = {k: v for k, v in self.tracker.commit_positions(only_changed=False).items() if k in mine}
-        if self._held:  # waiting for the registry, never registered: the new owner redelivers them
-            self._held = [m for m in self._held if (m.topic(), m.partition()) not in mine]
+        for key in mine:  # waiting for the registry, never registered: the new owner redelivers them
+            self._held.pop(key, None)
         for t, p in parts:
             self.tracker.revoke(t, p)
             for gauge in (self.metrics.consumer_lag, self.metrics.oldest_unsettled):
@@ -117,8 +112,9 @@ class Relay:
             return "stopping"
         if self.dlq.failing:
             return self.dlq.failing_why or "dead-letter or retry-topic writes are not acknowledged"
-        if self.resolver is not None and self.resolver.down is not None:
-            return f"schema registry unreachable: {self.resolver.down}"
+        registry = self.resolver.waiting() if self.resolver is not None else None
+        if registry is not None:
+            return registry
         return self.stalled() or self._waiting_past_stall()
 
     def stalled(self) -> str | None:
@@ -192,10 +188,11 @@ class Relay:
         if self.stopping.is_set():
             await self.health.stop()
             return 0
-        decoder = build_decoder(self.config)
+        decoder = build_decoder(self.config.schema_registry)
         self.metrics.schema_registry_up.set(1)  # until a fetch fails (always, with the embedded id map)
         self.resolver = SchemaResolver(decoder, "the relay",
-                                       lambda up: self.metrics.schema_registry_up.set(1 if up else 0))
+                                       lambda up: self.metrics.schema_registry_up.set(1 if up else 0),
+                                       registry=registry_name(self.config.schema_registry.url))
         self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke)
         await self.source.start()
         tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]
@@ -287,16 +284,43 @@ class Relay:
             if now >= self._commit_due:
                 self._commit_due = now + cfg.relay.commit_interval_s
                 commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll(cfg.kafka.consume_batch, 0.05 if pause else 0.2,
-                                          pause or bool(self._held), commit)
+            poll = await self.source.poll(cfg.kafka.consume_batch, 0.05 if pause else 0.2, pause, commit,
+                                          set(self._held))
             self._after_commit(poll.committed, poll.lag, poll.commit_failed)
             self.metrics.paused.set(1 if self.source.paused else 0)
             self.metrics.inflight_messages.set(self.tracker.inflight)
-            if poll.raw:
-                self._held += poll.raw
-            if self._held and await resolver.ready(m.value() for m in self._held):
-                batch, self._held = self._held, []
-                self.router.route(self.source.decode_all(batch))
+            raw = poll.raw
+            unknown = resolver.decoder.unknown_ids(m.value() for m in raw) if raw else set()
+            if not unknown and not self._held:  # the common case: every id known, nothing waits
+                if raw:
+                    self.router.route(self.source.decode_all(raw))
+                continue
+            unknown |= resolver.decoder.unknown_ids(m.value() for q in self._held.values() for m in q)
+            if unknown:  # bounded, hears the stop; a slow fetch goes on while the loop polls
+                await resolver.ready_ids(unknown, self.stopping, wait_s=0.5)
+            ready = self._release_held(raw)
+            if ready:
+                self.router.route(self.source.decode_all(ready))
+
+    def _release_held(self, raw: list[Any]) -> list[Any]:
+        """What may be decoded now, in consume order: each partition's messages up to the first one
+        whose schema id the registry has not answered for; that one and the partition's later messages
+        are held (the partition paused) until it has. Partition order is kept, and nothing past a held
+        message is registered, so nothing is committed past it."""
+        waits = self.resolver.decoder.waits if self.resolver is not None else (lambda _v: False)
+        held, self._held = self._held, {}
+        ready: list[Any] = []
+        for msgs in (*held.values(), raw):
+            for m in msgs:
+                key = (m.topic(), m.partition())
+                q = self._held.get(key)
+                if q is not None:
+                    q.append(m)
+                elif m.error() is None and waits(m.value()):
+                    self._held[key] = [m]
+                else:
+                    ready.append(m)
+        return ready
 
     def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
                       failed: bool) -> None:
@@ -367,7 +391,3 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
 
-
-def _is_shared_client_key(key: str) -> bool:
-    """Kafka client settings that apply to the dead-letter producer as well (connection and auth)."""
-    return key.startswith(SHARED_CLIENT_PREFIXES)
