@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import signal
+import sys
 import time
 from typing import Any
 
@@ -48,6 +50,7 @@ class Relay:
         self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
         self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
         self.exit_code = 0
+        self._watchdog_armed = False
         self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
         # per partition, the messages from the first one whose schema id the registry has not answered
         # for: that partition is paused, the others go on
@@ -165,7 +168,8 @@ class Relay:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            # a plain handler, not the loop's: it runs (and arms the watchdog) even while the loop is blocked
+            signal.signal(sig, lambda _sig, _frame: self._signalled(loop))
         self._build_pipelines()
         tune_gc()
         self.health = HealthServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
@@ -250,6 +254,17 @@ class Relay:
             self.exit_code = 1
             self.request_stop()
 
+    def _signalled(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT, in the main thread between two bytecodes: the first arms the watchdog, then the
+        loop is asked to stop."""
+        self._arm_watchdog()
+        loop.call_soon_threadsafe(self.request_stop)
+
+    def _arm_watchdog(self) -> None:
+        if not self._watchdog_armed:
+            self._watchdog_armed = True
+            arm_watchdog(self.config.relay.shutdown_grace_s + CLOSE_MARGIN_S)
+
     def request_stop(self) -> None:
         if self.stopping.is_set():
             logger.warning("second stop signal: not waiting for in-flight work")
@@ -260,6 +275,7 @@ class Relay:
             return
         logger.info("stopping: no more fetching; draining in-flight work (grace %.0fs)",
                     self.config.relay.shutdown_grace_s)
+        self._arm_watchdog()  # whatever asked for the stop (a signal, a fatal error): the exit is bounded
         self.stopping.set()
 
     def _want_pause(self) -> bool:
@@ -353,6 +369,7 @@ class Relay:
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         dlq_task, tick_task, *redrive = tasks
+        self._arm_watchdog()
         self.stopping.set()
         if redrive:  # no more parked records taken in (it sees the stop after its current poll)
             await asyncio.gather(*redrive, return_exceptions=True)
@@ -381,6 +398,15 @@ class Relay:
         if self.health is not None:
             await self.health.stop()
         logger.info("stopped")
+
+
+def arm_watchdog(after_s: float) -> None:
+    """If the process has not exited ``after_s`` from now, write every thread's stack to stderr (the log)
+    and exit 1: faulthandler's own thread does it, in C, without the GIL, so a hang anywhere (the event
+    loop blocked, a library call holding the GIL) becomes a restart with a stack trace. Frames only (file,
+    line, function): no values, so nothing to mask. Armed once, at the first stop signal."""
+    logger.info("watchdog: exiting with every thread's stack if not stopped within %.0fs", after_s)
+    faulthandler.dump_traceback_later(after_s, exit=True, file=sys.stderr)
 
 
 def tune_gc() -> None:
