@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 SUMMARY_EVERY_S = 5.0
 # SIGTERM: the drain takes up to relay.shutdown_grace_s; what follows (the last commits, leaving the
 # consumer groups, the producer's last acknowledgements) fits in this margin, each step bounded
-CLOSE_MARGIN_S = 10.0
+CLOSE_MARGIN_S = 12.0
 
 
 class Relay:
@@ -300,8 +300,10 @@ class Relay:
             if now >= self._commit_due:
                 self._commit_due = now + cfg.relay.commit_interval_s
                 commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll(cfg.kafka.consume_batch, 0.05 if pause else 0.2, pause, commit,
-                                          set(self._held))
+            poll = await self.source.poll_until(self.stopping, cfg.kafka.consume_batch, 0.05 if pause else 0.2,
+                                                pause, commit, set(self._held))
+            if poll is None:
+                break
             self._after_commit(poll.committed, poll.lag, poll.commit_failed)
             self.metrics.paused.set(1 if self.source.paused else 0)
             self.metrics.inflight_messages.set(self.tracker.inflight)
@@ -371,22 +373,29 @@ class Relay:
         dlq_task, tick_task, *redrive = tasks
         self._arm_watchdog()
         self.stopping.set()
-        if redrive:  # no more parked records taken in (it sees the stop after its current poll)
-            await asyncio.gather(*redrive, return_exceptions=True)
+        if redrive:  # no more parked records taken in (it hears the stop in its poll and registry waits)
+            await asyncio.wait(redrive, timeout=1.0)
         if not self.abandon:
             await self._drain(self.config.relay.shutdown_grace_s)
         self._drained = True  # once: closing the consumer revokes, and that revoke must not wait again
+        # from here on each step has its own bound, together within CLOSE_MARGIN_S
         assert self.source is not None
         positions = self.tracker.commit_positions()
         if positions:
+            where = ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items()))
             committed = positions if await self.source.commit(positions) else {}
             self._after_commit(committed, {}, not committed)
-            logger.info("committed %s", ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items())))
+            if committed:
+                logger.info("committed %s", where)
+            else:
+                logger.warning("not committed: %s (their next owner redelivers what settled since the last "
+                               "commit)", where)
         for p in self.pipelines.values():
             await p.cancel()
-        if self.parked is not None and not await self.parked.commit_and_close():
-            self.unclean_exit = True
-        if not await self.source.close():
+        closes = [self.source.close()]
+        if self.parked is not None:
+            closes.append(self.parked.commit_and_close())
+        if not all(await asyncio.gather(*closes)):  # the live and the redrive consumer leave their groups at once
             self.unclean_exit = True
         tick_task.cancel()
         await self.dlq.drain(1.0)
