@@ -51,6 +51,7 @@ class Relay:
         self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
         self.exit_code = 0
         self._watchdog_armed = False
+        self.consumer_failed = False  # a fatal consumer error: it commits nothing any more
         self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
         # per partition, the messages from the first one whose schema id the registry has not answered
         # for: that partition is paused, the others go on
@@ -62,7 +63,8 @@ class Relay:
     def _build_pipelines(self) -> None:
         cfg = self.config
         self.dlq = DeadLetterWriter(cfg.deadletter.topic, cfg.producer_settings(), self.metrics,
-                                    cfg.deadletter.retry_delay_s, cfg.retry_topic_prefix())
+                                    cfg.deadletter.retry_delay_s, cfg.retry_topic_prefix(),
+                                    on_fatal=lambda _why: self.fail(None))  # it logged the ERROR itself
         self.settlement = RelaySettlement(self.tracker, self.dlq, self.metrics)
         self.router = Router(self.tracker, self.settlement, self.metrics)
         parks = cfg.retry_topics()
@@ -250,9 +252,7 @@ class Relay:
         """The redrive loop ends with the relay; if it fails, the relay stops (exit 1, Kubernetes restarts
         it) rather than keep parking what it would never redrive."""
         if not task.cancelled() and task.exception() is not None:
-            logger.critical("redrive of parked events failed: %r; stopping", task.exception())
-            self.exit_code = 1
-            self.request_stop()
+            self.fail(f"the redrive of parked events failed ({task.exception()!r})")
 
     def _signalled(self, loop: asyncio.AbstractEventLoop) -> None:
         """SIGTERM/SIGINT, in the main thread between two bytecodes: the first arms the watchdog, then the
@@ -311,14 +311,36 @@ class Relay:
             unknown = resolver.decoder.unknown_ids(m.value() for m in raw) if raw else set()
             if not unknown and not self._held:  # the common case: every id known, nothing waits
                 if raw:
-                    self.router.route(self.source.decode_all(raw))
+                    self._route(raw)
                 continue
             unknown |= resolver.decoder.unknown_ids(m.value() for q in self._held.values() for m in q)
             if unknown:  # bounded, hears the stop; a slow fetch goes on while the loop polls
                 await resolver.ready_ids(unknown, self.stopping, wait_s=0.5)
             ready = self._release_held(raw)
             if ready:
-                self.router.route(self.source.decode_all(ready))
+                self._route(ready)
+
+    def _route(self, raw: list[Any]) -> None:
+        """Decode and route a poll's messages; a fatal consumer error among them stops the relay (exit 1)
+        with nothing of that poll registered, so nothing is committed past it."""
+        assert self.source is not None
+        try:
+            decoded = self.source.decode_all(raw)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else exc
+            self.consumer_failed = True
+            self.fail(f"the Kafka consumer failed for good ({err.name() if hasattr(err, 'name') else err}: "
+                      f"{err.str() if hasattr(err, 'str') else err})")
+            return
+        self.router.route(decoded)
+
+    def fail(self, why: str | None) -> None:
+        """A fatal error of a Kafka client: one ERROR naming it (None: its owner logged it), then the stop
+        with exit 1 (the restart makes new clients; offsets past what settled were never committed)."""
+        if self.exit_code == 0 and why is not None:
+            logger.error("%s; stopping (exit 1): a restart cures it, nothing is committed past it", why)
+        self.exit_code = 1
+        self.request_stop()
 
     def _release_held(self, raw: list[Any]) -> list[Any]:
         """What may be decoded now, in consume order: each partition's messages up to the first one
@@ -380,7 +402,7 @@ class Relay:
         self._drained = True  # once: closing the consumer revokes, and that revoke must not wait again
         # from here on each step has its own bound, together within CLOSE_MARGIN_S
         assert self.source is not None
-        positions = self.tracker.commit_positions()
+        positions = self.tracker.commit_positions() if not self.consumer_failed else {}
         if positions:
             where = ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items()))
             committed = positions if await self.source.commit(positions) else {}

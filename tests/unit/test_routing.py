@@ -133,3 +133,36 @@ def test_a_schema_id_the_registry_has_not_answered_for_holds_its_partition_from_
     answered.add(11)  # the registry answered: t[0] goes on, in order
     assert [(m.partition(), m.offset()) for m in r._release_held([])] == [(0, 1), (0, 2), (0, 3)]
     assert r._held == {}
+
+
+def test_a_fatal_kafka_error_stops_the_relay_with_exit_1_one_error_and_nothing_committed_past_it(caplog):
+    import faulthandler
+    import logging
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    caplog.set_level(logging.ERROR)
+    fenced = KafkaError(KafkaError.FENCED_INSTANCE_ID, "Broker: Static consumer fenced by other consumer with same "
+                        "group.instance.id", fatal=True)
+
+    def decode_all(raw):
+        raise KafkaException(fenced)
+
+    for who in ("consumer", "producer"):
+        caplog.clear()
+        r = relay()
+        r.tracker.assign("t", 0)
+        try:
+            if who == "consumer":
+                r.source = SimpleNamespace(decode_all=decode_all)
+                r._route([Msg("t", 0, 0)])
+                assert r.consumer_failed  # the shutdown commits nothing with it
+            else:  # the dead-letter producer's fatal error, as its delivery report carries it
+                assert r.dlq._is_fatal(KafkaError(KafkaError._FENCED, "Local: producer fenced", fatal=True))
+            assert r.exit_code == 1 and r.stopping.is_set()
+            assert r.tracker.commit_positions() == {}  # nothing of that poll registered, nothing to commit
+            lines = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+            assert len(lines) == 1 and "failed for good" in lines[0] and "FENCED" in lines[0], lines
+        finally:
+            faulthandler.cancel_dump_traceback_later()  # the stop armed the watchdog: not in the test process
