@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import signal
+import sys
 import time
 from typing import Any
 
 from confluent_kafka import KafkaException
 
-from processor.codec import Decoder, SchemaResolver
-from processor.config import SHARED_CLIENT_PREFIXES, Config
+from processor.codec import SchemaResolver, build_decoder, registry_name
+from processor.config import Config
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline
 from processor.health import HealthServer
@@ -28,16 +30,9 @@ from processor.vendors import adapter_class
 
 logger = logging.getLogger(__name__)
 SUMMARY_EVERY_S = 5.0
-
-
-def build_decoder(config: Config) -> Decoder:
-    sr = config.schema_registry
-    registry = None
-    if sr.url:
-        from confluent_kafka.schema_registry import SchemaRegistryClient
-
-        registry = SchemaRegistryClient({"url": sr.url, **sr.client})
-    return Decoder(sr.schemas_dir, sr.local_ids, registry)
+# SIGTERM: the drain takes up to relay.shutdown_grace_s; what follows (the last commits, leaving the
+# consumer groups, the producer's last acknowledgements) fits in this margin, each step bounded
+CLOSE_MARGIN_S = 12.0
 
 
 class Relay:
@@ -55,8 +50,12 @@ class Relay:
         self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
         self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
         self.exit_code = 0
+        self._watchdog_armed = False
+        self.consumer_failed = False  # a fatal consumer error: it commits nothing any more
         self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
-        self._held: list[Any] = []  # a poll's messages waiting for the schema registry
+        # per partition, the messages from the first one whose schema id the registry has not answered
+        # for: that partition is paused, the others go on
+        self._held: dict[tuple[str, int], list[Any]] = {}
         self.resolver: SchemaResolver | None = None
         self._stall_logged: str | None = None  # the stall last logged (``_watch_stall``)
 
@@ -64,7 +63,8 @@ class Relay:
     def _build_pipelines(self) -> None:
         cfg = self.config
         self.dlq = DeadLetterWriter(cfg.deadletter.topic, cfg.producer_settings(), self.metrics,
-                                    cfg.deadletter.retry_delay_s, cfg.retry_topic_prefix())
+                                    cfg.deadletter.retry_delay_s, cfg.retry_topic_prefix(),
+                                    on_fatal=lambda _why: self.fail(None))  # it logged the ERROR itself
         self.settlement = RelaySettlement(self.tracker, self.dlq, self.metrics)
         self.router = Router(self.tracker, self.settlement, self.metrics)
         parks = cfg.retry_topics()
@@ -90,8 +90,8 @@ class Relay:
             await self._drain(self.config.relay.shutdown_grace_s)
         mine = set(parts)
         positions = {k: v for k, v in self.tracker.commit_positions(only_changed=False).items() if k in mine}
-        if self._held:  # waiting for the registry, never registered: the new owner redelivers them
-            self._held = [m for m in self._held if (m.topic(), m.partition()) not in mine]
+        for key in mine:  # waiting for the registry, never registered: the new owner redelivers them
+            self._held.pop(key, None)
         for t, p in parts:
             self.tracker.revoke(t, p)
             for gauge in (self.metrics.consumer_lag, self.metrics.oldest_unsettled):
@@ -117,8 +117,9 @@ class Relay:
             return "stopping"
         if self.dlq.failing:
             return self.dlq.failing_why or "dead-letter or retry-topic writes are not acknowledged"
-        if self.resolver is not None and self.resolver.down is not None:
-            return f"schema registry unreachable: {self.resolver.down}"
+        registry = self.resolver.waiting() if self.resolver is not None else None
+        if registry is not None:
+            return registry
         return self.stalled() or self._waiting_past_stall()
 
     def stalled(self) -> str | None:
@@ -169,7 +170,8 @@ class Relay:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            # a plain handler, not the loop's: it runs (and arms the watchdog) even while the loop is blocked
+            signal.signal(sig, lambda _sig, _frame: self._signalled(loop))
         self._build_pipelines()
         tune_gc()
         self.health = HealthServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
@@ -192,10 +194,11 @@ class Relay:
         if self.stopping.is_set():
             await self.health.stop()
             return 0
-        decoder = build_decoder(self.config)
+        decoder = build_decoder(self.config.schema_registry)
         self.metrics.schema_registry_up.set(1)  # until a fetch fails (always, with the embedded id map)
         self.resolver = SchemaResolver(decoder, "the relay",
-                                       lambda up: self.metrics.schema_registry_up.set(1 if up else 0))
+                                       lambda up: self.metrics.schema_registry_up.set(1 if up else 0),
+                                       registry=registry_name(self.config.schema_registry.url))
         self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke)
         await self.source.start()
         tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]
@@ -249,9 +252,18 @@ class Relay:
         """The redrive loop ends with the relay; if it fails, the relay stops (exit 1, Kubernetes restarts
         it) rather than keep parking what it would never redrive."""
         if not task.cancelled() and task.exception() is not None:
-            logger.critical("redrive of parked events failed: %r; stopping", task.exception())
-            self.exit_code = 1
-            self.request_stop()
+            self.fail(f"the redrive of parked events failed ({task.exception()!r})")
+
+    def _signalled(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT, in the main thread between two bytecodes: the first arms the watchdog, then the
+        loop is asked to stop."""
+        self._arm_watchdog()
+        loop.call_soon_threadsafe(self.request_stop)
+
+    def _arm_watchdog(self) -> None:
+        if not self._watchdog_armed:
+            self._watchdog_armed = True
+            arm_watchdog(self.config.relay.shutdown_grace_s + CLOSE_MARGIN_S)
 
     def request_stop(self) -> None:
         if self.stopping.is_set():
@@ -263,6 +275,7 @@ class Relay:
             return
         logger.info("stopping: no more fetching; draining in-flight work (grace %.0fs)",
                     self.config.relay.shutdown_grace_s)
+        self._arm_watchdog()  # whatever asked for the stop (a signal, a fatal error): the exit is bounded
         self.stopping.set()
 
     def _want_pause(self) -> bool:
@@ -287,16 +300,67 @@ class Relay:
             if now >= self._commit_due:
                 self._commit_due = now + cfg.relay.commit_interval_s
                 commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll(cfg.kafka.consume_batch, 0.05 if pause else 0.2,
-                                          pause or bool(self._held), commit)
+            poll = await self.source.poll_until(self.stopping, cfg.kafka.consume_batch, 0.05 if pause else 0.2,
+                                                pause, commit, set(self._held))
+            if poll is None:
+                break
             self._after_commit(poll.committed, poll.lag, poll.commit_failed)
             self.metrics.paused.set(1 if self.source.paused else 0)
             self.metrics.inflight_messages.set(self.tracker.inflight)
-            if poll.raw:
-                self._held += poll.raw
-            if self._held and await resolver.ready(m.value() for m in self._held):
-                batch, self._held = self._held, []
-                self.router.route(self.source.decode_all(batch))
+            raw = poll.raw
+            unknown = resolver.decoder.unknown_ids(m.value() for m in raw) if raw else set()
+            if not unknown and not self._held:  # the common case: every id known, nothing waits
+                if raw:
+                    self._route(raw)
+                continue
+            unknown |= resolver.decoder.unknown_ids(m.value() for q in self._held.values() for m in q)
+            if unknown:  # bounded, hears the stop; a slow fetch goes on while the loop polls
+                await resolver.ready_ids(unknown, self.stopping, wait_s=0.5)
+            ready = self._release_held(raw)
+            if ready:
+                self._route(ready)
+
+    def _route(self, raw: list[Any]) -> None:
+        """Decode and route a poll's messages; a fatal consumer error among them stops the relay (exit 1)
+        with nothing of that poll registered, so nothing is committed past it."""
+        assert self.source is not None
+        try:
+            decoded = self.source.decode_all(raw)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else exc
+            self.consumer_failed = True
+            self.fail(f"the Kafka consumer failed for good ({err.name() if hasattr(err, 'name') else err}: "
+                      f"{err.str() if hasattr(err, 'str') else err})")
+            return
+        self.router.route(decoded)
+
+    def fail(self, why: str | None) -> None:
+        """A fatal error of a Kafka client: one ERROR naming it (None: its owner logged it), then the stop
+        with exit 1 (the restart makes new clients; offsets past what settled were never committed)."""
+        if self.exit_code == 0 and why is not None:
+            logger.error("%s; stopping (exit 1): a restart cures it, nothing is committed past it", why)
+        self.exit_code = 1
+        self.request_stop()
+
+    def _release_held(self, raw: list[Any]) -> list[Any]:
+        """What may be decoded now, in consume order: each partition's messages up to the first one
+        whose schema id the registry has not answered for; that one and the partition's later messages
+        are held (the partition paused) until it has. Partition order is kept, and nothing past a held
+        message is registered, so nothing is committed past it."""
+        waits = self.resolver.decoder.waits if self.resolver is not None else (lambda _v: False)
+        held, self._held = self._held, {}
+        ready: list[Any] = []
+        for msgs in (*held.values(), raw):
+            for m in msgs:
+                key = (m.topic(), m.partition())
+                q = self._held.get(key)
+                if q is not None:
+                    q.append(m)
+                elif m.error() is None and waits(m.value()):
+                    self._held[key] = [m]
+                else:
+                    ready.append(m)
+        return ready
 
     def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
                       failed: bool) -> None:
@@ -329,23 +393,31 @@ class Relay:
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         dlq_task, tick_task, *redrive = tasks
+        self._arm_watchdog()
         self.stopping.set()
-        if redrive:  # no more parked records taken in (it sees the stop after its current poll)
-            await asyncio.gather(*redrive, return_exceptions=True)
+        if redrive:  # no more parked records taken in (it hears the stop in its poll and registry waits)
+            await asyncio.wait(redrive, timeout=1.0)
         if not self.abandon:
             await self._drain(self.config.relay.shutdown_grace_s)
         self._drained = True  # once: closing the consumer revokes, and that revoke must not wait again
+        # from here on each step has its own bound, together within CLOSE_MARGIN_S
         assert self.source is not None
-        positions = self.tracker.commit_positions()
+        positions = self.tracker.commit_positions() if not self.consumer_failed else {}
         if positions:
+            where = ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items()))
             committed = positions if await self.source.commit(positions) else {}
             self._after_commit(committed, {}, not committed)
-            logger.info("committed %s", ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items())))
+            if committed:
+                logger.info("committed %s", where)
+            else:
+                logger.warning("not committed: %s (their next owner redelivers what settled since the last "
+                               "commit)", where)
         for p in self.pipelines.values():
             await p.cancel()
-        if self.parked is not None and not await self.parked.commit_and_close():
-            self.unclean_exit = True
-        if not await self.source.close():
+        closes = [self.source.close()]
+        if self.parked is not None:
+            closes.append(self.parked.commit_and_close())
+        if not all(await asyncio.gather(*closes)):  # the live and the redrive consumer leave their groups at once
             self.unclean_exit = True
         tick_task.cancel()
         await self.dlq.drain(1.0)
@@ -359,6 +431,15 @@ class Relay:
         logger.info("stopped")
 
 
+def arm_watchdog(after_s: float) -> None:
+    """If the process has not exited ``after_s`` from now, write every thread's stack to stderr (the log)
+    and exit 1: faulthandler's own thread does it, in C, without the GIL, so a hang anywhere (the event
+    loop blocked, a library call holding the GIL) becomes a restart with a stack trace. Frames only (file,
+    line, function): no values, so nothing to mask. Armed once, at the first stop signal."""
+    logger.info("watchdog: exiting with every thread's stack if not stopped within %.0fs", after_s)
+    faulthandler.dump_traceback_later(after_s, exit=True, file=sys.stderr)
+
+
 def tune_gc() -> None:
     """Decoded events are acyclic dicts freed by reference counting, made by the hundred thousand:
     the default cyclic-GC thresholds would scan them over and over. Freeze what start-up built and
@@ -367,7 +448,3 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
 
-
-def _is_shared_client_key(key: str) -> bool:
-    """Kafka client settings that apply to the dead-letter producer as well (connection and auth)."""
-    return key.startswith(SHARED_CLIENT_PREFIXES)

@@ -33,10 +33,11 @@ def main() -> None:
 def run(config_path: str, workers: int) -> None:
     """Consume, batch, deliver and dead-letter until SIGTERM; exits 0 after a clean drain."""
     from processor.config import secret_values
-    from processor.logs import setup_logging
+    from processor.logs import log_uncaught, setup_logging
 
     config = _load(config_path)
     setup_logging(config.logging.level, config.logging.format, secret_values(config))
+    log_uncaught()
     if workers > 1:
         from processor.workers import run_workers
 
@@ -44,7 +45,12 @@ def run(config_path: str, workers: int) -> None:
     from processor.app import Relay
 
     relay = Relay(config)
-    code = asyncio.run(relay.run())
+    try:
+        code = asyncio.run(relay.run())
+    except Exception as exc:  # the last words, masked like every log line; the restart cures it
+        logging.getLogger("processor").critical("the relay failed: %s", type(exc).__name__, exc_info=exc)
+        logging.shutdown()
+        os._exit(1)  # nothing settled is lost; no client thread may hold the exit
     if relay.unclean_exit:  # everything settled is committed; a stuck librdkafka thread must not hold the exit
         logging.shutdown()
         os._exit(code)

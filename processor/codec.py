@@ -27,7 +27,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from fastavro import parse_schema, schemaless_reader
 from fastavro.repository.base import SchemaRepositoryError
@@ -35,6 +36,9 @@ from fastavro.schema import fingerprint, load_schema, to_parsing_canonical_form
 
 from processor.errors import ConfigError, DecodeError, RegistryUnavailable
 from processor.events import SCHEMA_KINDS, EventKind
+
+if TYPE_CHECKING:
+    from processor.config import SchemaRegistryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +103,7 @@ class Decoder:
         self._lock = threading.Lock()
         self._by_id: dict[int, _Writer] = {}
         self._missing: dict[int, str] = {}  # id -> why the registry says it cannot be used (dead letter)
+        self.failing: dict[int, str] = {}  # id -> why its last fetch got no usable answer (retried)
         ids: Mapping[int, str | Path] = EMBEDDED_IDS if local_ids is None and registry is None else (local_ids or {})
         for sid, ref in ids.items():  # the local map wins over the registry; loaded now, so a bad path fails at start
             self._store(int(sid), self._make_writer(_load_local(ref, schemas_dir)))
@@ -149,9 +154,13 @@ class Decoder:
         not Avro, or does not parse is remembered as missing: ``decode`` then dead-letters its messages
         as ``unknown_schema``. A transport error, timeout, 5xx, auth failure or any answer that is not
         the registry's raises ``RegistryUnavailable`` and remembers nothing of that id (ids resolved
-        before it in the same call stay resolved)."""
+        before it in the same call stay resolved). An id the registry answers an error for (a 5xx for that
+        id alone) does not hold the others of the call: they are fetched, then the error is raised; an id
+        it does not answer at all (a timeout, a refused connection) ends the call at once (the next would
+        only wait as long). ``failing`` keeps, per id, why its last fetch failed (until it resolves)."""
         if self._registry is None:
             return
+        answered: list[RegistryUnavailable] = []
         for sid in sorted(ids):
             if sid in self._by_id or sid in self._missing:
                 continue
@@ -161,10 +170,15 @@ class Decoder:
             except DecodeError as exc:
                 with self._lock:
                     self._missing[sid] = exc.detail
+                    self.failing.pop(sid, None)
                 logger.warning("schema id %d cannot be used: %s", sid, exc.detail)
                 continue
-            except RegistryUnavailable:
-                raise
+            except RegistryUnavailable as exc:
+                self.failing[sid] = str(exc)
+                if not exc.answered:
+                    raise
+                answered.append(exc)
+                continue
             except Exception as exc:  # fastavro's many schema errors: one boundary, the id is unusable
                 detail = f"schema id {sid} does not parse: {type(exc).__name__}"
                 with self._lock:
@@ -172,10 +186,21 @@ class Decoder:
                 logger.warning("%s", detail)
                 continue
             self._store(sid, w)
+            self.failing.pop(sid, None)
+        if answered:
+            raise RegistryUnavailable("; ".join(str(exc) for exc in answered), answered=True)
 
     def known(self, sid: int) -> bool:
         """Whether the registry has answered for ``sid`` (found or missing)."""
         return sid in self._by_id or sid in self._missing
+
+    def waits(self, value: bytes | None) -> bool:
+        """Whether decoding ``value`` waits for the registry: a Confluent header naming an id neither
+        cached nor known to be missing (a header peek)."""
+        if self._registry is None or not value or value[0] != CONFLUENT_MAGIC or len(value) < 5:
+            return False
+        sid = _unpack_id(value, 1)[0]
+        return sid not in self._by_id and sid not in self._missing
 
     def _unresolved(self, sid: int) -> _Writer:
         detail = self._missing.get(sid)
@@ -249,57 +274,90 @@ class Decoder:
 class SchemaResolver:
     """The one way every decode path gets its registry schema ids: the live consumer, the parked
     redrive, ``dlq replay`` and ``dlq inspect``. The ids a batch of values names are fetched off the
-    event loop (a thread); while the registry cannot be reached nothing is decoded, the caller holds
-    the values (nothing dead-lettered for it), the attempt is retried with backoff (1 s doubling to 30 s)
-    and every failed attempt is logged as waiting. Only the registry's answer that an id does not exist
-    (or is not usable Avro) makes a record undecodable: ``Decoder.decode`` then raises DecodeError.
+    event loop (a thread of its own, one fetch at a time); while the registry cannot be reached nothing
+    is decoded, the caller holds the values (nothing dead-lettered for it), the attempt is retried with
+    backoff (1 s doubling to 30 s) and every failed attempt is logged as waiting. Only the registry's
+    answer that an id does not exist (or is not usable Avro) makes a record undecodable:
+    ``Decoder.decode`` then raises DecodeError.
+
+    No caller waits on a fetch longer than ``ready_ids``'s ``wait_s`` or past its stop: a fetch that
+    takes longer goes on in its thread (each registry request is bounded by
+    ``schema_registry.timeout_s``) and is picked up by a later call. A fetch outstanding for more than
+    ``SLOW_FETCH_S`` counts as the registry being away: ``waiting()`` names the registry and the ids.
 
     ``down`` is why the registry cannot be reached (None: it can, or none is configured); ``on_change``
     is told True/False when that changes (the relay's ``processor_schema_registry_up``)."""
 
     MAX_DELAY_S = 30.0
+    SLOW_FETCH_S = 3.0
 
     def __init__(self, decoder: Decoder, what: str, on_change: Callable[[bool], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, registry: str = "") -> None:
         self.decoder = decoder
         self.what = what  # who waits, for the log: "the relay", "replay to qubit", "dlq inspect"
         self.on_change = on_change
         self.clock = clock
+        self.registry = registry  # how readiness names the registry (its URL without credentials)
         self.down: str | None = None
         self._retry_at = 0.0
         self._delay = 1.0
+        self._fetch: asyncio.Future[BaseException | None] | None = None
+        self._fetching: list[int] = []
+        self._fetch_since = 0.0
 
-    async def ready(self, values: Iterable[bytes | None]) -> bool:
+    def waiting(self) -> str | None:
+        """Why decoding waits for the registry now, naming it and the schema ids (None: it does not)."""
+        where = f"schema registry {self.registry}".rstrip()
+        if self._fetch is not None:
+            age = self.clock() - self._fetch_since
+            if age > self.SLOW_FETCH_S:
+                return f"{where} has not answered for {age:.0f}s ({_ids(self._fetching)})"
+        if self.down is not None:
+            failing = sorted(self.decoder.failing)
+            return f"{where} unreachable: {self.down}" + (f" (waiting: {_ids(failing)})" if failing else "")
+        return None
+
+    async def ready(self, values: Iterable[bytes | None], stopping: asyncio.Event | None = None) -> bool:
         """Whether every id these values name is resolved, after one fetch attempt if one is due (never
         blocks the loop, never raises for the registry)."""
-        return await self.ready_ids(self.decoder.unknown_ids(values))
+        return await self.ready_ids(self.decoder.unknown_ids(values), stopping)
 
-    async def ready_ids(self, ids: set[int]) -> bool:
+    async def ready_ids(self, ids: set[int], stopping: asyncio.Event | None = None, wait_s: float = 1.0) -> bool:
+        """Whether every id of ``ids`` is resolved. Starts a fetch if none is outstanding and no backoff
+        holds it, and waits for the outstanding one at most ``wait_s`` and never past ``stopping``."""
         ids = {sid for sid in ids if not self.decoder.known(sid)}
         if not ids:
             return True
-        now = self.clock()
-        if now < self._retry_at:
+        fut = self._fetch
+        if fut is None:
+            if self.clock() < self._retry_at:
+                return False
+            fut = self._start(ids)
+        await _first_of(fut, stopping, wait_s)
+        if not fut.done():
+            self._slow()
             return False
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.decoder.fetch, ids)
-        except RegistryUnavailable as exc:
-            self._failed(str(exc), now)
+        self._fetch = None
+        exc = fut.result()
+        if exc is not None:
+            self._failed(str(exc), self.clock())
             return False
+        self._delay = 1.0
         if self.down is not None:
             logger.info("schema registry reachable again: %s goes on", self.what)
             self.down = None
             if self.on_change is not None:
                 self.on_change(True)
-        self._delay = 1.0
-        return True
+        return all(self.decoder.known(sid) for sid in ids)
 
     async def wait(self, values: Iterable[bytes | None], stopping: asyncio.Event | None = None) -> bool:
         """Until every id these values name is resolved (True) or ``stopping`` is set (False)."""
         ids = self.decoder.unknown_ids(values)
-        while not await self.ready_ids(ids):
+        while not await self.ready_ids(ids, stopping):
             if stopping is not None and stopping.is_set():
                 return False
+            if self._fetch is not None:
+                continue  # still outstanding: ``ready_ids`` waited for it (bounded)
             pause = max(0.0, self._retry_at - self.clock())
             if stopping is None:
                 await asyncio.sleep(pause)
@@ -307,6 +365,42 @@ class SchemaResolver:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), pause)
         return True
+
+    def _start(self, ids: set[int]) -> asyncio.Future[BaseException | None]:
+        """``Decoder.fetch`` in a daemon thread: a registry that never answers cannot hold the process's
+        exit; the future gets the error (or None), never raises."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[BaseException | None] = loop.create_future()
+        decoder = self.decoder
+
+        def settle(result: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        def work() -> None:
+            result: BaseException | None = None
+            try:
+                decoder.fetch(ids)
+            except RegistryUnavailable as exc:
+                result = exc
+            except Exception as exc:  # a bug must not leave the future unsettled: the ids stay unresolved
+                result = RegistryUnavailable(f"{type(exc).__name__} fetching {_ids(sorted(ids))}")
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(settle, result)
+
+        self._fetch, self._fetching, self._fetch_since = fut, sorted(ids), self.clock()
+        threading.Thread(target=work, name="schema-registry-fetch", daemon=True).start()
+        return fut
+
+    def _slow(self) -> None:
+        """The outstanding fetch has taken past ``SLOW_FETCH_S``: the registry counts as away (once)."""
+        if self.down is not None or self.clock() - self._fetch_since <= self.SLOW_FETCH_S:
+            return
+        self.down = f"no answer for {_ids(self._fetching)} within {self.SLOW_FETCH_S:.0f}s"
+        logger.error("%s waiting for the schema registry (%s): nothing decoded or dead-lettered meanwhile",
+                     self.what, self.down)
+        if self.on_change is not None:
+            self.on_change(False)
 
     def _failed(self, why: str, now: float) -> None:
         (logger.error if self.down is None else logger.warning)(
@@ -317,6 +411,46 @@ class SchemaResolver:
         self.down = why
         self._retry_at = now + self._delay
         self._delay = min(self._delay * 2, self.MAX_DELAY_S)
+
+
+def _ids(ids: list[int]) -> str:
+    shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    return f"schema id{'s' if len(ids) > 1 else ''} {shown}"
+
+
+async def _first_of(fut: asyncio.Future[Any], stopping: asyncio.Event | None, wait_s: float) -> None:
+    """Until ``fut`` is done, ``stopping`` is set or ``wait_s`` passed (``fut`` is never cancelled)."""
+    if stopping is None:
+        await asyncio.wait([fut], timeout=wait_s)
+        return
+    if stopping.is_set():
+        return
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([fut, stop], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+
+
+def build_decoder(sr: SchemaRegistryConfig) -> Decoder:
+    """The decoder of a ``schema_registry`` config: the registry client (when a URL is set) bounded by
+    ``timeout_s`` per request and without retries of its own (``SchemaResolver`` retries, hearing the
+    stop); ``schema_registry.client`` may still set either."""
+    registry = None
+    if sr.url:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        registry = SchemaRegistryClient({"url": sr.url, "timeout": sr.timeout_s, "max.retries": 0, **sr.client})
+    return Decoder(sr.schemas_dir, sr.local_ids, registry)
+
+
+def registry_name(url: str | None) -> str:
+    """A registry URL as logs and readiness may show it: scheme, host and port (no credentials, no path)."""
+    if not url:
+        return ""
+    parts = urlsplit(url.split(",")[0].strip())
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
 
 
 def _load_local(ref: str | Path, schemas_dir: Path) -> Any:
@@ -362,7 +496,8 @@ def _ask_registry(call: Any, sid: int, *args: Any) -> Any:
         if exc.http_status_code == 404 and 40400 <= (exc.error_code or 0) < 40500:
             raise DecodeError("unknown_schema", f"schema id {sid} not found in the registry "
                               f"(error code {exc.error_code})") from exc
-        raise RegistryUnavailable(f"registry answered HTTP {exc.http_status_code} for schema id {sid}") from exc
+        raise RegistryUnavailable(f"registry answered HTTP {exc.http_status_code} for schema id {sid}",
+                                  answered=True) from exc
     except Exception as exc:  # connection errors and timeouts from the registry client's HTTP stack
         raise RegistryUnavailable(f"{type(exc).__name__} fetching schema id {sid}") from exc
 

@@ -79,6 +79,7 @@ class KafkaConfig(Frozen):
 class SchemaRegistryConfig(Frozen):
     url: str | None = Field(None, repr=False, description="Confluent-compatible registry; None = local id map only")
     client: dict[str, Any] = Field(default_factory=dict, repr=False, description="passed to SchemaRegistryClient")
+    timeout_s: float = Field(5.0, gt=0, le=60, description="connect and read timeout of each registry request")
     local_ids: dict[int, str] | None = Field(
         None, description="schema id -> Avro full name or .avsc path (default: the embedded map)"
     )

@@ -24,8 +24,15 @@ and blocks the commit of that offset until it lands. A write the topic refuses
 for good (the record is larger than it takes, no permission to write to it) is
 not retried in a tight loop: one ERROR naming the topic and the cause, the
 failure counters, readiness false, and a retry every ``REFUSED_RETRY_S`` (the
-operator may fix the topic) while the offsets stay held: nothing is lost. The
-event loop never waits on the producer: a full local queue is retried later.
+operator may fix the topic) while the offsets stay held: nothing is lost. A
+transient failure (a timeout, the broker away) is retried after
+``retry_delay_s`` with one log line per topic a minute, saying how many failed.
+A fatal error of the producer (librdkafka's ``fatal()``: the idempotent
+producer fenced or out of sequence) is never retried on that producer: one
+ERROR naming it, ``on_fatal`` (the relay stops, exit 1, and the restart makes
+a new producer), and nothing produced any more; what it did not acknowledge
+stays unsettled, so nothing is committed past it. The event loop never waits
+on the producer: a full local queue is retried later.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ PERMANENT = {KafkaError.MSG_SIZE_TOO_LARGE: "record larger than the topic's max.
              KafkaError.CLUSTER_AUTHORIZATION_FAILED: "not authorized on the cluster (idempotent write)",
              KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "not authorized for idempotent writes"}
 REFUSED_RETRY_S = 30.0
+TRANSIENT_LOG_EVERY_S = 60.0  # one line per topic a minute for transient write failures
 QUEUE_FULL_RETRY_S = 0.05
 _NUMERIC = frozenset({"relay.http_status", "relay.attempts", "relay.first_failure_ms", "relay.last_failure_ms",
                       "relay.original_partition", "relay.original_offset", "relay.original_timestamp_ms",
@@ -210,7 +218,7 @@ class DeadLetterWriter:
 
     def __init__(self, topic: str, producer_config: dict[str, Any], metrics: Metrics,
                  retry_delay_s: float = 1.0, retry_topic_prefix: str | None = None,
-                 producer: Callable[..., Any] = Producer) -> None:
+                 producer: Callable[..., Any] = Producer, on_fatal: Callable[[str], None] | None = None) -> None:
         self.topic = topic
         self.retry_topic_prefix = retry_topic_prefix
         self.metrics = metrics
@@ -222,6 +230,9 @@ class DeadLetterWriter:
         self.failing = False
         self.failing_why = ""  # the last failure: topic and cause (readiness says it)
         self.refused: dict[str, str] = {}  # topic -> why it refuses our writes for good (until one lands)
+        self.fatal: str | None = None  # the producer's fatal error: it produces nothing any more
+        self.on_fatal = on_fatal
+        self._transient: dict[str, tuple[float, int]] = {}  # topic -> (last logged, failures since)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def retry_topic(self, vendor: str) -> str:
@@ -255,6 +266,8 @@ class DeadLetterWriter:
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             self.pending -= 1
+            if err is not None and self._is_fatal(err):
+                return  # never settled: held, redelivered after the restart
             if err is None:
                 self._landed(topic)
                 if error_class is not None:  # parked records are counted when parked (processor_parked_total)
@@ -264,6 +277,8 @@ class DeadLetterWriter:
             delay = self._failed(topic, source, vendor, err)
             self._retry_later(topic, source, headers, vendor, error_class, on_ack, delay)
 
+        if self.fatal is not None:
+            return  # the producer failed for good: held, redelivered after the restart
         try:
             self.producer.produce(topic, value=source.value, key=source.key, headers=headers,
                                   on_delivery=delivered)
@@ -271,10 +286,28 @@ class DeadLetterWriter:
             self._retry_later(topic, source, headers, vendor, error_class, on_ack, QUEUE_FULL_RETRY_S)
             return
         except KafkaException as exc:
-            delay = self._failed(topic, source, vendor, exc.args[0] if exc.args else KafkaError(KafkaError._FAIL))
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else KafkaError(KafkaError._FAIL)
+            if self._is_fatal(err):
+                return
+            delay = self._failed(topic, source, vendor, err)
             self._retry_later(topic, source, headers, vendor, error_class, on_ack, delay)
             return
         self.pending += 1
+
+    def _is_fatal(self, err: KafkaError) -> bool:
+        """Whether ``err`` is the producer's fatal error; the first one is logged and reported, once."""
+        if not (err.fatal() or err.code() == KafkaError._FATAL):
+            return False
+        self.failing = True
+        if self.fatal is None:
+            self.fatal = f"{err.name()}: {err.str()}"
+            self.failing_why = f"the dead-letter and retry-topic producer failed for good ({self.fatal})"
+            logger.error("the dead-letter and retry-topic producer failed for good (%s): nothing more is written "
+                         "with it; stopping, the restart makes a new one (what it did not acknowledge is held "
+                         "uncommitted and redelivered)", self.fatal)
+            if self.on_fatal is not None:
+                self.on_fatal(self.fatal)
+        return True
 
     def _landed(self, topic: str) -> None:
         self.failing = False
@@ -288,13 +321,18 @@ class DeadLetterWriter:
         (self.metrics.dlq_failures if topic == self.topic else self.metrics.park_failures).inc()
         what = "dead-letter" if topic == self.topic else "retry-topic"
         cause = PERMANENT.get(err.code()) if isinstance(err, KafkaError) else None
-        if cause is None and isinstance(err, KafkaError) and err.fatal():
-            cause = "the producer failed for good"
         why = err.str() if isinstance(err, KafkaError) else str(err)
         if cause is None:
             self.failing_why = f"{what} writes to {topic} not acknowledged: {why}"
-            logger.error("%s write to %s for %s (%s) not acknowledged: %s; retrying in %.1fs", what, topic,
-                         source.where(), vendor, why, self.retry_delay_s)
+            now = time.monotonic()
+            last, since = self._transient.get(topic, (-TRANSIENT_LOG_EVERY_S, 0))
+            if now - last >= TRANSIENT_LOG_EVERY_S:
+                self._transient[topic] = (now, 0)
+                logger.error("%s write to %s for %s (%s) not acknowledged: %s; retrying every %.1fs (%d more "
+                             "failed since the last line; one line a minute)", what, topic, source.where(), vendor,
+                             why, self.retry_delay_s, since)
+            else:
+                self._transient[topic] = (last, since + 1)
             return self.retry_delay_s
         self.failing_why = f"{topic} refuses the relay's writes: {cause} ({why})"
         if self.refused.get(topic) != cause:  # once per topic and cause, not once a record

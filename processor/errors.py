@@ -58,7 +58,12 @@ class RegistryUnavailable(RelayError):
     """The schema registry did not answer whether a schema id exists: wait and fetch again.
 
     Never a dead letter: an id is dead-lettered only when the registry answers that it does not
-    exist (``DecodeError("unknown_schema")``)."""
+    exist (``DecodeError("unknown_schema")``). ``answered``: the registry answered (an error status),
+    as opposed to no answer at all (a timeout, a refused connection)."""
+
+    def __init__(self, message: str, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class FatalError(RelayError):

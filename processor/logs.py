@@ -69,3 +69,23 @@ def where_failed(exc: BaseException) -> str:
         return type(exc).__name__
     last = frames[-1]
     return f"{type(exc).__name__} at {last.filename.rsplit('/processor/', 1)[-1]}:{last.lineno} in {last.name}"
+
+
+def log_uncaught() -> None:
+    """Route what would end the process (or a thread) with a bare traceback on stderr through logging, so
+    the secret masking and the JSON format apply to it too: the last words of a crash are a log line."""
+    import threading
+    from types import TracebackType
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        logging.getLogger("processor").critical("uncaught %s", kind.__name__, exc_info=(kind, exc, tb))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit or args.exc_value is None:
+            return
+        logging.getLogger("processor").critical("uncaught %s in thread %s", args.exc_type.__name__,
+                                                args.thread.name if args.thread else "?",
+                                                exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook

@@ -102,14 +102,16 @@ class ParkedRedrive:
         await self.source.start()
         cfg = self.config
         while not stopping.is_set():
-            if await self._schemas_known():
+            if await self._schemas_known(stopping):
                 self._release()
             commit = None
             now = time.monotonic()
             if now >= self._commit_due:
                 self._commit_due = now + cfg.relay.commit_interval_s
                 commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll(cfg.kafka.consume_batch, 0.2, None, commit, self._holds())
+            poll = await self.source.poll_until(stopping, cfg.kafka.consume_batch, 0.2, None, commit, self._holds())
+            if poll is None:
+                break
             self._after_commit(poll.committed, poll.lag)
             self._take(poll.raw)
             self._unresolved |= self.resolver.decoder.unknown_ids(m.value() for m in poll.raw if m.error() is None)
@@ -122,12 +124,12 @@ class ParkedRedrive:
                 continue
             self.reservoir.setdefault((msg.topic(), msg.partition()), deque()).append(RelayRecord.from_message(msg))
 
-    async def _schemas_known(self) -> bool:
+    async def _schemas_known(self, stopping: asyncio.Event) -> bool:
         """Whether the registry answered for every id the reservoir's records name (the relay's resolver:
         fetched off the loop, retried with backoff while it cannot be reached). Until it has, nothing is
         handed over: the partitions fill to their reservoir and pause, nothing settles, nothing is
         dead-lettered for the registry."""
-        if self._unresolved and await self.resolver.ready_ids(self._unresolved):
+        if self._unresolved and await self.resolver.ready_ids(self._unresolved, stopping, wait_s=0.5):
             self._unresolved.clear()
         return not self._unresolved
 

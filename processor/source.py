@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from processor.codec import Decoder
 from processor.config import KafkaConfig
@@ -29,6 +29,11 @@ from processor.events import Event, EventKind, FromSource, Source
 logger = logging.getLogger(__name__)
 
 Partitions = list[tuple[str, int]]
+# commit errors saying the group no longer counts this member: a commit now would be refused (or, during
+# close, never answered); nothing is committed until a new assignment
+FENCED = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.FENCED_INSTANCE_ID})
+COMMIT_TIMEOUT_S = 3.0  # a synchronous commit's own bound (librdkafka's is socket.timeout.ms, 60 s)
+CLOSE_TIMEOUT_S = 5.0  # leaving the group
 
 
 @dataclass(slots=True)
@@ -93,6 +98,7 @@ class KafkaSource:
         self.held: set[tuple[str, int]] = set()  # partitions paused one by one (``poll(hold=...)``)
         self.assigned: Partitions = []
         self.had_assignment = False
+        self.fenced = False  # a commit was refused for a fenced member: no commits until assigned anew
         self.positions: dict[tuple[str, int], int] = {}  # last committed (by the group, read at assignment), for lag
         self.position_timeout_s = 5.0
         self.lag_every_s = 2.0
@@ -112,6 +118,7 @@ class KafkaSource:
         state, so one flag describes every assigned partition."""
         parts = [(tp.topic, tp.partition) for tp in partitions]
         logger.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in parts) or "nothing")
+        self.fenced = False  # a member of the new generation
         asyncio.run_coroutine_threadsafe(self._on_assign(parts), self.loop).result()
         if self.incremental:
             consumer.incremental_assign(partitions)
@@ -154,27 +161,48 @@ class KafkaSource:
                 self.positions[key] = offset
 
     def _revoke_cb(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool = False) -> None:
+        """Drain (the relay's ``on_revoke``), commit what settled unless the partitions are lost or the
+        member fenced, and unassign: here, not in confluent-kafka's fallback after the callback, so the
+        order is ours and a fenced member never commits on its way out."""
         parts = [(tp.topic, tp.partition) for tp in partitions]
         logger.info("%s %s", "lost" if lost else "revoking", ", ".join(f"{t}[{p}]" for t, p in parts))
-        positions = asyncio.run_coroutine_threadsafe(self._on_revoke(parts, lost), self.loop).result()
-        if positions and not lost:
-            self._commit(positions)
-        self.assigned = [tp for tp in self.assigned if tp not in set(parts)]
-        self.held -= set(parts)
+        try:
+            positions = asyncio.run_coroutine_threadsafe(self._on_revoke(parts, lost), self.loop).result()
+            if positions and not lost:
+                self._commit(positions, only_new=True)
+        finally:
+            self.assigned = [tp for tp in self.assigned if tp not in set(parts)]
+            self.held -= set(parts)
+            if self.incremental:
+                consumer.incremental_unassign(partitions)
+            else:
+                consumer.unassign()
 
     def _lost_cb(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._revoke_cb(consumer, partitions, lost=True)
 
     # -- worker-thread operations ---------------------------------------
-    def _commit(self, positions: dict[tuple[str, int], int]) -> bool:
+    def _commit(self, positions: dict[tuple[str, int], int], only_new: bool = False) -> bool:
+        """Commit these positions of assigned partitions (``only_new``: those not committed already);
+        True when the broker took them. Never for a fenced member."""
         mine = set(self.assigned)
-        tps = [TopicPartition(t, p, off) for (t, p), off in positions.items() if (t, p) in mine]
+        tps = [TopicPartition(t, p, off) for (t, p), off in positions.items()
+               if (t, p) in mine and not (only_new and self.positions.get((t, p)) == off)]
         if not tps:
             return True
+        if self.fenced:
+            return False
         try:
             self.consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as exc:
-            logger.warning("commit failed: %s", exc)
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is not None and err.code() in FENCED:
+                self.fenced = True
+                logger.warning("commit refused: the group fenced this member (%s); nothing more is committed "
+                               "until it is assigned partitions anew (their next owner redelivers what settled "
+                               "since the last commit)", err.name())
+            else:
+                logger.warning("commit failed: %s", exc)
             return False
         for tp in tps:
             self.positions[(tp.topic, tp.partition)] = tp.offset
@@ -260,10 +288,36 @@ class KafkaSource:
         return await self.loop.run_in_executor(self.executor, self._poll, max_messages, timeout, pause, commit,
                                                hold)
 
-    async def commit(self, positions: dict[tuple[str, int], int]) -> bool:
-        return await self.loop.run_in_executor(self.executor, self._commit, positions)
+    async def poll_until(self, stopping: asyncio.Event, max_messages: int, timeout: float, pause: bool | None = None,
+                         commit: dict[tuple[str, int], int] | None = None,
+                         hold: set[tuple[str, int]] | None = None) -> Poll | None:
+        """``poll``, or None as soon as ``stopping`` is set while it is still out (a commit in it waiting
+        for a broker that does not answer): the loop goes to its close, whose steps are bounded; what the
+        abandoned poll brings back is never registered, so it is redelivered."""
+        fut = asyncio.ensure_future(self.poll(max_messages, timeout, pause, commit, hold))
+        if not stopping.is_set():
+            stop = asyncio.ensure_future(stopping.wait())
+            try:
+                await asyncio.wait([fut, stop], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+        if fut.done():
+            return fut.result()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nothing logged for it
+        return None
 
-    async def close(self, timeout_s: float = 15.0) -> bool:
+    async def commit(self, positions: dict[tuple[str, int], int], timeout_s: float = COMMIT_TIMEOUT_S) -> bool:
+        """Commit on the worker thread; False when it failed or was not confirmed within ``timeout_s``
+        (the broker may still take it: nothing is lost either way, at most redelivered)."""
+        fut = self.loop.run_in_executor(self.executor, self._commit, positions)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            logger.error("commit of %s not confirmed within %gs", ", ".join(
+                f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items())), timeout_s)
+            return False
+
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
         """Leave the group (what settled is committed before this). False when librdkafka did not finish
         closing in time: the process may then exit without waiting for it (the group coordinator drops
         the member after its session timeout; nothing uncommitted is lost)."""

@@ -9,15 +9,19 @@ SchemaRegistryClient, in the Confluent format: ``GET /schemas/ids/{id}`` answers
 ``subjects`` (``404`` with ``40401`` when it has none). ``stop()`` and
 ``start()`` again take it away and bring it back on the same port (a registry
 outage); ``fail_with = 503`` makes it answer that status instead (a registry
-that is up but broken). Thread-based (stdlib ``http.server``): usable from
+that is up but broken), ``fail_ids = {id: 500}`` only for those ids;
+``delay_s`` answers each request that late, ``hold()`` accepts requests and
+answers none until ``release()`` (a registry that never answers). Thread-based (stdlib ``http.server``): usable from
 synchronous tests and from a process that runs an event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,11 +71,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         stub = self.server.stub
         stub.requests += 1
+        stub.answering.wait()
+        if stub.delay_s:
+            time.sleep(stub.delay_s)
         path = self.path.partition("?")[0]
-        if stub.fail_with is not None:
-            self._answer(stub.fail_with, {"error_code": stub.fail_with * 100, "message": "registry failing"})
-            return
         m = _SCHEMA_PATH.match(path)
+        failing = stub.fail_with if m is None else stub.fail_ids.get(int(m.group(1)), stub.fail_with)
+        if failing is not None:
+            self._answer(failing, {"error_code": failing * 100, "message": "registry failing"})
+            return
         if m is not None:
             schema = stub.schemas.get(int(m.group(1)))
             if schema is None:
@@ -96,7 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (a held request)
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: tests read the counters instead
@@ -116,6 +125,10 @@ class RegistryStub:
         self.port = port
         self.requests = 0
         self.fail_with: int | None = None
+        self.fail_ids: dict[int, int] = {}  # schema id -> the status it answers for that id alone
+        self.delay_s = 0.0
+        self.answering = threading.Event()  # cleared by ``hold``: requests wait, unanswered
+        self.answering.set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -138,7 +151,15 @@ class RegistryStub:
         self._thread.start()
         return self
 
+    def hold(self) -> None:
+        """Accept requests and answer none (until ``release``)."""
+        self.answering.clear()
+
+    def release(self) -> None:
+        self.answering.set()
+
     def stop(self) -> None:
+        self.release()  # a held request must not keep its thread
         server, thread = self._server, self._thread
         if server is None:
             return

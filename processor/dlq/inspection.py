@@ -7,8 +7,7 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 
-from processor.app import build_decoder
-from processor.codec import Decoder, SchemaResolver
+from processor.codec import Decoder, SchemaResolver, build_decoder
 from processor.config import Config
 from processor.dlq.topic import DlqTopic, replay_group
 from processor.redrive import NO_VENDOR, Filters, RelayRecord
@@ -74,7 +73,7 @@ def inspect(config: Config, filters: Filters, show: int = 0, timeout_s: float = 
                 if filters.matches(r):
                     found.add(r, show)
         if found.samples:
-            found.decoder = build_decoder(config)
+            found.decoder = build_decoder(config.schema_registry)
             asyncio.run(SchemaResolver(found.decoder, "dlq inspect").wait(r.source.value for r in found.samples))
         return found
     finally:

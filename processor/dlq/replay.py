@@ -21,8 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from processor.app import _is_shared_client_key, build_decoder
-from processor.codec import SchemaResolver
+from processor.codec import SchemaResolver, build_decoder, registry_name
 from processor.config import Config
 from processor.deadletter import DeadLetterWriter
 from processor.dlq.topic import DlqTopic, check_vendor, replay_group
@@ -129,12 +128,10 @@ class _Replay:
             writer = None
             metrics = Metrics()
             if not opt.dry_run:
-                producer_conf = {k: v for k, v in cfg.kafka.client.items() if _is_shared_client_key(k)}
-                producer_conf.update(cfg.deadletter.producer)
-                producer_conf["bootstrap.servers"] = cfg.kafka.bootstrap_servers
-                writer = DeadLetterWriter(reader.topic, producer_conf, metrics, cfg.deadletter.retry_delay_s)
-            decoder = build_decoder(cfg)
-            self.resolver = SchemaResolver(decoder, f"replay to {opt.vendor}")
+                writer = DeadLetterWriter(reader.topic, cfg.producer_settings(), metrics, cfg.deadletter.retry_delay_s)
+            decoder = build_decoder(cfg.schema_registry)
+            self.resolver = SchemaResolver(decoder, f"replay to {opt.vendor}",
+                                           registry=registry_name(cfg.schema_registry.url))
             redrive = Redrive(adapter, decoder, tracker, opt.filters, opt.max_replays, writer)
             planner = _DryRun(adapter, opt.samples) if opt.dry_run else None
             if not opt.dry_run:

@@ -310,3 +310,85 @@ def test_the_resolver_waits_with_backoff_and_says_so_while_the_registry_is_down(
     waits = [m for m in caplog.messages if "replay to qubit waiting for the schema registry" in m]
     assert len(waits) == 2 and "reachable again" in caplog.messages[-1]
     assert r.decoder.decode(order)[0] is EventKind.ORDER
+
+
+def test_the_registry_client_is_bounded_by_timeout_s_and_a_registry_that_never_answers_is_unavailable():
+    import threading
+    import time
+
+    from processor.codec import build_decoder
+    from processor.config import SchemaRegistryConfig
+
+    with RegistryStub({1: VIEW}) as stub:
+        stub.hold()  # accepts, never answers
+        d = build_decoder(SchemaRegistryConfig(url=stub.url, timeout_s=0.5))
+        out: list[BaseException | None] = []
+
+        def fetch() -> None:
+            try:
+                d.fetch({1})
+                out.append(None)
+            except BaseException as exc:
+                out.append(exc)
+
+        started = time.monotonic()
+        t = threading.Thread(target=fetch, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the registry client waited past its timeout"
+        assert isinstance(out[0], RegistryUnavailable) and "schema id 1" in str(out[0])
+        assert time.monotonic() - started < 3  # one request, no retries of the client's own
+        assert d.failing == {1: str(out[0])}
+
+
+def test_an_id_the_registry_fails_for_does_not_hold_the_other_ids_of_the_fetch(stub, client):
+    d = Decoder(registry=client)
+    stub.fail_ids = {1: 500}
+    order, view = encode(EventKind.ORDER, make_order(1, 1)), encode(EventKind.PRODUCT_VIEW, make_view(1, 1))
+    with pytest.raises(RegistryUnavailable) as info:
+        d.fetch({1, 2})
+    assert "HTTP 500 for schema id 1" in str(info.value) and info.value.answered
+    assert d.decode(order)[0] is EventKind.ORDER  # id 2 fetched although id 1, asked first, failed
+    assert d.waits(view) and not d.waits(order) and set(d.failing) == {1}
+    stub.fail_ids = {}
+    d.fetch({1})
+    assert not d.waits(view) and d.failing == {}
+
+
+def test_a_fetch_outstanding_past_a_few_seconds_makes_the_resolver_name_the_registry_and_id_and_hears_the_stop(
+        stub, client, caplog):
+    import asyncio
+    import logging
+    import time
+
+    from processor.codec import SchemaResolver, registry_name
+
+    caplog.set_level(logging.INFO, "processor.codec")
+    now = [0.0]
+    changes: list[bool] = []
+    r = SchemaResolver(Decoder(registry=client), "the relay", changes.append, clock=lambda: now[0],
+                       registry=registry_name(stub.url.replace("http://", "http://user:pw@")))
+    view = confluent_frame(1, body(VIEW, make_view(1, 1)))
+    stub.hold()
+
+    async def run() -> tuple[bool, float]:
+        stopping = asyncio.Event()
+        assert not await r.ready([view], stopping)  # waits at most wait_s (1 s), the fetch goes on
+        assert r.waiting() is None  # not yet a few seconds
+        now[0] = 4.0
+        assert not await r.ready_ids({1}, stopping, wait_s=0.01)
+        why = r.waiting()
+        assert why is not None and f"schema registry http://127.0.0.1:{stub.port}" in why
+        assert "has not answered for 4s (schema id 1)" in why and "pw" not in why
+        assert changes == [False]
+        waiter = asyncio.create_task(r.wait([view], stopping))
+        await asyncio.sleep(0.05)
+        stopping.set()
+        started = time.monotonic()
+        stopped = await waiter
+        return stopped, time.monotonic() - started
+
+    stopped, took = asyncio.run(run())
+    assert stopped is False and took < 0.5  # the stop ends the wait, whatever the registry does
+    assert any("the relay waiting for the schema registry (no answer for schema id 1" in m for m in caplog.messages)
+    stub.release()

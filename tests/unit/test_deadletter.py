@@ -175,3 +175,71 @@ def test_foreign_digits_in_relay_headers_are_data_on_every_reader(value):
     assert prior_replay_count(src.headers) is None
     replayed = replayed_headers(src.headers, "qubit", "exhausted", 503, "r", 1, 50, 1)
     assert headers_dict(replayed)["relay.first_failure_ms"] == "50"
+
+
+class FailingProducer(RefusingProducer):
+    """A producer whose every delivery report carries ``err`` (the client's own KafkaError)."""
+
+    def __init__(self, err) -> None:
+        super().__init__("report")
+        self.err = err
+        self.produced = 0
+
+    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
+        self.produced += 1
+        self.reports.append(lambda: on_delivery(self.err, None))
+
+
+def failing_writer(err, on_fatal=None):
+    from processor.deadletter import DeadLetterWriter
+    from processor.metrics import Metrics
+
+    extra = {"on_fatal": on_fatal} if on_fatal is not None else {}
+    return DeadLetterWriter("shop.events.dlq", {}, Metrics(), 0.01, "shop.events.retry",
+                            producer=lambda conf, logger: FailingProducer(err), **extra)
+
+
+async def test_a_fatal_producer_error_stops_the_relay_once_and_is_never_retried(caplog):
+    import asyncio
+    import logging
+
+    from confluent_kafka import KafkaError
+
+    fatal = KafkaError(KafkaError._FENCED, "Local: this producer was fenced", fatal=True)
+    told: list[str] = []
+    w = failing_writer(fatal, told.append)
+    acked: list[int] = []
+    with caplog.at_level(logging.ERROR, logger="processor.deadletter"):
+        for offset in (7, 8):
+            w.write(Source("shop.events", 0, offset, None, b"k", b"v", []), "qubit", "rejected", 400, "bad", 1, None,
+                    lambda: acked.append(1))
+        for _ in range(10):
+            w.producer.poll(0)
+            await asyncio.sleep(0.005)
+        w.write(Source("shop.events", 0, 9, None, b"k", b"v", []), "qubit", "rejected", 400, "bad", 1, None,
+                lambda: acked.append(1))
+    assert not acked  # never settled: nothing committed past them
+    assert w.producer.produced == 2  # never produced again, on this producer or for later records
+    assert len(told) == 1 and "fenced" in told[0].lower()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "failed for good" in errors[0] and "_FENCED" in errors[0], errors
+    assert w.pending == 0 and w.failing
+
+
+async def test_transient_write_failures_are_retried_with_one_log_line_per_topic_a_minute(caplog):
+    import asyncio
+    import logging
+
+    from confluent_kafka import KafkaError
+
+    w = failing_writer(KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out"))
+    with caplog.at_level(logging.WARNING, logger="processor.deadletter"):
+        for offset in range(5):
+            w.write(Source("shop.events", 0, offset, None, b"k", b"v", []), "qubit", "rejected", 400, "bad", 1, None,
+                    lambda: None)
+        for _ in range(20):
+            w.producer.poll(0)
+            await asyncio.sleep(0.005)
+    assert w.producer.produced > 10  # retried
+    lines = [r.getMessage() for r in caplog.records if "shop.events.dlq" in r.getMessage()]
+    assert len(lines) == 1 and "timed out" in lines[0], lines

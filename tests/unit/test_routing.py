@@ -78,11 +78,11 @@ def test_messages_held_for_the_registry_are_dropped_on_revoke_like_any_revoked_w
     for p in (0, 1):
         r.tracker.assign("t", p)
     r._drained = True  # no drain: nothing is in flight
-    r._held = [Msg("t", 0, 5), Msg("t", 1, 7), Msg("t", 0, 6), Msg("t", 1, 8)]
+    r._held = {("t", 0): [Msg("t", 0, 5), Msg("t", 0, 6)], ("t", 1): [Msg("t", 1, 7), Msg("t", 1, 8)]}
     asyncio.run(r._on_revoke([("t", 0)], lost=False))
-    assert [(m.partition(), m.offset()) for m in r._held] == [(1, 7), (1, 8)]  # the new owner redelivers t[0]
+    assert [(m.partition(), m.offset()) for q in r._held.values() for m in q] == [(1, 7), (1, 8)]  # t[0] redelivered
     asyncio.run(r._on_revoke([("t", 1)], lost=True))
-    assert r._held == []
+    assert r._held == {}
 
 
 def test_liveness_fails_only_for_a_message_nothing_works_on_readiness_for_one_a_vendor_holds():
@@ -99,3 +99,70 @@ def test_liveness_fails_only_for_a_message_nothing_works_on_readiness_for_one_a_
         p.admission.unsettled = 0
     assert r.stalled() is not None and "nothing works on it" in r.stalled()
     assert r._waiting_past_stall() is None
+
+
+class Framed(Msg):
+    """A raw message whose value names a registry schema id."""
+
+    def __init__(self, topic: str, partition: int, offset: int, schema_id: int) -> None:
+        super().__init__(topic, partition, offset)
+        self.schema_id = schema_id
+
+    def value(self) -> bytes:
+        return b"\x00" + self.schema_id.to_bytes(4, "big") + b"body"
+
+    def error(self) -> None:
+        return None
+
+
+def test_a_schema_id_the_registry_has_not_answered_for_holds_its_partition_from_there_only():
+    from types import SimpleNamespace
+
+    r = relay()
+    answered = {1, 2}
+    waits = lambda v: int.from_bytes(v[1:5], "big") not in answered  # noqa: E731
+    r.resolver = SimpleNamespace(decoder=SimpleNamespace(waits=waits))
+    poll = [Framed("t", 0, 0, 1), Framed("t", 1, 0, 1), Framed("t", 0, 1, 11), Framed("t", 1, 1, 2),
+            Framed("t", 0, 2, 1), Framed("t", 2, 0, 2)]
+    ready = r._release_held(poll)
+    # t[0] waits from offset 1 (its order kept: offset 2 waits behind it); t[1] and t[2] go on
+    assert [(m.partition(), m.offset()) for m in ready] == [(0, 0), (1, 0), (1, 1), (2, 0)]
+    assert {k: [m.offset() for m in q] for k, q in r._held.items()} == {("t", 0): [1, 2]}
+    later = r._release_held([Framed("t", 1, 2, 2), Framed("t", 0, 3, 2)])
+    assert [(m.partition(), m.offset()) for m in later] == [(1, 2)]  # t[0]'s new message queues behind the held
+    answered.add(11)  # the registry answered: t[0] goes on, in order
+    assert [(m.partition(), m.offset()) for m in r._release_held([])] == [(0, 1), (0, 2), (0, 3)]
+    assert r._held == {}
+
+
+def test_a_fatal_kafka_error_stops_the_relay_with_exit_1_one_error_and_nothing_committed_past_it(caplog):
+    import faulthandler
+    import logging
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    caplog.set_level(logging.ERROR)
+    fenced = KafkaError(KafkaError.FENCED_INSTANCE_ID, "Broker: Static consumer fenced by other consumer with same "
+                        "group.instance.id", fatal=True)
+
+    def decode_all(raw):
+        raise KafkaException(fenced)
+
+    for who in ("consumer", "producer"):
+        caplog.clear()
+        r = relay()
+        r.tracker.assign("t", 0)
+        try:
+            if who == "consumer":
+                r.source = SimpleNamespace(decode_all=decode_all)
+                r._route([Msg("t", 0, 0)])
+                assert r.consumer_failed  # the shutdown commits nothing with it
+            else:  # the dead-letter producer's fatal error, as its delivery report carries it
+                assert r.dlq._is_fatal(KafkaError(KafkaError._FENCED, "Local: producer fenced", fatal=True))
+            assert r.exit_code == 1 and r.stopping.is_set()
+            assert r.tracker.commit_positions() == {}  # nothing of that poll registered, nothing to commit
+            lines = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+            assert len(lines) == 1 and "failed for good" in lines[0] and "FENCED" in lines[0], lines
+        finally:
+            faulthandler.cancel_dump_traceback_later()  # the stop armed the watchdog: not in the test process

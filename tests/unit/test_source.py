@@ -29,6 +29,10 @@ class FakeConsumer:
     def incremental_assign(self, tps: list[TopicPartition]) -> None:
         self.assigned |= {(tp.topic, tp.partition) for tp in tps}
 
+    def unassign(self) -> None:
+        self.assigned = set()
+        self.paused = set()
+
     def incremental_unassign(self, tps: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in tps}
         self.assigned -= gone
@@ -189,3 +193,99 @@ def test_decode_all_makes_an_event_of_each_routable_record_and_a_decoded_of_the_
                        error=ck.KafkaError(ck.KafkaError._FATAL, "fenced", fatal=True))
     with pytest.raises(ck.KafkaException):
         KafkaSource.decode_all(source, [fatal])
+
+
+class Recording(FakeConsumer):
+    """Records the order of commits and unassigns; ``refuse`` makes commits fail with that error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.refuse: int | None = None
+        self.block = None  # a threading.Event a commit waits on (a broker that does not answer)
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        self.calls.append("commit " + ",".join(f"{tp.partition}@{tp.offset}" for tp in offsets))
+        if self.block is not None:
+            self.block.wait(10)
+        if self.refuse is not None:
+            raise KafkaException(KafkaError(self.refuse))
+
+    def unassign(self) -> None:
+        self.calls.append("unassign")
+        self.assigned = set()
+
+    def incremental_unassign(self, tps: list[TopicPartition]) -> None:
+        self.calls.append("incremental_unassign")
+        super().incremental_unassign(tps)
+
+
+async def recording_source(strategy: str | None, positions: dict[tuple[str, int], int]) -> tuple[KafkaSource,
+                                                                                                  Recording]:
+    s, _ = await source(strategy)
+    fake = Recording()
+    s.consumer = fake  # type: ignore[assignment]
+
+    async def on_revoke(parts: list[tuple[str, int]], lost: bool) -> dict[tuple[str, int], int]:
+        return {k: v for k, v in positions.items() if k in set(parts)}
+
+    s._on_revoke = on_revoke
+    return s, fake
+
+
+@pytest.mark.parametrize("strategy", [None, "cooperative-sticky"])
+async def test_the_revoke_callback_commits_what_settled_then_unassigns_itself(strategy):
+    """Left to confluent-kafka, the unassign after a revoke callback happens in its fallback; the relay
+    does it itself, after its commit, so the close path is its own."""
+    s, fake = await recording_source(strategy, {("t", 0): 5, ("t", 1): 9})
+    await in_worker(s._assign_cb, fake, tps(0, 1))
+    await in_worker(s._revoke_cb, fake, tps(0, 1))
+    assert fake.calls == ["commit 0@5,1@9", "incremental_unassign" if s.incremental else "unassign"]
+    assert fake.assigned == set() and s.assigned == []
+    s.executor.shutdown()
+
+
+@pytest.mark.parametrize("code", ["UNKNOWN_MEMBER_ID", "ILLEGAL_GENERATION", "FENCED_INSTANCE_ID"])
+async def test_a_fenced_member_never_commits_again_until_it_is_assigned_anew(code, caplog):
+    from confluent_kafka import KafkaError
+
+    s, fake = await recording_source(None, {("t", 0): 7})
+    await in_worker(s._assign_cb, fake, tps(0))
+    fake.refuse = getattr(KafkaError, code)
+    poll = await s.poll(10, 0, commit={("t", 0): 3})
+    assert poll.commit_failed and s.fenced
+    assert not await s.commit({("t", 0): 4})  # not asked: the broker would refuse it, or never answer
+    await in_worker(s._revoke_cb, fake, tps(0))  # the revoke of a fenced member: no commit, the unassign only
+    assert fake.calls == ["commit 0@3", "unassign"]
+    assert sum("fenced" in m for m in caplog.messages) == 1
+    fake.refuse = None
+    await in_worker(s._assign_cb, fake, tps(0))  # a new generation: commits again
+    assert not s.fenced and await s.commit({("t", 0): 8})
+    assert fake.calls[-1] == "commit 0@8"
+    s.executor.shutdown()
+
+
+async def test_a_commit_has_a_bound_of_its_own(caplog):
+    import threading
+    import time
+
+    s, fake = await recording_source(None, {})
+    await in_worker(s._assign_cb, fake, tps(0))
+    fake.block = threading.Event()  # the broker takes the request and never answers
+    started = time.monotonic()
+    assert not await s.commit({("t", 0): 4}, timeout_s=0.2)
+    assert time.monotonic() - started < 1
+    assert any("commit of t[0]@4 not confirmed within 0.2s" in m for m in caplog.messages)
+    fake.block.set()
+    s.executor.shutdown()
+
+
+async def test_the_revoke_during_close_does_not_commit_again_what_was_just_committed():
+    s, fake = await recording_source(None, {("t", 0): 5})
+    await in_worker(s._assign_cb, fake, tps(0))
+    assert await s.commit({("t", 0): 5})
+    await in_worker(s._revoke_cb, fake, tps(0))
+    assert fake.calls == ["commit 0@5", "unassign"]
+    s.executor.shutdown()
