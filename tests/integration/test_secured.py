@@ -1,0 +1,136 @@
+"""Every Kafka client of the relay against a secured cluster: SASL_SSL with SCRAM-SHA-512 and a private CA.
+
+The local broker sits behind ``KafkaFront`` (TLS with a certificate signed by a CA this module makes,
+SCRAM users this module makes); the relay, ``dlq inspect|replay`` and ``topics create|check`` connect
+through it with the settings an operator writes in ``kafka.client``. The tests' own setup (topics,
+events, reading what was written) talks to the broker directly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from processor.devstack.broker import LocalBroker
+from processor.devstack.kafka_io import produce
+from tests.integration.conftest import Topics, quicklizard_vendor, relay_config, wait_for
+from tests.integration.kafka_front import KafkaFront, User
+from tests.integration.test_replay import ENV, Cli, dead_letter, pid, put_records, received_ids, replay_config, view
+
+pytestmark = pytest.mark.integration
+
+RELAY_PASSWORD = "k9-relay-Secr3t"
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path  # the CA that signed the front's certificate
+    other_ca: Path  # a CA that did not
+    broker_pem: Path  # the front's key and certificate chain
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca, other = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    out = Pki(d / "ca.pem", d / "other-ca.pem", d / "broker.pem")
+    ca.cert_pem.write_to_path(str(out.ca))
+    other.cert_pem.write_to_path(str(out.other_ca))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(out.broker_pem))
+    return out
+
+
+@pytest.fixture(scope="module")
+def front(broker: LocalBroker, pki: Pki) -> Iterator[KafkaFront]:
+    users = {"relay": User(RELAY_PASSWORD), "no-group": User("k9-other-Secr3t", groups=False)}
+    with KafkaFront(broker.bootstrap, pki.broker_pem, pki.broker_pem, users) as f:
+        yield f
+
+
+def secured(cfg: dict[str, Any], front: KafkaFront, pki: Pki, user: str = "relay", password: str | None = None,
+            ca: Path | None = None) -> dict[str, Any]:
+    """``cfg`` connecting through the front: SASL_SSL, SCRAM-SHA-512, the test's CA (or ``ca``)."""
+    kafka = dict(cfg["kafka"])
+    kafka["bootstrap_servers"] = front.bootstrap
+    kafka["client"] = {**kafka.get("client", {}), **front.client_settings(user, password, ca or pki.ca)}
+    return {**cfg, "kafka": kafka}
+
+
+def processor(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "processor.cli", *args], capture_output=True, text=True,
+                          timeout=timeout_s, check=False, env={**os.environ, **ENV})
+    print("$ processor", " ".join(args), f"(exit {proc.returncode})\n", proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def test_relay_delivers_end_to_end_over_sasl_ssl_with_scram(broker, front, pki, topics, sandbox, relays):
+    n = 60
+    produce(broker.bootstrap, topics.events, [(f"v{i}".encode(), view(i)) for i in range(n)])
+    before = len(front.authenticated)
+    cfg = secured(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), front, pki)
+    relay = relays(cfg)
+    relay.wait_ready(60)
+    wait_for(lambda: sum(received_ids(sandbox).values()) >= n, 60, "every event delivered")
+    assert received_ids(sandbox) == Counter({pid(i): 1 for i in range(n)})
+    assert relay.stop() == 0
+    # the consumer, the dead-letter and parking producer, the admin client and the parked redrive all came in
+    # through the front as the relay's user
+    assert set(front.authenticated[before:]) == {"relay"} and len(front.authenticated) - before >= 3
+
+
+def test_dlq_inspect_and_replay_over_sasl_ssl(broker, front, pki, topics, sandbox, tmp_path):
+    n = 20
+    put_records(broker.bootstrap, topics.dlq, [dead_letter(i, view(i)) for i in range(n)])
+    cli = Cli(secured(replay_config(broker, topics, sandbox), front, pki), tmp_path)
+    doc = cli.json("inspect")
+    assert doc["vendors"]["quicklizard"]["pending"] == n
+    done = cli.json("replay", "--vendor", "quicklizard")
+    assert (done["replayed"], done["delivered"], done["failed_again"]) == (n, n, 0) and done["complete"]
+    assert received_ids(sandbox) == Counter({pid(i): 1 for i in range(n)})
+    assert cli.json("inspect")["vendors"]["quicklizard"]["pending"] == 0
+
+
+def test_topics_create_and_check_over_sasl_ssl(broker, front, pki, sandbox, tmp_path):
+    events = f"shop.events.{uuid.uuid4().hex[:8]}"
+    broker.create_topics({events: 2})
+    topics = Topics.__new__(Topics)  # names only: `topics create` makes the dead-letter and retry topics
+    topics.events, topics.dlq, topics.group = events, f"{events}.dlq", f"relay-{events}"
+    cfg = secured(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), front, pki)
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    created = processor("topics", "create", "--config", str(path))
+    assert created.returncode == 0, created.stderr
+    assert f"{events}.dlq: created" in created.stdout and f"{events}.retry.quicklizard: created" in created.stdout
+    checked = processor("topics", "check", "--config", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert f"{events}.retry.quicklizard: ok" in checked.stdout
+
+
+def test_front_refuses_a_wrong_password_and_an_unknown_ca(front, pki):
+    """The front itself: what the failure tests below rely on (a wrong password is refused by SCRAM, a client
+    that trusts another CA does not finish the TLS handshake)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    refused = len(front.refused)
+    for settings in (front.client_settings("relay", "wrong-password", pki.ca),
+                     front.client_settings("relay", ca=pki.other_ca)):
+        admin = AdminClient({"bootstrap.servers": front.bootstrap, **settings, "log_level": 0})
+        t0 = time.monotonic()
+        with pytest.raises(KafkaException):  # librdkafka says only "transport failure" here
+            admin.list_topics(timeout=3)
+        assert time.monotonic() - t0 < 10
+    assert len(front.refused) > refused and "invalid-proof" in front.refused[-1]
