@@ -25,7 +25,7 @@ import yaml
 
 from processor.devstack.broker import LocalBroker
 from processor.devstack.kafka_io import produce
-from tests.integration.conftest import Topics, quicklizard_vendor, relay_config, wait_for
+from tests.integration.conftest import Topics, http_text, quicklizard_vendor, relay_config, wait_for
 from tests.integration.kafka_front import KafkaFront, User
 from tests.integration.test_replay import ENV, Cli, dead_letter, pid, put_records, received_ids, replay_config, view
 
@@ -55,12 +55,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def front(broker: LocalBroker, pki: Pki) -> Iterator[KafkaFront]:
-    users = {"relay": User(RELAY_PASSWORD), "no-group": User("k9-other-Secr3t", groups=False)}
+    users = {"svc-relay": User(RELAY_PASSWORD), "no-group": User("k9-other-Secr3t", groups=False)}
     with KafkaFront(broker.bootstrap, pki.broker_pem, pki.broker_pem, users) as f:
         yield f
 
 
-def secured(cfg: dict[str, Any], front: KafkaFront, pki: Pki, user: str = "relay", password: str | None = None,
+def secured(cfg: dict[str, Any], front: KafkaFront, pki: Pki, user: str = "svc-relay", password: str | None = None,
             ca: Path | None = None) -> dict[str, Any]:
     """``cfg`` connecting through the front: SASL_SSL, SCRAM-SHA-512, the test's CA (or ``ca``)."""
     kafka = dict(cfg["kafka"])
@@ -88,7 +88,7 @@ def test_relay_delivers_end_to_end_over_sasl_ssl_with_scram(broker, front, pki, 
     assert relay.stop() == 0
     # the consumer, the dead-letter and parking producer, the admin client and the parked redrive all came in
     # through the front as the relay's user
-    assert set(front.authenticated[before:]) == {"relay"} and len(front.authenticated) - before >= 3
+    assert set(front.authenticated[before:]) == {"svc-relay"} and len(front.authenticated) - before >= 3
 
 
 def test_dlq_inspect_and_replay_over_sasl_ssl(broker, front, pki, topics, sandbox, tmp_path):
@@ -126,11 +126,50 @@ def test_front_refuses_a_wrong_password_and_an_unknown_ca(front, pki):
     from confluent_kafka.admin import AdminClient
 
     refused = len(front.refused)
-    for settings in (front.client_settings("relay", "wrong-password", pki.ca),
-                     front.client_settings("relay", ca=pki.other_ca)):
+    for settings in (front.client_settings("svc-relay", "wrong-password", pki.ca),
+                     front.client_settings("svc-relay", ca=pki.other_ca)):
         admin = AdminClient({"bootstrap.servers": front.bootstrap, **settings, "log_level": 0})
         t0 = time.monotonic()
         with pytest.raises(KafkaException):  # librdkafka says only "transport failure" here
             admin.list_topics(timeout=3)
         assert time.monotonic() - t0 < 10
     assert len(front.refused) > refused and "invalid-proof" in front.refused[-1]
+
+
+REFUSALS = {  # case -> (user, password, which CA, what the one ERROR and /readyz name)
+    "wrong password": ("svc-relay", "not-the-password", "ca", "authentication failed"),
+    "untrusted CA": ("svc-relay", None, "other_ca", "certificate"),
+    "no permission on the group": ("no-group", None, "ca", "not authorized"),
+}
+
+
+def error_lines(log: str) -> list[dict[str, Any]]:
+    import json
+
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return [doc for doc in lines if doc.get("level") in ("error", "critical")]
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_refused_connection_is_one_named_error_and_no_readiness(case, broker, front, pki, topics, sandbox, relays):
+    user, password, ca, named = REFUSALS[case]
+    cfg = secured(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), front, pki,
+                  user, password, getattr(pki, ca))
+    relay = relays(cfg)
+    t0 = time.monotonic()
+    wait_for(lambda: relay.alive_or_fail() and any(named in e["msg"] for e in error_lines(relay.log())), 20,
+             f"an ERROR naming {named!r}")
+    took = time.monotonic() - t0
+    status, why = http_text(f"{relay.metrics_url}/readyz")
+    # a few seconds more: the cause is named once, not once a reconnect
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert http_text(f"{relay.metrics_url}/readyz")[0] == 503
+        time.sleep(0.5)
+    errors = error_lines(relay.log())
+    print(relay.log()[-4000:])
+    assert status == 503 and named in why, why
+    assert len(errors) == 1, errors
+    assert RELAY_PASSWORD not in relay.log() and "not-the-password" not in relay.log()
+    assert took < 15
+    assert relay.stop() == 0
