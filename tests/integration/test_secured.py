@@ -173,3 +173,21 @@ def test_a_refused_connection_is_one_named_error_and_no_readiness(case, broker, 
     assert RELAY_PASSWORD not in relay.log() and "not-the-password" not in relay.log()
     assert took < 15
     assert relay.stop() == 0
+
+
+@pytest.mark.parametrize("case", ["wrong password", "untrusted CA"])
+@pytest.mark.parametrize("command", [("topics", "check"), ("topics", "create"), ("dlq", "inspect"),
+                                     ("dlq", "replay", "--vendor", "quicklizard")], ids=" ".join)
+def test_the_cli_tools_name_a_refused_connection_at_once(case, command, broker, front, pki, topics, sandbox,
+                                                         tmp_path):
+    user, password, ca, named = REFUSALS[case]
+    cfg = secured(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), front, pki,
+                  user, password, getattr(pki, ca))
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    t0 = time.monotonic()
+    done = processor(*command, "--config", str(path))
+    took = time.monotonic() - t0
+    assert done.returncode != 0
+    assert named in done.stderr and "not-the-password" not in done.stderr + done.stdout
+    assert took < 10  # not the 15-30 s timeouts of a broker that does not answer
