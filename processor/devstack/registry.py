@@ -9,14 +9,21 @@ SchemaRegistryClient, in the Confluent format: ``GET /schemas/ids/{id}`` answers
 ``subjects`` (``404`` with ``40401`` when it has none). ``stop()`` and
 ``start()`` again take it away and bring it back on the same port (a registry
 outage); ``fail_with = 503`` makes it answer that status instead (a registry
-that is up but broken). Thread-based (stdlib ``http.server``): usable from
+that is up but broken). Confluent Cloud's shape on request: ``tls=(certfile,
+keyfile)`` serves HTTPS, ``credentials=(user, password)`` requires HTTP basic
+auth and answers ``401 {"error_code": 401, "message": "Unauthorized"}`` to a
+request without them (``refused`` counts those). Thread-based (stdlib ``http.server``): usable from
 synchronous tests and from a process that runs an event loop.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import json
 import re
+import ssl
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,6 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
         stub = self.server.stub
         stub.requests += 1
         path = self.path.partition("?")[0]
+        if stub.credentials is not None and not self._authorized(stub.credentials):
+            stub.refused += 1
+            self._answer(401, {"error_code": 401, "message": "Unauthorized"})
+            return
         if stub.fail_with is not None:
             self._answer(stub.fail_with, {"error_code": stub.fail_with * 100, "message": "registry failing"})
             return
@@ -90,6 +101,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._answer(404, {"error_code": 404, "message": f"HTTP 404 Not Found: {path}"})
 
+    def _authorized(self, credentials: tuple[str, str]) -> bool:
+        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            given = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(given, ":".join(credentials).encode())
+
     def _answer(self, status: int, doc: Mapping[str, Any]) -> None:
         body = json.dumps(doc).encode()
         self.send_response(status)
@@ -106,22 +127,27 @@ class RegistryStub:
     """``GET /schemas/ids/{id}`` from ``schemas`` (id -> schema dict, JSON string or ``Registered``) and
     ``GET /subjects/{subject}/versions/{version}`` from ``subjects`` on ``host:port``.
 
-    ``port=0`` picks a free port at the first start; later starts reuse it, so the URL stays valid."""
+    ``port=0`` picks a free port at the first start; later starts reuse it, so the URL stays valid.
+    ``tls``: (certificate file, key file) to serve HTTPS; ``credentials``: (user, password) required."""
 
     def __init__(self, schemas: Mapping[int, Any] | None = None, host: str = "127.0.0.1", port: int = 0,
-                 subjects: Mapping[tuple[str, int], Registered] | None = None) -> None:
+                 subjects: Mapping[tuple[str, int], Registered] | None = None,
+                 tls: tuple[str, str] | None = None, credentials: tuple[str, str] | None = None) -> None:
         self.schemas: dict[int, Any] = dict(embedded_schemas() if schemas is None else schemas)
         self.subjects: dict[tuple[str, int], Registered] = dict(subjects or {})
         self.host = host
         self.port = port
         self.requests = 0
         self.fail_with: int | None = None
+        self.tls = tls
+        self.credentials = credentials
+        self.refused = 0  # requests answered 401 (no or wrong credentials)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -132,6 +158,10 @@ class RegistryStub:
             return self
         server = _Server((self.host, self.port), _Handler)
         server.stub = self
+        if self.tls is not None:  # each accepted connection does its handshake (a client refusing it: no request)
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="registry-stub", daemon=True)

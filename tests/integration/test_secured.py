@@ -24,8 +24,16 @@ import trustme
 import yaml
 
 from processor.devstack.broker import LocalBroker
-from processor.devstack.kafka_io import produce
-from tests.integration.conftest import Topics, http_text, quicklizard_vendor, relay_config, wait_for
+from processor.devstack.kafka_io import produce, read_all
+from processor.devstack.registry import RegistryStub
+from tests.integration.conftest import (
+    Topics,
+    http_text,
+    quicklizard_vendor,
+    registry_schemas,
+    relay_config,
+    wait_for,
+)
 from tests.integration.kafka_front import KafkaFront, User
 from tests.integration.test_replay import ENV, Cli, dead_letter, pid, put_records, received_ids, replay_config, view
 
@@ -191,3 +199,68 @@ def test_the_cli_tools_name_a_refused_connection_at_once(case, command, broker, 
     assert done.returncode != 0
     assert named in done.stderr and "not-the-password" not in done.stderr + done.stdout
     assert took < 10  # not the 15-30 s timeouts of a broker that does not answer
+
+
+# -- the schema registry over TLS with basic auth (Confluent Cloud's shape) -----------------------------------
+
+REGISTRY_KEY, REGISTRY_SECRET = "SR-API-KEY", "sr-Secr3t-value"
+
+
+@pytest.fixture(scope="module")
+def tls_registry(pki: Pki) -> Iterator[RegistryStub]:
+    schemas, subjects = registry_schemas()
+    stub = RegistryStub(schemas, subjects=subjects, tls=(str(pki.broker_pem), str(pki.broker_pem)),
+                        credentials=(REGISTRY_KEY, REGISTRY_SECRET))
+    with stub:
+        yield stub
+
+
+def with_registry(cfg: dict[str, Any], stub: RegistryStub, secret: str = REGISTRY_SECRET,
+                  ca: Path | None = None) -> dict[str, Any]:
+    return {**cfg, "schema_registry": {"url": stub.url, "client": {
+        "basic.auth.user.info": f"{REGISTRY_KEY}:{secret}", "ssl.ca.location": str(ca)}}}
+
+
+def test_the_relay_reads_schemas_from_a_registry_over_tls_with_basic_auth(broker, front, pki, tls_registry, topics,
+                                                                          sandbox, relays):
+    n = 20
+    assert tls_registry.url.startswith("https://")
+    produce(broker.bootstrap, topics.events, [(f"v{i}".encode(), view(i)) for i in range(n)])
+    asked, refused = tls_registry.requests, tls_registry.refused
+    cfg = secured(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), front, pki)
+    relay = relays(with_registry(cfg, tls_registry, ca=pki.ca))
+    wait_for(lambda: relay.alive_or_fail() and sum(received_ids(sandbox).values()) >= n, 60, "every event delivered")
+    assert received_ids(sandbox) == Counter({pid(i): 1 for i in range(n)})
+    assert tls_registry.requests > asked and tls_registry.refused == refused
+    assert relay.stop() == 0
+
+
+REGISTRY_REFUSALS = {  # case -> (secret, which CA, what the one ERROR and /readyz name)
+    "wrong credential": ("not-the-secret", "ca", "401 (the registry refused the credentials: schema_registry.client "
+                                                 "basic.auth.user.info)"),
+    "untrusted CA": (REGISTRY_SECRET, "other_ca", "certificate is not signed by a CA the client trusts"),
+}
+
+
+@pytest.mark.parametrize("case", list(REGISTRY_REFUSALS))
+def test_a_refusing_registry_is_one_error_naming_it_and_nothing_dead_lettered(case, broker, front, pki, tls_registry,
+                                                                              topics, sandbox, relays):
+    secret, ca, named = REGISTRY_REFUSALS[case]
+    n = 10
+    produce(broker.bootstrap, topics.events, [(f"v{i}".encode(), view(i)) for i in range(n)])
+    cfg = secured(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), front, pki)
+    relay = relays(with_registry(cfg, tls_registry, secret, getattr(pki, ca)))
+
+    def named_error() -> bool:
+        return any("registry" in e["msg"] and named in e["msg"] for e in error_lines(relay.log()))
+
+    wait_for(lambda: relay.alive_or_fail() and named_error(), 30, f"an ERROR naming the registry and {named!r}")
+    status, why = http_text(f"{relay.metrics_url}/readyz")
+    assert status == 503 and "registry" in why and named in why, why
+    errors = error_lines(relay.log())
+    assert len(errors) == 1, errors
+    assert "does not exist" not in relay.log() and "not found" not in relay.log()
+    assert sum(received_ids(sandbox).values()) == 0
+    assert read_all(broker.bootstrap, topics.dlq, idle_s=0.5) == []  # nothing dead-lettered as undecodable
+    assert "not-the-secret" not in relay.log() and REGISTRY_SECRET not in relay.log()
+    assert relay.stop() == 0
