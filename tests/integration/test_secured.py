@@ -99,6 +99,27 @@ def test_relay_delivers_end_to_end_over_sasl_ssl_with_scram(broker, front, pki, 
     assert set(front.authenticated[before:]) == {"svc-relay"} and len(front.authenticated) - before >= 3
 
 
+def test_parked_events_are_written_and_redriven_over_sasl_ssl(broker, front, pki, topics, sandbox, relays):
+    """The parking producer writes the retry topic and the redrive consumer reads it back, both through the front."""
+    n = 60
+    fragile = quicklizard_vendor(
+        sandbox, batch={"max_events": 20, "max_wait_ms": 100}, timeout={"connect_s": 1, "total_s": 1.5},
+        retry={"max_attempts": 2, "base_delay_ms": 50, "max_delay_ms": 100, "park_after_s": 1, "max_elapsed_s": 600},
+        breaker={"consecutive_failures": 3, "cooldown_s": 1, "max_cooldown_s": 2, "probes": 1})
+    cfg = secured(relay_config(broker, topics, sandbox, {"quicklizard": fragile}), front, pki)
+    sandbox.faults("quicklizard", error_rate=1.0, error_status=503)
+    produce(broker.bootstrap, topics.events, [(f"v{i}".encode(), view(i)) for i in range(n)])
+    relay = relays(cfg)
+    wait_for(lambda: relay.alive_or_fail() and relay.metric("processor_parked_total", vendor="quicklizard") >= n, 60,
+             "every event parked")
+    assert len(read_all(broker.bootstrap, topics.retry["quicklizard"], expect=n, timeout_s=30)) >= n
+    sandbox.faults("quicklizard")  # recovered
+    wait_for(lambda: set(received_ids(sandbox)) == {pid(i) for i in range(n)}, 90, "the parked events redriven")
+    assert relay.metric("processor_redriven_events_total", vendor="quicklizard", outcome="delivered") >= n
+    assert read_all(broker.bootstrap, topics.dlq, idle_s=0.5) == []
+    assert relay.stop() == 0
+
+
 def test_dlq_inspect_and_replay_over_sasl_ssl(broker, front, pki, topics, sandbox, tmp_path):
     n = 20
     put_records(broker.bootstrap, topics.dlq, [dead_letter(i, view(i)) for i in range(n)])
