@@ -285,3 +285,30 @@ def test_a_refusing_registry_is_one_error_naming_it_and_nothing_dead_lettered(ca
     assert read_all(broker.bootstrap, topics.dlq, idle_s=0.5) == []  # nothing dead-lettered as undecodable
     assert "not-the-secret" not in relay.log() and REGISTRY_SECRET not in relay.log()
     assert relay.stop() == 0
+
+
+CHECK_CONFIG_CASES = {  # case -> (kafka password, kafka CA, registry secret, what it names; None: it passes)
+    "as configured": (None, "ca", REGISTRY_SECRET, None),
+    "wrong password": ("not-the-password", "ca", REGISTRY_SECRET, "SASL authentication failed"),
+    "untrusted CA": (None, "other_ca", REGISTRY_SECRET, "certificate is not signed"),
+    "wrong registry credential": (None, "ca", "not-the-secret", "HTTP 401 (the registry refused the credentials"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECK_CONFIG_CASES))
+def test_check_config_connect_names_what_refuses_the_config(case, broker, front, pki, tls_registry, topics, sandbox,
+                                                            tmp_path):
+    password, ca, secret, named = CHECK_CONFIG_CASES[case]
+    cfg = secured(relay_config(broker, topics, sandbox, {"quicklizard": quicklizard_vendor(sandbox)}), front, pki,
+                  password=password, ca=getattr(pki, ca))
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(with_registry(cfg, tls_registry, secret, pki.ca)))
+    t0 = time.monotonic()
+    done = processor("check-config", str(path), "--connect")
+    assert time.monotonic() - t0 < 10
+    assert "not-the-password" not in done.stdout + done.stderr and "not-the-secret" not in done.stdout + done.stderr
+    if named is None:
+        assert done.returncode == 0, done.stderr
+        assert "# kafka: " in done.stderr and "answered" in done.stderr and "# schema registry: answered" in done.stderr
+    else:
+        assert done.returncode == 1 and named in done.stderr
