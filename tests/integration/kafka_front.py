@@ -20,7 +20,8 @@ Kafka protocol, kept to what the front must read (https://kafka.apache.org/proto
 - Metadata (3) and FindCoordinator (10) answers name brokers: the front rewrites every host and port to
   its own, so clients come back through it (one broker behind one front);
 - a user may be denied the consumer group: its FindCoordinator answers for groups say
-  GROUP_AUTHORIZATION_FAILED (30), as a broker does for a principal without READ on the group.
+  GROUP_AUTHORIZATION_FAILED (30), as a broker does for a principal without READ on the group; or the
+  topics: its Metadata answers say TOPIC_AUTHORIZATION_FAILED (29) for every topic but the internal ones.
 
 Responses are matched to their requests by correlation id (a Produce with acks=0 has no response: only the
 requests whose answers are edited are remembered). Runs its own event loop in a thread: usable from
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 API_METADATA, API_FIND_COORDINATOR, API_SASL_HANDSHAKE, API_API_VERSIONS = 3, 10, 17, 18
 API_SASL_AUTHENTICATE, API_DESCRIBE_CLUSTER = 36, 60
 UNSUPPORTED_SASL_MECHANISM, ILLEGAL_SASL_STATE, SASL_AUTHENTICATION_FAILED = 33, 34, 58
-GROUP_AUTHORIZATION_FAILED = 30
+TOPIC_AUTHORIZATION_FAILED, GROUP_AUTHORIZATION_FAILED = 29, 30
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 MECHANISMS = ("PLAIN", *SCRAM_MECHANISMS)
 MAX_FRAME = 100 * 1024 * 1024
@@ -54,10 +55,12 @@ MAX_FRAME = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class User:
-    """A SASL user: its password and whether it may use consumer groups."""
+    """A SASL user: its password, whether it may use consumer groups and whether it may see topics (the
+    internal ones aside)."""
 
     password: str
     groups: bool = True
+    topics: bool = True
 
 
 # -- primitive encoding -------------------------------------------------------------------------------------
@@ -191,8 +194,10 @@ def edit_api_versions(body: bytes, version: int) -> bytes:
     return bytes(out + r.rest())  # throttle_time_ms and the top-level tags, untouched
 
 
-def rewrite_metadata(body: bytes, version: int, host: str, port: int) -> bytes:
-    """Metadata response body with every broker's host and port replaced (the rest copied as it is)."""
+def rewrite_metadata(body: bytes, version: int, host: str, port: int, deny_topics: bool = False) -> bytes:
+    """Metadata response body with every broker's host and port replaced (the rest copied as it is); with
+    ``deny_topics``, every topic but the internal ones answered TOPIC_AUTHORIZATION_FAILED without partitions,
+    as a broker does for a principal without DESCRIBE on it."""
     compact = version >= 9
     r = Reader(body)
     out = bytearray(r.take(4) if version >= 3 else b"")  # throttle_time_ms
@@ -209,7 +214,45 @@ def rewrite_metadata(body: bytes, version: int, host: str, port: int) -> bytes:
             start = r.pos
             r.skip_tags()
             out += body[start:r.pos]
-    return bytes(out + r.rest())
+    if not deny_topics:
+        return bytes(out + r.rest())
+    start = r.pos
+    if version >= 2:
+        r.string(compact)  # cluster_id
+    if version >= 1:
+        r.int32()  # controller_id
+    out += body[start:r.pos]
+    n = r.array_len(compact)
+    out += array_len(n, compact)
+    for _ in range(n):
+        out += _deny_topic(r, body, version, compact)
+    return bytes(out + r.rest())  # cluster_authorized_operations (v8-10) and the top-level tags
+
+
+def _deny_topic(r: Reader, body: bytes, version: int, compact: bool) -> bytes:
+    """One topic of a Metadata answer, refused (an internal topic is left as it is)."""
+    start = r.pos
+    r.int16()  # error_code
+    name_start = r.pos
+    r.string(compact)
+    if version >= 10:
+        r.take(16)  # topic_id
+    internal = r.int8() == 1 if version >= 1 else False
+    middle = body[name_start:r.pos]
+    for _ in range(r.array_len(compact)):  # partitions
+        r.take(2 + 4 + 4 + (4 if version >= 7 else 0))  # error_code, partition_index, leader_id, leader_epoch
+        for _ in range(3 if version >= 5 else 2):  # replica_nodes, isr_nodes, offline_replicas
+            r.take(4 * r.array_len(compact))
+        if compact:
+            r.skip_tags()
+    tail_start = r.pos
+    if version >= 8:
+        r.int32()  # topic_authorized_operations
+    if compact:
+        r.skip_tags()
+    if internal:
+        return body[start:r.pos]
+    return struct.pack(">h", TOPIC_AUTHORIZATION_FAILED) + middle + array_len(0, compact) + body[tail_start:r.pos]
 
 
 def rewrite_find_coordinator(body: bytes, version: int, host: str, port: int, deny: bool) -> bytes:
@@ -408,8 +451,11 @@ class KafkaFront:
                     upstream = await asyncio.open_connection(self.broker_host, self.broker_port)
                     pump = asyncio.create_task(self._pump(conn, upstream[0], client_w))
                 if api_key in (API_API_VERSIONS, API_METADATA, API_FIND_COORDINATOR):
-                    deny = (api_key == API_FIND_COORDINATOR and conn.user is not None
-                            and not self.users[conn.user].groups and group_key_type(frame, version))
+                    user = self.users[conn.user] if conn.user is not None else None
+                    if api_key == API_FIND_COORDINATOR:
+                        deny = user is not None and not user.groups and group_key_type(frame, version)
+                    else:
+                        deny = user is not None and not user.topics
                     conn.pending[corr] = (api_key, version, deny)
                 upstream[1].write(struct.pack(">i", len(frame)) + frame)
                 await upstream[1].drain()
@@ -453,7 +499,7 @@ class KafkaFront:
             head_len = r.pos
         head, body = frame[:head_len], frame[head_len:]
         if api_key == API_METADATA:
-            return head + rewrite_metadata(body, version, self.host, self.port)
+            return head + rewrite_metadata(body, version, self.host, self.port, deny)
         return head + rewrite_find_coordinator(body, version, self.host, self.port, deny)
 
     def _handshake(self, conn: _Conn, frame: bytes, version: int, corr: int) -> bytes:

@@ -11,6 +11,7 @@ from scramp import ScramClient
 from tests.integration.kafka_front import (
     GROUP_AUTHORIZATION_FAILED,
     NO_TAGS,
+    TOPIC_AUTHORIZATION_FAILED,
     Reader,
     SaslExchange,
     User,
@@ -77,6 +78,54 @@ def test_metadata_names_the_front_for_every_broker_and_keeps_the_rest(version):
     body = metadata(version, [(1, "broker-a.internal", 9092, "r1"), (2, "broker-b.internal", 9092, None)])
     expected = metadata(version, [(1, "127.0.0.1", 9094, "r1"), (2, "127.0.0.1", 9094, None)])
     assert rewrite_metadata(body, version, "127.0.0.1", 9094) == expected
+
+
+def topic(version: int, name: str, internal: bool, partitions: int, error: int = 0) -> bytes:
+    """One topic of a Metadata answer: ``partitions`` partitions with two replicas each."""
+    compact = version >= 9
+    out = struct.pack(">h", error) + string(name, compact)
+    if version >= 10:
+        out += bytes(range(16))  # topic_id
+    if version >= 1:
+        out += struct.pack(">b", internal)
+    out += array_len(partitions, compact)
+    for p in range(partitions):
+        out += struct.pack(">hii", 0, p, 1) + (struct.pack(">i", 5) if version >= 7 else b"")
+        for _ in range(3 if version >= 5 else 2):
+            out += array_len(2, compact) + struct.pack(">ii", 1, 2)
+        out += NO_TAGS if compact else b""
+    if version >= 8:
+        out += struct.pack(">i", -2147483648)
+    return out + (NO_TAGS if compact else b"")
+
+
+def with_topics(version: int, topics: list[bytes]) -> bytes:
+    compact = version >= 9
+    out = b"\x00\x00\x00\x00" if version >= 3 else b""
+    out += array_len(1, compact) + struct.pack(">i", 1) + string("broker-a", compact) + struct.pack(">i", 9092)
+    if version >= 1:
+        out += string(None, compact)
+    out += NO_TAGS if compact else b""
+    if version >= 2:
+        out += string("cluster-1", compact)
+    if version >= 1:
+        out += struct.pack(">i", 1)
+    out += array_len(len(topics), compact) + b"".join(topics)
+    if 8 <= version <= 10:
+        out += struct.pack(">i", -2147483648)
+    return out + (NO_TAGS if compact else b"")
+
+
+@pytest.mark.parametrize("version", [0, 1, 2, 5, 7, 8, 9, 10, 12])
+def test_metadata_refuses_every_topic_but_the_internal_ones_to_a_user_without_topics(version):
+    body = with_topics(version, [topic(version, "orders", False, 3), topic(version, "__consumer_offsets", True, 2)])
+    internal = (topic(version, "__consumer_offsets", True, 2) if version >= 1  # v0 does not say which are internal
+                else topic(version, "__consumer_offsets", True, 0, TOPIC_AUTHORIZATION_FAILED))
+    refused = with_topics(version, [topic(version, "orders", False, 0, TOPIC_AUTHORIZATION_FAILED), internal])
+    before = rewrite_metadata(body, version, "127.0.0.1", 9094)
+    after = rewrite_metadata(body, version, "127.0.0.1", 9094, deny_topics=True)
+    assert after == rewrite_metadata(refused, version, "127.0.0.1", 9094)
+    assert before != after and len(after) < len(before)
 
 
 def find_coordinator(version: int, error: int, message: str | None, node: int, host: str, port: int) -> bytes:

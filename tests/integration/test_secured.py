@@ -63,7 +63,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def front(broker: LocalBroker, pki: Pki) -> Iterator[KafkaFront]:
-    users = {"svc-relay": User(RELAY_PASSWORD), "no-group": User("k9-other-Secr3t", groups=False)}
+    users = {"svc-relay": User(RELAY_PASSWORD), "no-group": User("k9-other-Secr3t", groups=False),
+             "no-topics": User("k9-third-Secr3t", topics=False)}
     with KafkaFront(broker.bootstrap, pki.broker_pem, pki.broker_pem, users) as f:
         yield f
 
@@ -168,7 +169,10 @@ def test_front_refuses_a_wrong_password_and_an_unknown_ca(front, pki):
 REFUSALS = {  # case -> (user, password, which CA, what the one ERROR and /readyz name)
     "wrong password": ("svc-relay", "not-the-password", "ca", "authentication failed"),
     "untrusted CA": ("svc-relay", None, "other_ca", "certificate"),
-    "no permission on the group": ("no-group", None, "ca", "not authorized"),
+    "no permission on the group": ("no-group", None, "ca", "not authorized: the broker refuses the principal "
+                                                          "access to the consumer group"),
+    "no permission on the topics": ("no-topics", None, "ca", "not authorized: the broker refuses the principal "
+                                                             "access to a topic"),
 }
 
 
