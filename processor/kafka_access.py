@@ -136,5 +136,6 @@ def _serve(client: Any, watch: AccessWatch) -> None:
     """Serve the client's error callbacks (and, for a consumer not yet reading anything, its error events:
     ``reach`` is for the time before a consumer is assigned, when a poll returns no message to lose)."""
     got = client.poll(0)
-    if isinstance(got, Message) and got.error() is not None:
-        watch.report(got.error())
+    err = got.error() if isinstance(got, Message) else None
+    if err is not None:
+        watch.report(err)

@@ -84,8 +84,10 @@ def topic_settings(need: TopicNeed, options: CreateOptions) -> dict[str, str]:
 
 
 def admin_client(config: Config, access: AccessWatch | None = None) -> AdminClient:
-    extra = {"error_cb": access} if access is not None else {}
-    return AdminClient({**config.client_settings(), "log_level": 3, **extra}, logger=logging.getLogger("librdkafka"))
+    conf: dict[str, Any] = {**config.client_settings(), "log_level": 3}
+    if access is not None:
+        conf["error_cb"] = access
+    return AdminClient(conf, logger=logging.getLogger("librdkafka"))
 
 
 def _list_topics(config: Config, admin: AdminClient | None, timeout_s: float) -> tuple[AdminClient, Any]:
