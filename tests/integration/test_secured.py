@@ -193,6 +193,7 @@ def test_a_refused_connection_is_one_named_error_and_no_readiness(case, broker, 
     wait_for(lambda: relay.alive_or_fail() and any(named in e["msg"] for e in error_lines(relay.log())), 20,
              f"an ERROR naming {named!r}")
     took = time.monotonic() - t0
+    print(f"MEASURE relay {case}: the named ERROR {took:.1f}s after the start")
     status, why = http_text(f"{relay.metrics_url}/readyz")
     # a few seconds more: the cause is named once, not once a reconnect
     deadline = time.monotonic() + 5
@@ -221,6 +222,7 @@ def test_the_cli_tools_name_a_refused_connection_at_once(case, command, broker, 
     t0 = time.monotonic()
     done = processor(*command, "--config", str(path))
     took = time.monotonic() - t0
+    print(f"MEASURE {' '.join(command)} {case}: exit {done.returncode} after {took:.1f}s")
     assert done.returncode != 0
     assert named in done.stderr and "not-the-password" not in done.stderr + done.stdout
     assert took < 10  # not the 15-30 s timeouts of a broker that does not answer
