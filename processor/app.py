@@ -20,6 +20,7 @@ from processor.config import Config
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline
 from processor.health import HealthServer
+from processor.kafka_access import AccessWatch, reach
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, RelaySettlement
 from processor.parked import ParkedRedrive
@@ -58,12 +59,13 @@ class Relay:
         self._held: dict[tuple[str, int], list[Any]] = {}
         self.resolver: SchemaResolver | None = None
         self._stall_logged: str | None = None  # the stall last logged (``_watch_stall``)
+        self.access = AccessWatch("the relay")  # Kafka refusing the relay's clients: named once, not ready
 
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
         cfg = self.config
-        self.dlq = DeadLetterWriter(cfg.deadletter.topic, cfg.producer_settings(), self.metrics,
-                                    cfg.deadletter.retry_delay_s, cfg.retry_topic_prefix(),
+        self.dlq = DeadLetterWriter(cfg.deadletter.topic, {**cfg.producer_settings(), "error_cb": self.access},
+                                    self.metrics, cfg.deadletter.retry_delay_s, cfg.retry_topic_prefix(),
                                     on_fatal=lambda _why: self.fail(None))  # it logged the ERROR itself
         self.settlement = RelaySettlement(self.tracker, self.dlq, self.metrics)
         self.router = Router(self.tracker, self.settlement, self.metrics)
@@ -77,6 +79,7 @@ class Relay:
 
     # -- rebalance ------------------------------------------------------------
     async def _on_assign(self, parts: Partitions) -> None:
+        self.access.clear()  # the group coordinator took the relay in
         for t, p in parts:
             self.tracker.assign(t, p)
         self.metrics.rebalances.labels("assign").inc()
@@ -111,6 +114,8 @@ class Relay:
     # -- health -----------------------------------------------------------------
     def not_ready(self) -> str | None:
         """Why the relay cannot do its work now (None: ready)."""
+        if self.access.problem is not None:
+            return f"Kafka refuses the relay: {self.access.problem}"
         if self.source is None or not self.source.had_assignment:
             return "not assigned any partition yet"
         if self.stopping.is_set():
@@ -199,7 +204,7 @@ class Relay:
         self.resolver = SchemaResolver(decoder, "the relay",
                                        lambda up: self.metrics.schema_registry_up.set(1 if up else 0),
                                        registry=registry_name(self.config.schema_registry.url))
-        self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke)
+        self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke, self.access)
         await self.source.start()
         tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]
         if self.config.retry_topics():
@@ -237,7 +242,7 @@ class Relay:
         delay = 1.0
         while not self.stopping.is_set():
             try:
-                md = await loop.run_in_executor(None, lambda: self.dlq.producer.list_topics(timeout=5))
+                md = await loop.run_in_executor(None, reach, self.dlq.producer, self.access, 5.0)
             except KafkaException as exc:
                 logger.warning("broker %s not reachable (%s); retrying in %.0fs", self.config.kafka.bootstrap_servers,
                                exc.args[0].str() if exc.args else exc, delay)
@@ -367,6 +372,7 @@ class Relay:
         if failed:
             self.metrics.commit_failures.inc()
         if committed:
+            self.access.clear()  # the broker took a commit: the relay is let in (a permission granted meanwhile)
             self.tracker.mark_committed(committed)
             for (t, p), off in committed.items():
                 self.metrics.committed_offset.labels(t, str(p)).set(off)

@@ -59,7 +59,12 @@ def run(config_path: str, workers: int) -> None:
 
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(dir_okay=False))
-def check_config(config_path: str) -> None:
+@click.option("--connect", is_flag=True,
+              help="Also connect to Kafka and the schema registry with the config's settings (SASL, TLS, CA, "
+                   "credentials); exit 1 naming what refuses them.")
+@click.option("--timeout", "timeout_s", default=15.0, show_default=True, type=float,
+              help="Seconds to wait for Kafka and the registry to answer (with --connect).")
+def check_config(config_path: str, connect: bool, timeout_s: float) -> None:
     """Validate a config file and print the effective config with secrets redacted."""
     config = _load(config_path)
     click.echo(yaml.safe_dump(redacted(config), sort_keys=False))
@@ -69,6 +74,40 @@ def check_config(config_path: str) -> None:
     click.echo("# topics it needs (`processor topics create|check`):", err=True)
     for need in needed_topics(config):
         click.echo(f"#   {need.name}  ({need.role})", err=True)
+    if connect:
+        _check_connections(config, timeout_s)
+
+
+def _check_connections(config: Any, timeout_s: float) -> None:
+    """``check-config --connect``: Kafka (the admin client, as ``topics`` connects) and the registry answer."""
+    from confluent_kafka import KafkaException
+
+    from processor.codec import fetch_registry_schema
+    from processor.errors import DecodeError, RegistryUnavailable
+    from processor.kafka_access import AccessWatch, reach
+    from processor.topics import admin_client
+
+    access = AccessWatch("check-config")
+    try:
+        md = reach(admin_client(config, access), access, timeout_s)
+    except KafkaException as exc:
+        raise click.ClickException(f"Kafka at {config.kafka.bootstrap_servers}: "
+                                   f"{exc.args[0].str() if exc.args else exc}") from exc
+    click.echo(f"# kafka: {config.kafka.bootstrap_servers} answered ({len(md.brokers)} brokers, "
+               f"{len(md.topics)} topics visible)", err=True)
+    if not config.schema_registry.url:
+        return
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    registry = SchemaRegistryClient({"url": config.schema_registry.url, "timeout": timeout_s,
+                                     **config.schema_registry.client})
+    try:
+        fetch_registry_schema(registry, 1)  # any answer about an id says the registry lets the relay in
+    except RegistryUnavailable as exc:
+        raise click.ClickException(f"schema registry: {exc}") from exc
+    except (DecodeError, ValueError):
+        pass
+    click.echo("# schema registry: answered", err=True)
 
 
 @main.group()

@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import logging
+import ssl
 import struct
 import threading
 import time
@@ -496,10 +497,38 @@ def _ask_registry(call: Any, sid: int, *args: Any) -> Any:
         if exc.http_status_code == 404 and 40400 <= (exc.error_code or 0) < 40500:
             raise DecodeError("unknown_schema", f"schema id {sid} not found in the registry "
                               f"(error code {exc.error_code})") from exc
-        raise RegistryUnavailable(f"registry answered HTTP {exc.http_status_code} for schema id {sid}",
-                                  answered=True) from exc
+        raise RegistryUnavailable(f"registry answered HTTP {exc.http_status_code}{_refusal(exc.http_status_code)} "
+                                  f"for schema id {sid}", answered=True) from exc
     except Exception as exc:  # connection errors and timeouts from the registry client's HTTP stack
-        raise RegistryUnavailable(f"{type(exc).__name__} fetching schema id {sid}") from exc
+        raise RegistryUnavailable(f"{_transport_failure(exc)} fetching schema id {sid}") from exc
+
+
+def _refusal(status: int | None) -> str:
+    """What a 401 or 403 from the registry means: the credentials (Confluent Cloud's API key and secret)."""
+    if status == 401:
+        return " (the registry refused the credentials: schema_registry.client basic.auth.user.info)"
+    if status == 403:
+        return " (the registry's credentials may not read schemas: schema_registry.client basic.auth.user.info)"
+    return ""
+
+
+def _transport_failure(exc: BaseException) -> str:
+    """The registry client's transport error by what happened: a certificate the client does not trust or
+    another TLS failure, named from the ssl error it carries; otherwise its type (ConnectError, ReadTimeout)."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # the HTTP stack wraps the ssl error a few levels down
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (f"TLS: the registry's certificate is not signed by a CA the client trusts ({seen.verify_message}; "
+                    "schema_registry.client ssl.ca.location names the CA bundle)")
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS handshake with the registry failed ({getattr(seen, 'reason', None) or seen})"
+        seen = seen.__cause__ or seen.__context__
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return ("TLS: the registry's certificate is not signed by a CA the client trusts (schema_registry.client "
+                "ssl.ca.location names the CA bundle)")
+    return type(exc).__name__
 
 
 def confluent_frame(schema_id: int, body: bytes) -> bytes:

@@ -25,6 +25,7 @@ from processor.codec import Decoder
 from processor.config import KafkaConfig
 from processor.errors import DecodeError
 from processor.events import Event, EventKind, FromSource, Source
+from processor.kafka_access import AccessWatch
 
 logger = logging.getLogger(__name__)
 
@@ -58,22 +59,29 @@ class Poll:
     raw: list[Any] = field(default_factory=list)  # confluent_kafka.Message objects, decoded in the loop
 
 
-def is_error(msg: Any, who: str) -> bool:
-    """Whether a consumed message is an error: logged (``who``: which consumer); a fatal one raises."""
+def is_error(msg: Any, who: str, access: AccessWatch | None = None) -> bool:
+    """Whether a consumed message is an error: logged (``who``: which consumer); a fatal one raises; one
+    that keeps the consumer out of the cluster (a permission, a refused login) goes to ``access``."""
     err = msg.error()
     if err is None:
         return False
     if err.fatal():
         raise KafkaException(err)
+    if access is not None and access.report(err):
+        return True
     logger.warning("%s error: %s", who, err.str())
     return True
 
 
 class KafkaSource:
+    access: AccessWatch | None = None  # where errors that keep the consumer out of the cluster go
+
     def __init__(self, cfg: KafkaConfig, decoder: Decoder, loop: asyncio.AbstractEventLoop,
                  on_assign: Callable[[Partitions], Awaitable[None]],
-                 on_revoke: Callable[[Partitions, bool], Awaitable[dict[tuple[str, int], int]]]) -> None:
+                 on_revoke: Callable[[Partitions, bool], Awaitable[dict[tuple[str, int], int]]],
+                 access: AccessWatch | None = None) -> None:
         self.cfg = cfg
+        self.access = access
         self.decoder = decoder
         self.loop = loop
         self._on_assign = on_assign
@@ -264,7 +272,7 @@ class KafkaSource:
         append = out.append
         from_message = Source.from_message
         for msg in msgs:
-            if msg.error() is not None and is_error(msg, "consumer"):
+            if msg.error() is not None and is_error(msg, "consumer", self.access):
                 continue
             value = msg.value() or b""
             try:

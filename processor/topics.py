@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource, NewTopic, ResourceType
 
 from processor.config import Config
+from processor.kafka_access import AccessWatch, reach
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,22 @@ def topic_settings(need: TopicNeed, options: CreateOptions) -> dict[str, str]:
             "max.message.bytes": str(need.min_message_bytes)}
 
 
-def admin_client(config: Config) -> AdminClient:
-    return AdminClient({**config.client_settings(), "log_level": 3}, logger=logging.getLogger("librdkafka"))
+def admin_client(config: Config, access: AccessWatch | None = None) -> AdminClient:
+    conf: dict[str, Any] = {**config.client_settings(), "log_level": 3}
+    if access is not None:
+        conf["error_cb"] = access
+    return AdminClient(conf, logger=logging.getLogger("librdkafka"))
+
+
+def _list_topics(config: Config, admin: AdminClient | None, timeout_s: float) -> tuple[AdminClient, Any]:
+    """An admin client (``admin`` or one of the config's) and the cluster's topics; a KafkaException naming the
+    cause as soon as the cluster refuses the client (login, TLS, permission), or when it does not answer."""
+    access = AccessWatch("topics")
+    admin = admin or admin_client(config, access)
+    try:
+        return admin, reach(admin, access, timeout_s).topics
+    except KafkaException as exc:
+        raise _kafka_error(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
 
 
 def _kafka_error(exc: KafkaException, doing: str) -> KafkaException:
@@ -117,11 +132,7 @@ def create(config: Config, options: CreateOptions, admin: AdminClient | None = N
     """Create the dead-letter and retry topics that do not exist (idempotent: existing topics are left as
     they are; ``check`` says whether they fit). Returns topic -> 'created' or 'exists'. Input topics are the
     producers' and never created. Raises KafkaException naming the topic when the broker refuses."""
-    admin = admin or admin_client(config)
-    try:
-        existing = admin.list_topics(timeout=timeout_s).topics
-    except KafkaException as exc:
-        raise _kafka_error(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
+    admin, existing = _list_topics(config, admin, timeout_s)
     partitions = options.partitions
     if partitions is None:
         first = config.kafka.topics[0]
@@ -218,12 +229,8 @@ def check(config: Config, admin: AdminClient | None = None, timeout_s: float = 3
     """What does not fit, one line per problem naming the topic (empty: every topic fits): a topic
     missing, a partition without a leader, no WRITE for the relay on a topic it writes, a dead-letter or
     retry topic that compacts, a retention or ``max.message.bytes`` short of the config."""
-    admin = admin or admin_client(config)
     needs = needed_topics(config)
-    try:
-        existing = admin.list_topics(timeout=timeout_s).topics
-    except KafkaException as exc:
-        raise _kafka_error(exc, f"cannot reach {config.kafka.bootstrap_servers}") from exc
+    admin, existing = _list_topics(config, admin, timeout_s)
     problems: list[str] = []
     present = []
     for need in needs:

@@ -11,15 +11,22 @@ SchemaRegistryClient, in the Confluent format: ``GET /schemas/ids/{id}`` answers
 outage); ``fail_with = 503`` makes it answer that status instead (a registry
 that is up but broken), ``fail_ids = {id: 500}`` only for those ids;
 ``delay_s`` answers each request that late, ``hold()`` accepts requests and
-answers none until ``release()`` (a registry that never answers). Thread-based (stdlib ``http.server``): usable from
+answers none until ``release()`` (a registry that never answers). Confluent Cloud's shape on request: ``tls=(certfile,
+keyfile)`` serves HTTPS, ``credentials=(user, password)`` requires HTTP basic
+auth and answers ``401 {"error_code": 401, "message": "Unauthorized"}`` to a
+request without them (``refused`` counts those). Thread-based (stdlib ``http.server``): usable from
 synchronous tests and from a process that runs an event loop.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import hmac
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -75,6 +82,10 @@ class _Handler(BaseHTTPRequestHandler):
         if stub.delay_s:
             time.sleep(stub.delay_s)
         path = self.path.partition("?")[0]
+        if stub.credentials is not None and not self._authorized(stub.credentials):
+            stub.refused += 1
+            self._answer(401, {"error_code": 401, "message": "Unauthorized"})
+            return
         m = _SCHEMA_PATH.match(path)
         failing = stub.fail_with if m is None else stub.fail_ids.get(int(m.group(1)), stub.fail_with)
         if failing is not None:
@@ -98,6 +109,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._answer(404, {"error_code": 404, "message": f"HTTP 404 Not Found: {path}"})
 
+    def _authorized(self, credentials: tuple[str, str]) -> bool:
+        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            given = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(given, ":".join(credentials).encode())
+
     def _answer(self, status: int, doc: Mapping[str, Any]) -> None:
         body = json.dumps(doc).encode()
         self.send_response(status)
@@ -115,10 +136,12 @@ class RegistryStub:
     """``GET /schemas/ids/{id}`` from ``schemas`` (id -> schema dict, JSON string or ``Registered``) and
     ``GET /subjects/{subject}/versions/{version}`` from ``subjects`` on ``host:port``.
 
-    ``port=0`` picks a free port at the first start; later starts reuse it, so the URL stays valid."""
+    ``port=0`` picks a free port at the first start; later starts reuse it, so the URL stays valid.
+    ``tls``: (certificate file, key file) to serve HTTPS; ``credentials``: (user, password) required."""
 
     def __init__(self, schemas: Mapping[int, Any] | None = None, host: str = "127.0.0.1", port: int = 0,
-                 subjects: Mapping[tuple[str, int], Registered] | None = None) -> None:
+                 subjects: Mapping[tuple[str, int], Registered] | None = None,
+                 tls: tuple[str, str] | None = None, credentials: tuple[str, str] | None = None) -> None:
         self.schemas: dict[int, Any] = dict(embedded_schemas() if schemas is None else schemas)
         self.subjects: dict[tuple[str, int], Registered] = dict(subjects or {})
         self.host = host
@@ -129,12 +152,15 @@ class RegistryStub:
         self.delay_s = 0.0
         self.answering = threading.Event()  # cleared by ``hold``: requests wait, unanswered
         self.answering.set()
+        self.tls = tls
+        self.credentials = credentials
+        self.refused = 0  # requests answered 401 (no or wrong credentials)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -145,6 +171,10 @@ class RegistryStub:
             return self
         server = _Server((self.host, self.port), _Handler)
         server.stub = self
+        if self.tls is not None:  # each accepted connection does its handshake (a client refusing it: no request)
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="registry-stub", daemon=True)

@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from processor.config import Config
 from processor.errors import ConfigError, FatalError
+from processor.kafka_access import AccessWatch, reach
 from processor.redrive import RelayRecord
 from processor.vendors import REGISTRY
 
@@ -88,7 +89,8 @@ class DlqTopic:
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
         }
-        self.consumer = Consumer(conf, logger=logging.getLogger("librdkafka"))
+        self.access = AccessWatch("the dead-letter reader")  # a refused login or TLS named at once
+        self.consumer = Consumer({**conf, "error_cb": self.access}, logger=logging.getLogger("librdkafka"))
         self.ends: dict[int, int] = {}
         self.lows: dict[int, int] = {}
         try:
@@ -110,8 +112,11 @@ class DlqTopic:
 
     def _partitions(self) -> list[int]:
         try:
-            md = self.consumer.list_topics(self.topic, timeout=self.timeout_s)
+            md = reach(self.consumer, self.access, self.timeout_s, self.topic)
         except KafkaException as exc:
+            if self.access.problem is not None:
+                raise FatalError(f"Kafka at {self.bootstrap} refuses the dead-letter reader: "
+                                 f"{self.access.problem}") from exc
             raise FatalError(f"cannot reach Kafka at {self.bootstrap} within {self.timeout_s:g}s: "
                              f"{exc.args[0].str()}") from exc
         meta = md.topics.get(self.topic)
