@@ -5,9 +5,11 @@ adaptive concurrency limit (``processor.admission``) and the vendor's sender (``
 only HTTP I/O), and has the adapter read the answer. It never raises (but on cancellation): this is the one
 boundary where what a request can raise becomes that request's outcome, and no other request's:
 
-* no answer: a timeout (back-pressure), a transport error, or anything else raised while sending or reading
-  the body (a garbled gzip body, an error of the HTTP stack it does not map): every event of that request is
-  retryable, the breaker records a failure;
+* no answer: the sender's ``TransportError`` (processor.errors, named by what happened: connection
+  refused, TLS verification failed, a timeout ...) or the service's own timer: every event of that request
+  is retryable with the class's label as the reason, the breaker records a failure, and only a timeout is
+  back-pressure for the adaptive limit (a refused connection says nothing about the vendor's load); a
+  TLS verification failure is logged as an ERROR once per vendor, naming the host and the reason;
 * an answer the adapter fails on (or gives the wrong number of outcomes for): ``internal`` for that request's
   events (the vendor answered: sending them again could duplicate them);
 * an answer: the adapter's per-event outcomes, Retry-After applied to the retryable ones.
@@ -25,9 +27,8 @@ import time
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
-
 from processor.admission import Admission
+from processor.errors import RequestTimeout, TlsVerificationFailed, TransportError, UnmappedError
 from processor.logs import where_failed
 from processor.metrics import Metrics, status_class
 from processor.transport import HttpSender, Reply
@@ -78,6 +79,7 @@ class RequestService:
         self.sleep = sleep  # replaceable in tests, with the clock
         self._duration = metrics.request_duration.labels(self.name)
         self._requests: dict[int | None, Any] = {}  # HTTP status (None: no answer) -> its status class's counter
+        self._tls_logged = False  # a TLS verification failure is an ERROR once per vendor
 
     @property
     def client(self) -> HttpSender:
@@ -109,19 +111,16 @@ class RequestService:
                         r = await self._client.request(req.method, req.url, req.content, req.headers)
                 else:  # the sender bounds the whole request itself
                     r = await self._client.request(req.method, req.url, req.content, req.headers)
-            except (TimeoutError, httpx.TimeoutException):
-                self._no_answer(t0, backpressure=True)
-                return Answer(None, [retryable("timeout")] * n)
+            except TransportError as exc:  # what the sender's one table named
+                self._no_answer(t0, exc, n)
+                return Answer(None, [retryable(exc.label)] * n)
+            except TimeoutError:  # the service's own timer (asyncio.timeout above)
+                self._no_answer(t0, RequestTimeout(), n)
+                return Answer(None, [retryable(RequestTimeout.label)] * n)
             except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):  # give the limit and any probe back
                 a.limit.release(ok=False)
                 a.breaker.abandon()
                 raise
-            except Exception as exc:  # a transport error, a body that does not decode, an unmapped error
-                self._no_answer(t0, backpressure=False)
-                if not isinstance(exc, httpx.TransportError):
-                    logger.warning("%s: a request of %d events failed without a usable answer: %s; retried",
-                                   self.name, n, where_failed(exc))
-                return Answer(None, [retryable(f"transport error: {type(exc).__name__}")] * n)
             return self._answered(req, r, time.perf_counter() - t0)
         except Exception as exc:  # an error of ours around the request: retryable, this request alone
             logger.error("%s: a request of %d events failed inside the relay: %s; retried", self.name,
@@ -163,9 +162,18 @@ class RequestService:
             child = self._requests[status] = self.metrics.vendor_requests.labels(self.name, status_class(status))
         child.inc()
 
-    def _no_answer(self, t0: float, backpressure: bool) -> None:
+    def _no_answer(self, t0: float, exc: TransportError, n: int) -> None:
+        """No answer: counted by what happened, a failure for the breaker, back-pressure only if a timeout."""
         self._duration.observe(time.perf_counter() - t0)
         self._count(None)
+        self.metrics.transport_errors.labels(self.name, exc.metric).inc()
         a = self.admission
         a.breaker.record(False)
-        a.limit.release(ok=False, backpressure=backpressure)
+        a.limit.release(ok=False, backpressure=exc.backpressure)
+        if isinstance(exc, TlsVerificationFailed) and not self._tls_logged:
+            self._tls_logged = True
+            logger.error("%s: TLS verification failed for host %s: %s; the vendor's requests are retried, "
+                         "and this is logged once", self.name, exc.host, exc.detail)
+        elif isinstance(exc, UnmappedError):
+            logger.warning("%s: a request of %d events failed without a usable answer: %s; retried", self.name,
+                           n, exc.detail)

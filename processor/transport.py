@@ -1,28 +1,132 @@
 """The relay's HTTP senders: one call, ``request(method, url, content, headers)``, answering with a
-``Reply`` (status, headers, body) or raising one of httpx's errors.
+``Reply`` (status, headers, body) or raising one of the relay's ``TransportError`` classes (processor.errors).
 
 * ``Sender`` hands an ``httpx.Request`` to any httpx transport (httpx's own, or ``httpx.MockTransport``
   in tests) and reads the body.
 * ``AiohttpSender``, the default, goes straight onto aiohttp's client: no ``httpx.Request`` and no
   ``httpx.Response`` per request (URL parsing, header normalisation, a byte stream and its decoder),
   which is most of what the relay paid per request on top of aiohttp's own client (bench/README.md,
-  the client ceiling row). What the relay sees is unchanged: aiohttp's errors are translated to
-  httpx's with httpx-aiohttp's own mapping, and a body with a ``Content-Encoding`` is decoded by httpx,
-  so a garbled compressed body raises ``httpx.DecodingError`` as it did through httpx.
+  the client ceiling row). A body with a ``Content-Encoding`` is decoded by httpx, as it was through httpx.
+
+Whatever either stack raises is translated at this one boundary by one table, ``TRANSPORT_ERRORS``: the
+first row that any exception in the raised chain matches (its causes, the OSError aiohttp keeps, the
+members of an exception group) names what happened. Rows go from what happened (a refused connection,
+a certificate the trust store does not know) to how the library saw it, so the truth wins over a
+library's guess (httpx-aiohttp's own mapping turns a refused connection and a certificate failure into
+``httpx.ConnectTimeout``; this table does not use it).
 
 Neither follows redirects (an answer is the answer: adapters classify 3xx) nor keeps cookies.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import socket
 import ssl
 from collections.abc import Mapping
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
-from httpx_aiohttp.transport import map_aiohttp_exceptions
+
+from processor.errors import (
+    ConnectError,
+    ConnectionLost,
+    ConnectionRefused,
+    ConnectTimeout,
+    DnsFailure,
+    ProtocolError,
+    ProxyError,
+    ReadTimeout,
+    RequestTimeout,
+    TlsError,
+    TlsVerificationFailed,
+    TransportError,
+    UnmappedError,
+)
+
+# (foreign exception, errno or None, ours): the first row that any exception of the raised chain matches
+# names the failure. What happened first (the OSError under a library's class; the proxy's own refusal is a
+# proxy error), then aiohttp's classes (a wrapper over aiohttp, such as httpx-aiohttp, guesses: what aiohttp
+# raised beneath it is the fact), then httpx's, each from specific to general, then the stdlib's.
+TRANSPORT_ERRORS: tuple[tuple[type[BaseException], int | None, type[TransportError]], ...] = (
+    (aiohttp.ClientProxyConnectionError, None, ProxyError),
+    (aiohttp.ClientHttpProxyError, None, ProxyError),
+    (httpx.ProxyError, None, ProxyError),
+    (ssl.SSLCertVerificationError, None, TlsVerificationFailed),  # aiohttp's certificate error is one too
+    (aiohttp.ServerFingerprintMismatch, None, TlsVerificationFailed),
+    (aiohttp.ClientConnectorDNSError, None, DnsFailure),
+    (socket.gaierror, None, DnsFailure),
+    (ConnectionRefusedError, None, ConnectionRefused),
+    (OSError, errno.ECONNREFUSED, ConnectionRefused),
+    (ssl.SSLError, None, TlsError),
+    (aiohttp.ClientSSLError, None, TlsError),
+    # aiohttp
+    (aiohttp.ConnectionTimeoutError, None, ConnectTimeout),
+    (aiohttp.SocketTimeoutError, None, ReadTimeout),
+    (aiohttp.ServerTimeoutError, None, RequestTimeout),
+    (aiohttp.ClientResponseError, None, ProtocolError),  # an answer aiohttp cannot parse
+    (aiohttp.ServerDisconnectedError, None, ConnectionLost),
+    (aiohttp.ClientPayloadError, None, ConnectionLost),
+    (aiohttp.ClientConnectorError, None, ConnectError),
+    (aiohttp.ClientOSError, None, ConnectionLost),  # an OSError on an open connection
+    # httpx
+    (httpx.ConnectTimeout, None, ConnectTimeout),
+    (httpx.PoolTimeout, None, ConnectTimeout),
+    (httpx.ReadTimeout, None, ReadTimeout),
+    (httpx.TimeoutException, None, RequestTimeout),  # WriteTimeout
+    (httpx.RemoteProtocolError, None, ProtocolError),
+    (httpx.LocalProtocolError, None, ProtocolError),
+    (httpx.DecodingError, None, ProtocolError),  # a Content-Encoding that does not decode
+    (httpx.ReadError, None, ConnectionLost),
+    (httpx.WriteError, None, ConnectionLost),
+    (httpx.ConnectError, None, ConnectError),
+    # the stdlib
+    (TimeoutError, None, RequestTimeout),  # aiohttp's whole-request timer
+    (ConnectionResetError, None, ConnectionLost),
+    (BrokenPipeError, None, ConnectionLost),
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and contexts, the errors aiohttp keeps (``os_error``, ``certificate_error``) and
+    the members of exception groups, each once, at most 32."""
+    seen: list[BaseException] = []
+    todo: list[Any] = [exc]
+    while todo and len(seen) < 32:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend((getattr(e, "certificate_error", None), getattr(e, "os_error", None), e.__cause__,
+                     e.__context__))
+    return seen
+
+
+def _detail(e: BaseException) -> str:
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):  # an ssl.CertificateError itself too
+        return _detail(e.certificate_error)
+    if isinstance(e, ssl.SSLCertVerificationError) and getattr(e, "verify_message", None):
+        return str(e.verify_message)
+    return (str(e) or type(e).__name__)[:200]
+
+
+def transport_error(exc: BaseException, url: str) -> TransportError:
+    """``exc``, raised by an HTTP stack while sending to ``url``, as the relay's class (the table's first
+    matching row; ``UnmappedError`` naming the type when none matches)."""
+    if isinstance(exc, TransportError):
+        return exc
+    host = urlsplit(url).hostname or ""
+    chain = _chain(exc)
+    for foreign, code, ours in TRANSPORT_ERRORS:
+        for e in chain:
+            if isinstance(e, foreign) and (code is None or getattr(e, "errno", None) == code):
+                return ours(_detail(e), host)
+    return UnmappedError(f"{type(exc).__name__}: {_detail(exc)}", host)
 
 
 class Reply(Protocol):
@@ -65,8 +169,8 @@ class Sender:
     """An ``httpx.Request`` handed to an httpx transport, its body read.
 
     httpx.AsyncClient wraps every request in layers a relay does not use (a cookie jar, auth and
-    redirect handling, default-header merging): the transport is called directly. Transport errors
-    are httpx's, as they are through the client. httpx has no whole-request timeout: ``total_s`` is None."""
+    redirect handling, default-header merging): the transport is called directly. Its errors are
+    translated by ``TRANSPORT_ERRORS``. httpx has no whole-request timeout: ``total_s`` is None."""
 
     total_s: float | None = None
 
@@ -77,11 +181,14 @@ class Sender:
     async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> Reply:
         request = httpx.Request(method, url, content=content, headers=headers,
                                 extensions={"timeout": self._timeout})
-        response = await self.transport.handle_async_request(request)
         try:
-            await response.aread()
-        finally:
-            await response.aclose()
+            response = await self.transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        except (TimeoutError, OSError, httpx.HTTPError, ssl.SSLError) as exc:
+            raise transport_error(exc, url) from exc
         return response
 
     async def aclose(self) -> None:
@@ -123,11 +230,10 @@ class AiohttpSender:
                                        allow_redirects=False) as r:
                 body = await r.read()
                 status, raw = r.status, r.headers
-        except Exception as exc:  # translated as httpx-aiohttp does, only when raised (no context a request)
-            with map_aiohttp_exceptions():
-                raise exc
-        if "Content-Encoding" in raw:  # rare for a vendor's answer: httpx decodes it, as it did
-            return httpx.Response(status, headers=list(r.raw_headers), content=body)
+            if "Content-Encoding" in raw:  # rare for a vendor's answer: httpx decodes it, as it did
+                return httpx.Response(status, headers=list(r.raw_headers), content=body)
+        except (TimeoutError, OSError, aiohttp.ClientError, httpx.HTTPError, ssl.SSLError) as exc:
+            raise transport_error(exc, url) from exc
         return Answered(status, raw, body)
 
     async def aclose(self) -> None:

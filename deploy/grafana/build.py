@@ -108,6 +108,11 @@ PANELS: list[tuple[str, list[P]]] = [
           "Convert's non-200 answers...).",
           [(f"sum by (vendor, note) ({rate('processor_vendor_notes_total', VSEL)})", "{{vendor}} {{note}}")],
           unit="ops"),
+        P("Vendor requests without an answer, by what happened", "Per second per vendor: connection refused, "
+          "DNS failure, TLS verification failed (the relay's log names the host and why), connect, read or "
+          "whole-request timeout, connection lost, protocol error, proxy error.",
+          [(f"sum by (vendor, error) ({rate('processor_vendor_transport_errors_total', VSEL)})",
+            "{{vendor}} {{error}}")], unit="reqps"),
     ]),
     ("Dead letters and failures", [
         P("Dead letters by vendor and error class", "Dead-letter records acknowledged by Kafka per second, by "
