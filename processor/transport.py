@@ -15,7 +15,12 @@ a certificate the trust store does not know) to how the library saw it, so the t
 library's guess (httpx-aiohttp's own mapping turns a refused connection and a certificate failure into
 ``httpx.ConnectTimeout``; this table does not use it).
 
-Neither follows redirects (an answer is the answer: adapters classify 3xx) nor keeps cookies.
+Both send through the egress proxy ``processor.egress`` names for the URL (the setting, else
+``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` as curl and httpx read them), decided per URL by the relay, never
+by aiohttp's ``trust_env`` (a thread hop a request, and ``.netrc`` credentials sent to vendors).
+Neither follows redirects (an answer is the answer: adapters classify 3xx) nor keeps cookies. Each reads at
+most ``max_body`` bytes of an answer (the vendor's ``max_answer_bytes``): a longer body is cut there, marked
+``oversize`` (an unrecognised answer for the request service), and the rest is never read.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import errno
 import math
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 
+from processor.egress import Egress
 from processor.errors import (
     ConnectError,
     ConnectionLost,
@@ -129,6 +135,9 @@ def transport_error(exc: BaseException, url: str) -> TransportError:
     return UnmappedError(f"{type(exc).__name__}: {_detail(exc)}", host)
 
 
+MAX_BODY = 1_048_576  # the default of a vendor's max_answer_bytes
+
+
 class Reply(Protocol):
     """What a sender answers with; ``httpx.Response`` is one."""
 
@@ -155,14 +164,33 @@ class HttpSender(Protocol):
 
 
 class Answered:
-    """A reply read off aiohttp: the status, the headers (case-insensitive) and the body as sent."""
+    """A reply as read: the status, the headers (case-insensitive) and the body as sent; ``oversize``: the
+    body is longer than the sender's ``max_body``, and ``content`` is its first ``max_body`` bytes only."""
 
-    __slots__ = ("content", "headers", "status_code")
+    __slots__ = ("content", "headers", "oversize", "status_code")
 
-    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes) -> None:
+    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes, oversize: bool = False) -> None:
         self.status_code = status_code
         self.headers = headers
         self.content = content
+        self.oversize = oversize
+
+
+async def _read_capped(r: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of ``r``'s body, and whether there was more (then the rest is never read:
+    the connection is closed, not reused)."""
+    if r.content_length is not None and r.content_length > limit:
+        return await r.content.read(256), True
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await r.content.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks), False
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], True
 
 
 class Sender:
@@ -174,25 +202,51 @@ class Sender:
 
     total_s: float | None = None
 
-    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout | None = None) -> None:
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout | None = None,
+                 max_body: int = MAX_BODY, egress: Egress | None = None,
+                 proxied: Callable[[str], httpx.AsyncBaseTransport] | None = None) -> None:
         self.transport = transport
         self._timeout = (timeout or httpx.Timeout(10.0)).as_dict()
+        self._max_body = max_body
+        self._egress = egress
+        self._proxied = proxied  # a transport through one proxy (made on first use, one per proxy)
+        self._through: dict[str, httpx.AsyncBaseTransport] = {}
+
+    def _transport(self, url: str) -> httpx.AsyncBaseTransport:
+        proxy = self._egress.proxy_for(url) if self._egress is not None else None
+        if proxy is None or self._proxied is None:
+            return self.transport
+        through = self._through.get(proxy)
+        if through is None:
+            through = self._through[proxy] = self._proxied(proxy)
+        return through
 
     async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> Reply:
         request = httpx.Request(method, url, content=content, headers=headers,
                                 extensions={"timeout": self._timeout})
+        limit = self._max_body
+        chunks: list[bytes] = []
+        size = 0
         try:
-            response = await self.transport.handle_async_request(request)
+            response = await self._transport(url).handle_async_request(request)
             try:
-                await response.aread()
+                async for chunk in response.aiter_bytes():  # decoded; never more than the limit kept
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        break
             finally:
                 await response.aclose()
         except (TimeoutError, OSError, httpx.HTTPError, ssl.SSLError) as exc:
             raise transport_error(exc, url) from exc
-        return response
+        body = b"".join(chunks)
+        return Answered(response.status_code, response.headers, body[:limit], oversize=size > limit)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+        for through in self._through.values():
+            await through.aclose()
+        self._through.clear()
 
 
 class AiohttpSender:
@@ -206,8 +260,11 @@ class AiohttpSender:
     ``asyncio.timeout`` around it did, and the request service sets no timer of its own."""
 
     def __init__(self, limits: httpx.Limits, timeout: httpx.Timeout | None = None,
-                 ssl_context: ssl.SSLContext | None = None, total_s: float | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, total_s: float | None = None,
+                 max_body: int = MAX_BODY, egress: Egress | None = None) -> None:
         self._limits = limits
+        self._max_body = max_body
+        self._egress = egress
         self.total_s = total_s
         t = (timeout or httpx.Timeout(10.0)).as_dict()
         exact = {"ceil_threshold": math.inf} if total_s is not None else {}
@@ -226,15 +283,18 @@ class AiohttpSender:
     async def request(self, method: str, url: str, content: bytes, headers: Mapping[str, str]) -> Reply:
         session = self._session or self._open()
         try:
-            async with session.request(method, url, data=content or None, headers=headers,
-                                       allow_redirects=False) as r:
-                body = await r.read()
+            async with session.request(method, url, data=content or None, headers=headers, allow_redirects=False,
+                                       proxy=self._egress.proxy_for(url) if self._egress is not None else None) as r:
                 status, raw = r.status, r.headers
-            if "Content-Encoding" in raw:  # rare for a vendor's answer: httpx decodes it, as it did
-                return httpx.Response(status, headers=list(r.raw_headers), content=body)
+                body, oversize = await _read_capped(r, self._max_body)
+            if "Content-Encoding" in raw and not oversize:  # rare for a vendor's answer: httpx decodes it
+                decoded = httpx.Response(status, headers=list(r.raw_headers), content=body)
+                if len(decoded.content) <= self._max_body:
+                    return decoded
+                return Answered(status, decoded.headers, decoded.content[:self._max_body], oversize=True)
         except (TimeoutError, OSError, aiohttp.ClientError, httpx.HTTPError, ssl.SSLError) as exc:
             raise transport_error(exc, url) from exc
-        return Answered(status, raw, body)
+        return Answered(status, raw, body, oversize)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -242,13 +302,17 @@ class AiohttpSender:
             self._session = None
 
 
-def make_sender(adapter: Any, transport: str = "aiohttp") -> HttpSender:
-    """The vendor's sender: pool limits from its concurrency, its timeouts; ``transport`` is aiohttp's
-    client (the default) or httpx's own transport."""
+def make_sender(adapter: Any, transport: str = "aiohttp", egress: Egress | None = None) -> HttpSender:
+    """The vendor's sender: pool limits from its concurrency, its timeouts, its answer size limit, the
+    egress proxy ``egress`` names for each URL (default: the environment's, processor.egress);
+    ``transport`` is aiohttp's client (the default) or httpx's own transport."""
+    egress = egress if egress is not None else Egress()
     s = adapter.settings
     limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency,
                           keepalive_expiry=30)
     timeout = httpx.Timeout(s.timeout.total_s, connect=s.timeout.connect_s)
     if transport == "aiohttp":
-        return AiohttpSender(limits, timeout, total_s=s.timeout.total_s)
-    return Sender(httpx.AsyncHTTPTransport(limits=limits), timeout)
+        return AiohttpSender(limits, timeout, total_s=s.timeout.total_s, max_body=s.max_answer_bytes,
+                             egress=egress)
+    return Sender(httpx.AsyncHTTPTransport(limits=limits), timeout, max_body=s.max_answer_bytes, egress=egress,
+                  proxied=lambda proxy: httpx.AsyncHTTPTransport(limits=limits, proxy=proxy))
