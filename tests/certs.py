@@ -15,11 +15,11 @@ from cryptography.x509.oid import NameOID
 
 
 class TestCA:
-    """A CA and one server certificate for ``127.0.0.1`` and ``localhost``, written to ``directory``."""
+    """A CA and one server certificate for ``127.0.0.1``, ``localhost`` and ``hosts``, written to ``directory``."""
 
     __test__ = False  # not a test class
 
-    def __init__(self, directory: Path, name: str = "relay test CA") -> None:
+    def __init__(self, directory: Path, name: str = "relay test CA", hosts: tuple[str, ...] = ()) -> None:
         now = datetime.datetime.now(datetime.UTC)
         self._key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -40,9 +40,9 @@ class TestCA:
                 .issuer_name(subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(hours=1))
                 .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                               critical=False)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName(h) for h in ("localhost", *hosts)]
+                    + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
                 .sign(self._key, hashes.SHA256()))
         self.cert_path = directory / "server.pem"
         self.cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
