@@ -166,7 +166,7 @@ class RequestService:
         adapter), or None and why (an adapter bug: these events are dead-lettered as internal, never lost)."""
         if oversize:
             limit = self.adapter.settings.max_answer_bytes
-            return [self.adapter.unrecognised(resp, f"body over {limit} bytes")] * len(req.events), ""
+            return [self.adapter.unrecognised(resp, size=f"body over {limit} bytes")] * len(req.events), ""
         try:
             return self.adapter.interpret(req, resp), ""
         except Exception as exc:

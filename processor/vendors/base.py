@@ -392,13 +392,14 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
                 text = text.replace(secret, "<redacted>")
         return text[:limit]
 
-    def unrecognised(self, response: Response, why: str = "") -> Outcome:
+    def unrecognised(self, response: Response, why: str = "", size: str = "") -> Outcome:
         """Retryable: ``response`` is not this vendor's success answer. The reason names the status, the
-        content type, the body's length and its first bytes (without this vendor's credentials, control
-        characters as spaces, short): ``unrecognised answer: HTTP 200 text/html, 1234 bytes: '<html>...'``."""
+        content type, ``why`` when given, the body's length (or ``size``: what is known of it, for a body
+        read only in part) and its first bytes (without this vendor's credentials, control characters as
+        spaces, short): ``unrecognised answer: HTTP 200 text/html, 1234 bytes: '<html>...'``."""
         body = response.body
         head = self.vendor_text(body[:200].decode("utf-8", "replace").translate(_UNPRINTABLE), 48)
-        shown = f"{len(body)} bytes: {head!r}" if body else "empty body"
+        shown = f"{size or f'{len(body)} bytes'}: {head!r}" if body else (size or "empty body")
         return retryable(f"{UNRECOGNISED}: HTTP {response.status} {response.content_type or 'no content type'}"
                          f"{', ' + why if why else ''}, {shown}")
 

@@ -135,6 +135,7 @@ async def test_a_body_over_the_limit_is_unrecognised_and_never_read_whole(
         await sender.aclose()
     (outcome,) = answer.outcomes
     assert outcome.verdict is Verdict.RETRYABLE
-    assert outcome.reason.startswith("unrecognised answer: HTTP 200 application/json, body over 1024 bytes, ")
+    assert outcome.reason.startswith("unrecognised answer: HTTP 200 application/json, body over 1024 bytes: "
+                                     "'{\"profile\": {\"id\": \"0d2d9dc5\"}, \"padding\": \"xxx")
     assert svc.metrics.registry.get_sample_value("processor_vendor_unrecognised_answers_total",
                                                  {"vendor": "tracardi"}) == 1
