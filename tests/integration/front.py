@@ -5,6 +5,7 @@ JSON of another shape, a long body), or forwarded to the sandbox and its answer 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -25,9 +26,12 @@ Plan = dict[str, list[str]]
 
 
 class Front:
-    def __init__(self, upstream: str, plan: Plan, then: str = "forward") -> None:
+    def __init__(self, upstream: str, plan: Plan | None = None, then: str = "forward",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: serve HTTPS with it (an HTTPS twin: the twin's answers over TLS)."""
         self.upstream = upstream
-        self.plan = plan
+        self.ssl_context = ssl_context
+        self.plan = plan or {}
         self.then = then
         self.counts: Counter[tuple[str, str]] = Counter()  # (vendor, answer) -> requests
         self._seen: Counter[str] = Counter()
@@ -39,7 +43,7 @@ class Front:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Front:
         ready = threading.Event()
@@ -68,7 +72,7 @@ class Front:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._session = aiohttp.ClientSession(auto_decompress=False)

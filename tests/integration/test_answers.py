@@ -5,9 +5,12 @@ certificate no trust store knows, and an HTTPS twin reached only through a forwa
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 
 from processor.config import load_config
 from processor.deadletter import headers_dict
@@ -17,8 +20,10 @@ from processor.devstack.samples import as_event, encode, make_view
 from processor.events import EventKind
 from processor.sandbox import SandboxServer
 from processor.vendors import REGISTRY, adapter_class
+from tests.certs import TestCA
 from tests.integration.conftest import _REGISTRY, wait_for
 from tests.integration.front import PAGE, Front
+from tests.proxy import ForwardProxy
 
 FAST = {"max_attempts": 8, "base_delay_ms": 20, "max_delay_ms": 200, "max_elapsed_s": 30}
 BAD = ["html", "empty", "other_json", "oversize"]
@@ -123,3 +128,80 @@ def test_an_answer_that_is_not_the_vendors_success_is_never_delivered(broker, to
     for vendor in REGISTRY:
         assert f'"msg":"{vendor}: an answer that is not {vendor}\'s success answer' in log, vendor
     assert relay.stop() == 0
+
+
+def _vendor(settings: dict[str, Any], base_url: str, **over: Any) -> dict[str, Any]:
+    return {**settings, "base_url": base_url, "retry": dict(FAST), "batch": {"max_events": 20, "max_wait_ms": 200},
+            **over}
+
+
+def test_a_closed_port_and_an_unknown_certificate_authority_are_named(broker, topics, sandbox, relays, tmp_path):
+    """QuickLizard's port is closed, Tracardi's HTTPS twin has a certificate from a CA no trust store knows,
+    Qubit is fine: the metrics and logs name each failure, refusals leave QuickLizard's concurrency limit
+    where it was, and Qubit delivers everything meanwhile."""
+    messages, _ = views(40)
+    produce(broker.bootstrap, topics.events, messages)
+    unknown = TestCA(tmp_path / "unknown-ca")
+    with socket.socket() as bound, Front(sandbox.url, ssl_context=unknown.server_context()) as https_twin:
+        bound.bind(("127.0.0.1", 0))  # bound, never listening: every connection is refused
+        closed = bound.getsockname()[1]
+        config, env = five_vendors(broker, topics, sandbox.url)
+        v = config["vendors"]
+        config["vendors"] = {
+            "qubit": v["qubit"],
+            "quicklizard": _vendor(v["quicklizard"], f"http://127.0.0.1:{closed}/quicklizard/events", concurrency=8),
+            "tracardi": _vendor(v["tracardi"], f"{https_twin.url}/tracardi", concurrency=8)}
+        relay = relays(config, "transport", env=env)
+        relay.wait_ready()
+        for vendor, error in (("quicklizard", "connection_refused"), ("tracardi", "tls_verify_failed")):
+            wait_for(lambda v=vendor, e=error: relay.alive_or_fail() and relay.metric(
+                "processor_vendor_transport_errors_total", vendor=v, error=e) >= 5, 60, f"{vendor}: 5 x {error}")
+        wait_final(relay, 40, ["qubit"])
+        assert relay.metric("processor_vendor_events_total", vendor="qubit", outcome="delivered") == 40
+        for vendor in ("quicklizard", "tracardi"):
+            # refusals and certificate failures are not back-pressure: the limit is where it was
+            assert relay.metric("processor_vendor_concurrency_limit", vendor=vendor) == 8, vendor
+            assert relay.metric("processor_vendor_events_total", vendor=vendor, outcome="delivered") == 0
+        assert https_twin.counts == Counter()  # no request got through the handshake
+        assert relay.stop() == 0
+    log = relay.log()
+    tls = [line for line in log.splitlines() if "TLS verification failed" in line]
+    assert len(tls) == 1 and '"level":"error"' in tls[0], tls
+    assert "tracardi: TLS verification failed for host 127.0.0.1: unable to get local issuer certificate" in tls[0]
+    assert "connection refused (after" in log and "timeout" not in log
+
+
+@pytest.mark.parametrize("how", ["HTTPS_PROXY", "relay.proxy"])
+def test_an_https_twin_through_a_forward_proxy(broker, topics, sandbox, relays, tmp_path, how):
+    """Tracardi's HTTPS twin is known as tracardi.test, a name only the forward proxy resolves: every
+    Tracardi request goes through the proxy (CONNECT), set by HTTPS_PROXY or by relay.proxy with credentials
+    from the environment; QuickLizard's twin on 127.0.0.1 is in NO_PROXY and the proxy never sees it."""
+    messages, _ = views(40)
+    produce(broker.bootstrap, topics.events, messages)
+    ca = TestCA(tmp_path / "ca", hosts=("tracardi.test",))
+    with (ForwardProxy(hosts={"tracardi.test": "127.0.0.1"}) as proxy,
+          Front(sandbox.url, ssl_context=ca.server_context()) as https_twin):
+        config, env = five_vendors(broker, topics, sandbox.url)
+        v = config["vendors"]
+        config["vendors"] = {
+            "quicklizard": v["quicklizard"],
+            "tracardi": _vendor(v["tracardi"], f"https://tracardi.test:{https_twin.port}/tracardi")}
+        env = {**env, "SSL_CERT_FILE": str(ca.ca_path)}  # the twin's CA, trusted by the relay
+        if how == "HTTPS_PROXY":
+            env.update(HTTPS_PROXY=proxy.url, HTTP_PROXY=proxy.url, NO_PROXY="127.0.0.1")
+        else:
+            config["relay"] = {**config["relay"], "proxy": "http://${PROXY_USER}:${PROXY_PASSWORD}@" + proxy.url[7:],
+                               "no_proxy": "127.0.0.1"}
+            env.update(PROXY_USER="relay", PROXY_PASSWORD="pr0xy-s3cret")
+        relay = relays(config, "proxied", env=env)
+        relay.wait_ready()
+        settled = wait_final(relay, 40, ["quicklizard", "tracardi"])
+        assert relay.stop() == 0
+    assert settled["tracardi"]["delivered"] == settled["quicklizard"]["delivered"] == 40, settled
+    assert sandbox.stats()["tracardi"]["accepted"] == 40
+    assert https_twin.counts[("tracardi", "forward")] >= 2  # every request arrived through a tunnel
+    assert proxy.seen
+    assert {(s.method, s.target) for s in proxy.seen} == {("CONNECT", f"tracardi.test:{https_twin.port}")}
+    if how == "relay.proxy":
+        assert {s.authorization for s in proxy.seen} == {"Basic cmVsYXk6cHIweHktczNjcmV0"}  # relay:pr0xy-s3cret
+        assert "pr0xy-s3cret" not in relay.log()
