@@ -66,6 +66,8 @@ class ForwardProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(3):  # let the closed transports' callbacks run before the loop stops
+                await asyncio.sleep(0)
 
         asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
@@ -104,6 +106,8 @@ class ForwardProxy:
             for w in (writer, upstream):
                 if w is not None:
                     w.close()
+                    with contextlib.suppress(OSError, asyncio.CancelledError):
+                        await w.wait_closed()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
