@@ -321,3 +321,22 @@ async def test_a_read_timeout_is_back_pressure() -> None:
     assert answer.outcomes == [retryable("read timeout")] * 2
     assert _errors(svc, "read_timeout") == 1
     assert svc.admission.limit.current == 4  # halved
+
+
+async def test_anything_else_the_stack_raises_is_an_unmapped_error_and_gives_the_limit_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug or an error of the HTTP stack the table does not name: retryable, logged naming its type, and
+    the request's concurrency slot released (the service catches the relay's classes only)."""
+    from processor.vendors.base import retryable
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("Session is closed")
+
+    svc = _service()
+    svc.client = Sender(httpx.MockTransport(broken), TIMEOUT)
+    with caplog.at_level(logging.WARNING, logger="processor.service"):
+        answer = await _send(svc, "https://vendor.example/track", times=2)
+    assert answer.outcomes == [retryable("transport error")] * 2
+    assert _errors(svc, "other") == 2
+    assert svc.admission.limit.in_use == 0 and svc.admission.limit.current == 8
+    assert any("RuntimeError: Session is closed" in r.getMessage() for r in caplog.records)
