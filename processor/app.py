@@ -72,7 +72,8 @@ class Relay:
         parks = cfg.retry_topics()
         for name, settings in cfg.enabled_vendors().items():
             adapter = adapter_class(name)(settings)
-            pipe = VendorPipeline(adapter, make_sender(adapter, cfg.relay.http_transport), self.metrics,
+            sender = make_sender(adapter, cfg.relay.http_transport, cfg.relay.egress())
+            pipe = VendorPipeline(adapter, sender, self.metrics,
                                   self.settlement, cfg.vendor_budget(name), name in parks)
             self.pipelines[name] = pipe
             self.router.add(pipe)

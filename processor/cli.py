@@ -74,6 +74,8 @@ def check_config(config_path: str, connect: bool, timeout_s: float) -> None:
     click.echo("# topics it needs (`processor topics create|check`):", err=True)
     for need in needed_topics(config):
         click.echo(f"#   {need.name}  ({need.role})", err=True)
+    for vendor, origin, route in _vendor_routes(config):  # relay.proxy, else HTTPS_PROXY/HTTP_PROXY/NO_PROXY
+        click.echo(f"# egress of {vendor}: {origin} -> {route}", err=True)
     if connect:
         _check_connections(config, timeout_s)
 
@@ -108,6 +110,24 @@ def _check_connections(config: Any, timeout_s: float) -> None:
     except (DecodeError, ValueError):
         pass
     click.echo("# schema registry: answered", err=True)
+
+
+def _vendor_routes(config: Any) -> list[tuple[str, str, str]]:
+    """(vendor, origin, the route shown) for each enabled vendor's endpoint and per-site URL overrides."""
+    from urllib.parse import urlsplit
+
+    from processor.vendors import adapter_class
+
+    egress = config.relay.egress()
+    out = []
+    for name, settings in config.enabled_vendors().items():
+        cls = adapter_class(name)
+        urls = [settings.base_url or cls.default_base_url]
+        urls += [getattr(site, f) for site in settings.sites.values() for f in cls.site_url_fields
+                 if getattr(site, f, None)]
+        origins = dict.fromkeys(f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}" for p in map(urlsplit, map(str, urls)))
+        out += [(name, origin, egress.route(origin + "/").shown) for origin in origins]
+    return out
 
 
 @main.group()

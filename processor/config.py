@@ -44,6 +44,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
 from processor.codec import DEFAULT_SCHEMAS_DIR
+from processor.egress import Egress
 from processor.errors import ConfigError
 from processor.vendors import REGISTRY, adapter_class
 from processor.vendors.base import Frozen, VendorSettings
@@ -112,6 +113,26 @@ class RelayConfig(Frozen):
     shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM/rebalance, wait this long for in-flight")
     commit_interval_s: float = Field(1.0, gt=0)
     http_transport: str = Field("aiohttp", pattern="^(aiohttp|httpx)$", description="httpx transport")
+    proxy: str | None = Field(
+        None, repr=False, description="egress proxy of every vendor request, http://host:port (credentials "
+        "from the environment: http://${PROXY_USER}:${PROXY_PASSWORD}@host:port); default: HTTPS_PROXY, "
+        "HTTP_PROXY and NO_PROXY from the environment (processor.egress)")
+    no_proxy: str | None = Field(None, description="with relay.proxy: hosts that go direct, NO_PROXY's syntax "
+                                 "(default: the NO_PROXY environment variable)")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL naming the proxy's host (and port)")
+        return v
+
+    def egress(self) -> Egress:
+        """Which proxy each vendor request goes through (processor.egress)."""
+        return Egress(self.proxy, self.no_proxy)
 
 
 class MetricsConfig(Frozen):

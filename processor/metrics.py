@@ -192,6 +192,13 @@ class Metrics:
             ["vendor", "event_kind", "outcome"], registry=r)
         self.vendor_requests = PlainCounter(
             "processor_vendor_requests", "HTTP requests to vendors", ["vendor", "status_class"], r)
+        self.transport_errors = Counter(
+            "processor_vendor_transport_errors", "Vendor requests without an HTTP answer, by what happened "
+            "(processor.errors.TRANSPORT_ERRORS' metric names)", ["vendor", "error"], registry=r)
+        self.unrecognised_answers = Counter(
+            "processor_vendor_unrecognised_answers", "Vendor answers that are not the vendor's documented success "
+            "(nor a documented error): a page, an empty or oversized body, JSON of another shape; retried",
+            ["vendor"], registry=r)
         self.request_duration = BulkHistogram(
             "processor_vendor_request_duration_seconds", "Vendor HTTP request duration", ["vendor"],
             REQUEST_BUCKETS, r, created=True)

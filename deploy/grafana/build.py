@@ -108,6 +108,16 @@ PANELS: list[tuple[str, list[P]]] = [
           "Convert's non-200 answers...).",
           [(f"sum by (vendor, note) ({rate('processor_vendor_notes_total', VSEL)})", "{{vendor}} {{note}}")],
           unit="ops"),
+        P("Vendor requests without an answer, by what happened", "Per second per vendor: connection refused, "
+          "DNS failure, TLS verification failed (the relay's log names the host and why), connect, read or "
+          "whole-request timeout, connection lost, protocol error, proxy error.",
+          [(f"sum by (vendor, error) ({rate('processor_vendor_transport_errors_total', VSEL)})",
+            "{{vendor}} {{error}}")], unit="reqps"),
+        P("Unrecognised vendor answers", "Answers per second that are not the vendor's documented success (a "
+          "page from a proxy, an empty or oversized body, JSON of another shape): retried, never counted as "
+          "delivered. The relay's log shows one such answer a minute per vendor.",
+          [(f"sum by (vendor) ({rate('processor_vendor_unrecognised_answers_total', VSEL)})", "{{vendor}}")],
+          unit="reqps"),
     ]),
     ("Dead letters and failures", [
         P("Dead letters by vendor and error class", "Dead-letter records acknowledged by Kafka per second, by "

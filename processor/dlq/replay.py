@@ -135,7 +135,7 @@ class _Replay:
             redrive = Redrive(adapter, decoder, tracker, opt.filters, opt.max_replays, writer)
             planner = _DryRun(adapter, opt.samples) if opt.dry_run else None
             if not opt.dry_run:
-                redrive.attach(make_sender(adapter, cfg.relay.http_transport), metrics)
+                redrive.attach(make_sender(adapter, cfg.relay.http_transport, cfg.relay.egress()), metrics)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._request_stop)
             result = await self._loop(loop, executor, reader, tracker, redrive, writer, planner, total, started)

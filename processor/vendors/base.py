@@ -97,6 +97,9 @@ class VendorSettings(Frozen, Generic[SiteT, OptionsT]):
         None, ge=1, description="unsettled events this vendor holds (default: relay.max_inflight_events "
         "shared among the enabled vendors)")
     breaker: BreakerSettings = BreakerSettings()
+    max_answer_bytes: int = Field(
+        1_048_576, ge=1024, description="read at most this much of an answer's body; a longer body is an "
+        "unrecognised answer (retried)")
     sites: dict[str, SiteT] = Field(description="per site_id credentials; the key 'default' applies to others")
     options: OptionsT
 
@@ -165,6 +168,33 @@ class Response:
 
     def json(self) -> Any:
         return orjson.loads(self.body)
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower case, without parameters ("" when none is given)."""
+        value = self.headers.get("content-type") or self.headers.get("Content-Type") or ""
+        return value.split(";", 1)[0].strip().lower()
+
+    def says_json(self) -> bool:
+        """The answer is labelled JSON (``application/json`` or a ``+json`` type), or not labelled at all."""
+        ctype = self.content_type
+        return not ctype or ctype == "application/json" or ctype.endswith("+json")
+
+    def json_object(self) -> dict[str, Any] | None:
+        """The body as a JSON object when the answer says JSON (or nothing) and is one, else None."""
+        if not self.says_json():
+            return None
+        try:
+            body = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return None
+        return body if isinstance(body, dict) else None
+
+
+# the reason of an answer that is not the vendor's documented success (nor one of its documented errors):
+# retryable, counted per vendor, never a success for the breaker or the limit (processor.service)
+UNRECOGNISED = "unrecognised answer"
+_UNPRINTABLE = dict.fromkeys(range(32), " ")
 
 
 def classify_status(status: int) -> Verdict:
@@ -361,6 +391,17 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
             if secret in text:
                 text = text.replace(secret, "<redacted>")
         return text[:limit]
+
+    def unrecognised(self, response: Response, why: str = "", size: str = "") -> Outcome:
+        """Retryable: ``response`` is not this vendor's success answer. The reason names the status, the
+        content type, ``why`` when given, the body's length (or ``size``: what is known of it, for a body
+        read only in part) and its first bytes (without this vendor's credentials, control characters as
+        spaces, short): ``unrecognised answer: HTTP 200 text/html, 1234 bytes: '<html>...'``."""
+        body = response.body
+        head = self.vendor_text(body[:200].decode("utf-8", "replace").translate(_UNPRINTABLE), 48)
+        shown = f"{size or f'{len(body)} bytes'}: {head!r}" if body else (size or "empty body")
+        return retryable(f"{UNRECOGNISED}: HTTP {response.status} {response.content_type or 'no content type'}"
+                         f"{', ' + why if why else ''}, {shown}")
 
     def no_site_reason(self, event: Event) -> str:
         return f"no {self.name} site config for site_id {event.record['site_id']!r} and no 'default'"

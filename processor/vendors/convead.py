@@ -283,8 +283,12 @@ class ConveadAdapter(Adapter[ConveadSite, NoOptions]):
 
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
         status = response.status
-        if 200 <= status < 300:
+        if status == 200 and not response.body.strip():
+            # Success, as "JS Event API" says it: "the server will respond with 200 OK", nothing more. A
+            # page, a body with content or another 2xx is an answer we do not know: retried.
             return [DELIVERED_DROPPED if request.context else DELIVERED]
+        if 200 <= status < 300:
+            return [self.unrecognised(response)]
         detail = ""
         if 400 <= status < 500:
             try:

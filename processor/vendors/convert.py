@@ -374,7 +374,12 @@ class ConvertAdapter(Adapter[ConvertSite, NoOptions]):
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
         status, n = response.status, len(request.events)
         if status == 200:
-            return [DELIVERED] * n
+            # Success: "New Tracking Structure - Advanced Integrations" documents no answer body, and only a
+            # 200 counts (Convert's own SDKs): a 200 whose body is empty or the empty JSON object. A page
+            # or a body with content is an answer we do not know: retried, never delivered.
+            if not response.body.strip() or (response.says_json() and response.json_object() == {}):
+                return [DELIVERED] * n
+            return [self.unrecognised(response)] * n
         if 200 <= status < 300:
             return [retryable(f"HTTP {status}: only 200 is success for Convert", note="not_200")] * n
         if status == 301:

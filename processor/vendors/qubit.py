@@ -35,7 +35,8 @@ naming ``event_id``; a site id no config names (and no ``default``) is rejected 
 The answer ``{results: [...]}`` has one result per event, in order: ``success``
 (warnings are counted as the ``warning`` note, not failures) or a failure with
 an ``error`` (rejected). The ``{status, message}`` shape of an unexpected error
-is classified by its status (502 retries).
+is classified by its status (502 retries). Any other 2xx (a page, an empty body,
+JSON of another shape) is an unrecognised answer: retried, never delivered.
 """
 
 from __future__ import annotations
@@ -261,16 +262,23 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
         return plan
 
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
+        """Success, as "Set up call center tracking" shows it: a 2xx answer, JSON (or unlabelled), an object
+        whose ``results`` is a list of one result per event sent. The document's ``{status, message}`` (an
+        unexpected error, in a 2xx too) is classified by its status; any other 2xx is an unrecognised answer
+        (retried), never a delivery."""
         n = len(request.events)
         status = response.status
-        try:
-            body = response.json()
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            body = {}
-        results = body.get("results")
         ok = 200 <= status < 300
+        if ok:
+            body = response.json_object() or {}
+        else:
+            try:
+                body = response.json()
+            except orjson.JSONDecodeError:
+                body = None
+            if not isinstance(body, dict):
+                body = {}
+        results = body.get("results")
         if isinstance(results, list) and (ok or classify_status(status) is Verdict.REJECTED):
             if len(results) == n:
                 try:  # the common case without Python work per result: every one a success, no warnings
@@ -279,6 +287,8 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
                 except AttributeError:  # a result that is not an object: classified one by one below
                     pass
                 return [self._result_outcome(r) for r in results]
+            if ok:
+                return [self.unrecognised(response, f"{len(results)} results for {n} events")] * n
             return [retryable(f"qubit answered {len(results)} results for {n} events")] * n
         message = self.vendor_text(body.get("message") or "")
         if not ok:
@@ -286,7 +296,7 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
         upstream = body.get("status")
         if isinstance(upstream, int) and not isinstance(upstream, bool) and upstream >= 400:
             return [status_outcome(upstream, message)] * n  # the error shape inside a 2xx answer
-        return [status_outcome(502, "response is not the documented results")] * n
+        return [self.unrecognised(response)] * n
 
     def _result_outcome(self, result: Any) -> Outcome:
         if not isinstance(result, dict):

@@ -24,7 +24,8 @@ canonical event is rejected when any of its rows is in ``failed`` (rows are
 compared as data: key order and ``10`` vs ``10.0`` do not matter). It fails
 closed: when a failed row matches none sent, we cannot tell whose it was, so
 only events whose rows are all in ``processed`` are delivered and the others
-are rejected saying so.
+are rejected saying so. Any other 2xx (a page, an empty body, JSON without the
+three arrays) is an unrecognised answer: retried, never delivered.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from pydantic import Field, SecretStr
 
 from processor.events import Event, EventKind
@@ -224,20 +224,24 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
         return plan
 
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
-        if response.status != 200:
-            return [status_outcome(response.status)] * len(request.events)
-        if b'"failed":[]' in response.body or b'"failed": []' in response.body:
-            return [DELIVERED] * len(request.events)  # the common case, without parsing the echoed events
-        try:
-            body = response.json()
-            failed = body.get("failed") or []
-            errors = body.get("errors") or []
-        except (orjson.JSONDecodeError, AttributeError):
-            return [status_outcome(502, "response is not the documented JSON")] * len(request.events)
+        """Success, as "QL SDK - Server to Server" (API Response Format) shows it: a 200, JSON (or
+        unlabelled), an object with the three arrays ``processed``, ``failed`` and ``errors``. Any other
+        2xx (a page, an empty body, JSON of another shape) is an unrecognised answer: retried."""
+        status, raw = response.status, response.body
+        if status != 200:
+            if 200 <= status < 300:
+                return [self.unrecognised(response)] * len(request.events)
+            return [status_outcome(status)] * len(request.events)
+        if (raw[:1] == b"{" and (raw[-1:] == b"}" or raw.rstrip()[-1:] == b"}") and response.says_json()
+                and (b'"failed":[]' in raw or b'"failed": []' in raw)):
+            # the common case, without parsing the echoed events: a JSON object with no failed row
+            return [DELIVERED] * len(request.events)
+        body = response.json_object()
+        if body is None or not all(isinstance(body.get(k), list) for k in ("processed", "failed", "errors")):
+            return [self.unrecognised(response)] * len(request.events)
+        failed, errors = body["failed"], body["errors"]
         if not failed:
             return [DELIVERED] * len(request.events)
-        if not isinstance(failed, list):
-            return [status_outcome(502, "response is not the documented JSON")] * len(request.events)
         rows, counts = request.context
         sent = {_row_key(row) for row in rows}
         failed_keys: dict[Any, str] = {}

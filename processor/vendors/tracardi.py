@@ -307,11 +307,15 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         status = response.status
         site_key, sent_profile = request.context
         if status == 200:
-            try:
-                got = response.json()["profile"]["id"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                got = None  # accepted all the same: the body only tells us the profile to keep
-            if not got or got == sent_profile:
+            # Success, as "API integration" shows the tracker response: a 200, JSON (or unlabelled), an object
+            # whose ``profile.id`` is the profile to keep. Anything else (a page, an empty body, JSON of
+            # another shape, another 2xx) is an answer we do not know: retried, never delivered.
+            body = response.json_object()
+            profile = body.get("profile") if body is not None else None
+            got = profile.get("id") if isinstance(profile, dict) else None
+            if not isinstance(got, str) or not got:
+                return [self.unrecognised(response)] * n
+            if got == sent_profile:
                 return [DELIVERED] * n
             return [Outcome(Verdict.DELIVERED, note="profile_changed" if sent_profile else "profile_created")] * n
         if status == 401:
@@ -322,6 +326,8 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         if status == 422:
             return [rejected(f"HTTP 422: Tracardi rejected the tracker payload: "
                              f"{self.vendor_text(_detail(response))}")] * n
+        if 200 <= status < 300:
+            return [self.unrecognised(response)] * n
         return [status_outcome(status)] * n
 
 

@@ -113,9 +113,12 @@ def test_a_failed_row_matching_none_sent_fails_closed():
                                              Verdict.DELIVERED]
     assert outcomes[1].reason == ("quicklizard failed 1 row(s) that match none sent, and this event's rows are "
                                   "not among the processed ones")
-    for failed, processed in (([stray], []), (["not an object"], None), ([stray], "nonsense")):
-        body = orjson.dumps({"processed": processed, "failed": failed, "errors": ["x"]})
+    for failed in ([stray], ["not an object"]):
+        body = orjson.dumps({"processed": [], "failed": failed, "errors": ["x"]})
         assert {o.verdict for o in a.interpret(req, Response(200, {}, body))} == {Verdict.REJECTED}
+    for processed in (None, "nonsense"):  # not the document's three arrays: an answer we do not know
+        body = orjson.dumps({"processed": processed, "failed": [stray], "errors": ["x"]})
+        assert {o.reason.split(":")[0] for o in a.interpret(req, Response(200, {}, body))} == {"unrecognised answer"}
     body = orjson.dumps({"processed": [], "failed": {"a": 1}, "errors": []})
     assert {o.verdict for o in a.interpret(req, Response(200, {}, body))} == {Verdict.RETRYABLE}
 
