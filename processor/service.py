@@ -13,7 +13,10 @@ boundary where what a request can raise becomes that request's outcome, and no o
 * an answer: the adapter's per-event outcomes, Retry-After applied to the retryable ones.
 
 A throttled answer (429, or 503 with Retry-After) holds the vendor's rate gate and halves its limit; only
-a successful answer (not 5xx, not throttled) at steady latency grows it. Request counts and durations are
+a successful answer (not 5xx, not throttled) at steady latency grows it. The gate's hold is the answer's
+Retry-After, bounded (``parse_retry_after``: finite seconds or an HTTP date; clamped to the vendor's
+``retry.max_retry_after_s``), or without a usable one a backoff growing with each throttled answer in a row.
+A request waits for the gate again once it has its place in the limit. Request counts and durations are
 recorded here.
 """
 
@@ -21,7 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
 import time
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -38,32 +44,51 @@ logger = logging.getLogger(__name__)
 CIRCUIT_OPEN = "circuit open"
 
 
-def parse_retry_after(value: str | None) -> float | None:
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?\Z")  # ASCII digits only (RFC 9110 delay-seconds)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """The seconds a Retry-After value asks to wait: delay-seconds (ASCII digits, a decimal fraction
+    tolerated) or an HTTP date (a past date: 0), always finite and never negative; ``now`` is epoch seconds
+    (default: the clock). None when the value is neither (absent, ``inf``, ``nan``, ``-1``, ``1e400``,
+    garbage, a date that does not parse or cannot be represented): the caller backs off on its own. Not
+    clamped here: the vendor's ``retry.max_retry_after_s`` is applied by the caller."""
     if not value:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+    text = value.strip()
+    if not text or len(text) > 64:
         return None
+    if _DELAY_SECONDS.match(text):
+        return float(text)  # at most 64 characters: finite
+    if text[0].isdigit():  # an HTTP date starts with the day's name
+        return None
+    try:
+        when = parsedate_to_datetime(text)
+        if when.tzinfo is None:  # "-0000": UTC without a claim to be local
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 class Answer:
     """What one request came back with: one outcome per event (``outcomes``: None when the adapter failed
-    on the answer: ``internal``), its HTTP status (None: no answer), and whether it counts as an attempt
-    (not throttled, not refused by the open breaker)."""
+    on the answer: ``internal``), its HTTP status (None: no answer), whether it counts as an attempt
+    (not throttled, not refused by the open breaker, not a setup error), and whether the vendor throttled
+    (``throttled``) or refused the relay's setup (``setup``): the events then wait on the vendor, never
+    exhausted."""
 
-    __slots__ = ("counted", "internal", "outcomes", "status")
+    __slots__ = ("counted", "internal", "outcomes", "setup", "status", "throttled")
 
     def __init__(self, status: int | None, outcomes: list[Outcome] | None, counted: bool = True,
-                 internal: str = "") -> None:
+                 internal: str = "", throttled: bool = False, setup: bool = False) -> None:
         self.status = status
         self.outcomes = outcomes
         self.counted = counted
         self.internal = internal
+        self.throttled = throttled
+        self.setup = setup
 
 
 class RequestService:
@@ -78,6 +103,10 @@ class RequestService:
         self.sleep = sleep  # replaceable in tests, with the clock
         self._duration = metrics.request_duration.labels(self.name)
         self._requests: dict[int | None, Any] = {}  # HTTP status (None: no answer) -> its status class's counter
+        self.max_retry_after_s = adapter.settings.retry.max_retry_after_s
+        self._clamp_logged = False
+        self.throttled_in_a_row = 0  # throttled answers in a row (the backoff without a usable Retry-After)
+        self._holds = 0  # throttle holds so far: a request sent before the last one is not a step of its own
 
     @property
     def client(self) -> HttpSender:
@@ -104,6 +133,10 @@ class RequestService:
                 await a.limit.acquire()
             t0 = time.perf_counter()
             try:
+                if a.gate.wait_s() > 0:  # throttled while this waited for a place: it waits for the gate too
+                    await a.gate.wait(self.sleep)
+                    t0 = time.perf_counter()
+                holds = self._holds
                 if self._timer:
                     async with asyncio.timeout(self.total_timeout):
                         r = await self._client.request(req.method, req.url, req.content, req.headers)
@@ -122,14 +155,15 @@ class RequestService:
                     logger.warning("%s: a request of %d events failed without a usable answer: %s; retried",
                                    self.name, n, where_failed(exc))
                 return Answer(None, [retryable(f"transport error: {type(exc).__name__}")] * n)
-            return self._answered(req, r, time.perf_counter() - t0)
+            return self._answered(req, r, time.perf_counter() - t0, holds)
         except Exception as exc:  # an error of ours around the request: retryable, this request alone
             logger.error("%s: a request of %d events failed inside the relay: %s; retried", self.name,
                          len(req.events), where_failed(exc))
             return Answer(None, [retryable(f"internal error: {type(exc).__name__}")] * len(req.events))
 
-    def _answered(self, req: VendorRequest, r: Reply, latency: float) -> Answer:
-        """An HTTP answer: admission told, counted, read by the adapter."""
+    def _answered(self, req: VendorRequest, r: Reply, latency: float, holds: int = 0) -> Answer:
+        """An HTTP answer: admission told, counted, read by the adapter. ``holds``: the throttle holds
+        counted when the request was sent."""
         a = self.admission
         n = len(req.events)
         self._duration.observe(latency)
@@ -140,7 +174,12 @@ class RequestService:
         a.breaker.record(throttled or healthy)
         a.limit.release(ok=healthy and not throttled, backpressure=throttled, latency_s=latency)
         if throttled:
-            a.gate.hold(after if after is not None else 1.0)
+            after = self._throttle_hold(after, holds)
+            a.gate.hold(after)
+        else:
+            self.throttled_in_a_row = 0
+            if after is not None:
+                after = self._clamp(after)
         self._count(status)
         resp = Response(status, r.headers, r.content)
         try:
@@ -152,10 +191,36 @@ class RequestService:
         if len(outcomes) != n:
             logger.error("%s adapter returned %d outcomes for %d events", self.name, len(outcomes), n)
             return Answer(status, None, internal="wrong number of outcomes")
-        if after:
-            outcomes = [Outcome(o.verdict, o.reason, o.retry_after_s or after, o.note)
+        if after or any(o.retry_after_s for o in outcomes):
+            outcomes = [Outcome(o.verdict, o.reason, self._clamp(o.retry_after_s or after or 0.0), o.note)
                         if o.verdict is Verdict.RETRYABLE else o for o in outcomes]
-        return Answer(status, outcomes, counted=not throttled)
+        return Answer(status, outcomes, counted=not throttled, throttled=throttled)
+
+    def _clamp(self, seconds: float) -> float:
+        """A wait a vendor asked for, bounded: finite, at most ``retry.max_retry_after_s`` (logged once)."""
+        most = self.max_retry_after_s
+        if seconds <= most:  # NaN fails this test too
+            return seconds if seconds >= 0 else 0.0
+        if not self._clamp_logged:
+            self._clamp_logged = True
+            logger.warning("%s asked to wait %.0f s (Retry-After); clamped to retry.max_retry_after_s = %.0f s "
+                           "(logged once)", self.name, seconds, most)
+        return most
+
+    def _throttle_hold(self, after: float | None, holds: int) -> float:
+        """How long a throttled answer holds the vendor's rate gate: its Retry-After (clamped) when usable
+        (a positive number of seconds or a future date); else a backoff growing with each throttled answer in
+        a row (``retry.base_delay_ms`` doubling up to ``retry.max_delay_ms``), counted once per hold (the
+        answers to requests sent before the last hold are the same step), so a vendor answering 429 without a usable
+        Retry-After sees a few requests a second, not as many as it can answer."""
+        if holds == self._holds:
+            self._holds += 1
+            self.throttled_in_a_row += 1
+        if after:
+            return self._clamp(after)
+        r = self.adapter.settings.retry
+        step = min(self.throttled_in_a_row, 32) - 1
+        return min(r.base_delay_ms / 1000 * 2 ** max(0, step), r.max_delay_ms / 1000, self.max_retry_after_s)
 
     def _count(self, status: int | None) -> None:
         child = self._requests.get(status)

@@ -60,7 +60,12 @@ class RetrySettings(Frozen):
     max_delay_ms: int = Field(30_000, ge=1)
     park_after_s: float = Field(10.0, gt=0, description="on_outage park: park what still fails after this long")
     max_elapsed_s: float = Field(
-        21_600.0, gt=0, description="from the first failure: dead letter as exhausted after this (parked or not)")
+        21_600.0, gt=0, description="from the first failure: dead letter as exhausted after this (parked or "
+        "not); waiting on a throttle or a setup error never uses it up")
+    max_retry_after_s: float = Field(
+        300.0, gt=0, le=86_400, description="a vendor's Retry-After (seconds or an HTTP date) is clamped to this")
+    setup_retry_s: float = Field(
+        60.0, gt=0, le=3_600, description="after a setup error (3xx, 401, 403, 404): the site's next try")
 
 
 class BreakerSettings(Frozen):
