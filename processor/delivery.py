@@ -45,7 +45,7 @@ from processor.vendors.base import DELIVERED, Adapter, Outcome, VendorRequest, V
 logger = logging.getLogger(__name__)
 
 _timestamp = attrgetter("timestamp_ms")
-PARK_REASONS = ("breaker_open", "budget_full", "retry_budget")
+PARK_REASONS = ("breaker_open", "budget_full", "retry_budget", "throttled", "setup_error")
 REDRIVE_OUTCOMES = ("delivered", "filtered", "dead_lettered", "parked", "expired")
 
 
@@ -81,11 +81,19 @@ class VendorPipeline:
         self._waiting: deque[asyncio.Future[None]] = deque()  # batches waiting for room to plan, in turn
         self.retry = s.retry
         self.tasks: set[asyncio.Task[None]] = set()
-        self.clock: Callable[[], float] = time.monotonic  # replaceable in tests, with ``sleep``
         self._unsettled_gauge = m.inflight.labels(name)
         self._latency = m.delivery_latency.labels(name)
         self._batch_size = m.batch_events.labels(name)
         self._retries = m.retries.labels(name)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Monotonic seconds; replaceable in tests, with ``sleep`` (the request service's too)."""
+        return self.service.clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self.service.clock = clock
 
     @property
     def sleep(self) -> Callable[[float], Awaitable[None]]:
@@ -152,7 +160,7 @@ class VendorPipeline:
         first_ms: int | None = None  # the same, epoch ms (the dead-letter and parked records' header)
         attempts: dict[int, int] = {}  # per failed event: its counted attempts (not throttled, not circuit-open)
         last: dict[int, tuple[Outcome, int | None]] = {}  # per failed event: its last failure and HTTP status
-        waiting: set[int] = set()  # failed events whose last answer was a throttle or a setup error
+        waiting: dict[int, str] = {}  # failed events whose last answer was a throttle or a setup error: which
         pending = events
         try:
             while pending:
@@ -203,14 +211,14 @@ class VendorPipeline:
             self._unsettled_gauge.set(self.admission.unsettled)
 
     def _one_by_one(self, req: VendorRequest, answer: Answer, outcomes: list[Outcome], now_s: float,
-                    attempts: dict[int, int], last: dict[int, tuple[Outcome, int | None]], waiting: set[int],
+                    attempts: dict[int, int], last: dict[int, tuple[Outcome, int | None]], waiting: dict[int, str],
                     retry: list[Event], first_ms: int | None) -> float:
         """A request whose events did not all succeed: each event's outcome; the retryable ones appended to
         ``retry`` with their attempts counted (when the request counts) and marked ``waiting`` when the
         vendor throttled or refused the relay's setup. Returns the longest Retry-After."""
         wait = 0.0
         status, counted = answer.status, answer.counted
-        on_vendor = answer.throttled or answer.setup
+        on_vendor = "setup_error" if answer.setup else "throttled" if answer.throttled else ""
         for ev, out in zip(req.events, outcomes, strict=True):
             if out.note:
                 self.metrics.notes.labels(self.name, out.note).inc()
@@ -224,16 +232,16 @@ class VendorPipeline:
                 if out.reason != CIRCUIT_OPEN or key not in last:  # else: say what the vendor said last
                     last[key] = (out, status)
                 if on_vendor:
-                    waiting.add(key)
+                    waiting[key] = on_vendor
                 elif counted:
-                    waiting.discard(key)
+                    waiting.pop(key, None)
                 retry.append(ev)
                 if out.retry_after_s:
                     wait = max(wait, out.retry_after_s)
         return wait
 
     async def _after_failure(self, retry: list[Event], attempts: dict[int, int],
-                             last: dict[int, tuple[Outcome, int | None]], waiting: set[int], first_ms: int,
+                             last: dict[int, tuple[Outcome, int | None]], waiting: dict[int, str], first_ms: int,
                              failing_since: float, wait_at_least: float) -> list[Event]:
         """The retry decision for each group of equally tried events: the events to send again (after the
         backoff), the others parked or dead-lettered as exhausted. Events waiting on the vendor (throttled,
@@ -246,12 +254,12 @@ class VendorPipeline:
         delay = max(wait_at_least, a.gate.wait_s(), a.breaker.reopens_in(),
                     backoff_delay(max(1, most), r.base_delay_ms / 1000, r.max_delay_ms / 1000))
 
-        def key(ev: Event) -> tuple[int, bool]:
-            return attempts[id(ev)], id(ev) in waiting
+        def key(ev: Event) -> tuple[int, str]:
+            return attempts[id(ev)], waiting.get(id(ev), "")
 
         failing_s, now_ms = self.clock() - failing_since, time.time() * 1000
         steps = {k: decide(k[0], failing_s, first_ms, now_ms, delay, parking=self.parking,
-                           breaker_open=a.breaker.is_open(), settings=r, on_vendor=k[1])
+                           breaker_open=a.breaker.is_open(), settings=r, on_vendor=bool(k[1]))
                  for k in {key(ev) for ev in retry}}
         for k, d in steps.items():
             if d.step is Step.RETRY:
@@ -259,7 +267,8 @@ class VendorPipeline:
             n = k[0]
             group = [ev for ev in retry if key(ev) == k]
             if d.step is Step.PARK:
-                self._park(group, d.why, "", last, n, first_ms, delay, on_vendor=k[1])
+                why = k[1] if k[1] and d.why == "retry_budget" else d.why  # throttled, setup_error
+                self._park(group, why, "", last, n, first_ms, delay, on_vendor=bool(k[1]))
             else:
                 for ev in group:
                     out, status = last[id(ev)]

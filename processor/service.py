@@ -10,6 +10,10 @@ boundary where what a request can raise becomes that request's outcome, and no o
   retryable, the breaker records a failure;
 * an answer the adapter fails on (or gives the wrong number of outcomes for): ``internal`` for that request's
   events (the vendor answered: sending them again could duplicate them);
+* an answer of the status table's setup row (3xx, 401, 403, 404, 407: ``Adapter.setup_error``): the
+  relay's setup is wrong for the request's site: every event retryable, not a counted attempt, the site
+  held (its requests answered here without being sent) until a probe every ``retry.setup_retry_s`` gets
+  another answer; an ERROR names the vendor, site, status and Location;
 * an answer: the adapter's per-event outcomes, Retry-After applied to the retryable ones.
 
 A throttled answer (429, or 503 with Retry-After) holds the vendor's rate gate and halves its limit; only
@@ -91,6 +95,21 @@ class Answer:
         self.setup = setup
 
 
+class SetupHold:
+    """A site whose requests the vendor refused for the relay's setup: its status, Location (redacted) and
+    when the next request may go (the probe)."""
+
+    __slots__ = ("location", "probe_at", "status")
+
+    def __init__(self, status: int, location: str, probe_at: float) -> None:
+        self.status = status
+        self.location = location
+        self.probe_at = probe_at
+
+    def reason(self) -> str:
+        return f"setup error: HTTP {self.status}" + (f" to {self.location}" if self.location else "")
+
+
 class RequestService:
     def __init__(self, adapter: Adapter[Any, Any], sender: HttpSender, admission: Admission, metrics: Metrics,
                  sleep: Any = asyncio.sleep) -> None:
@@ -107,6 +126,11 @@ class RequestService:
         self._clamp_logged = False
         self.throttled_in_a_row = 0  # throttled answers in a row (the backoff without a usable Retry-After)
         self._holds = 0  # throttle holds so far: a request sent before the last one is not a step of its own
+        self.setup_retry_s = adapter.settings.retry.setup_retry_s
+        self.setup_holds: dict[str, SetupHold] = {}  # site_id -> its setup error (held sites only)
+        self.clock = time.monotonic  # replaceable in tests, with ``sleep``
+        self._held_sites = metrics.setup_held_sites.labels(self.name)
+        self._held_sites.set(0)
 
     @property
     def client(self) -> HttpSender:
@@ -125,6 +149,10 @@ class RequestService:
         try:
             n = len(req.events)
             a = self.admission
+            if self.setup_holds:
+                held = self._setup_held(req)
+                if held is not None:
+                    return held
             if a.gate.wait_s() > 0:
                 await a.gate.wait(self.sleep)
             if not a.breaker.allow():
@@ -168,6 +196,10 @@ class RequestService:
         n = len(req.events)
         self._duration.observe(latency)
         status = r.status_code
+        if self.adapter.setup_error(status):
+            return self._setup_error(req, r, status, latency)
+        if self.setup_holds:
+            self._setup_ended(req, status)
         after = parse_retry_after(r.headers.get("retry-after")) if status >= 400 else None
         throttled = status == 429 or (status == 503 and after is not None)
         healthy = status < 500 or status == 501
@@ -195,6 +227,56 @@ class RequestService:
             outcomes = [Outcome(o.verdict, o.reason, self._clamp(o.retry_after_s or after or 0.0), o.note)
                         if o.verdict is Verdict.RETRYABLE else o for o in outcomes]
         return Answer(status, outcomes, counted=not throttled, throttled=throttled)
+
+    # -- setup errors: per site, held and retried slowly, never the events' fault --------------------------
+    @staticmethod
+    def _site(req: VendorRequest) -> str:
+        return str(req.events[0].record.get("site_id")) if req.events else ""
+
+    def _setup_held(self, req: VendorRequest) -> Answer | None:
+        """The answer for a request of a held site, without sending it; None when it may go (no hold, or
+        it is the site's probe: the hold then waits ``retry.setup_retry_s`` for the next one)."""
+        hold = self.setup_holds.get(self._site(req))
+        if hold is None:
+            return None
+        now = self.clock()
+        if now >= hold.probe_at:
+            hold.probe_at = now + self.setup_retry_s
+            return None
+        outcome = retryable(hold.reason(), hold.probe_at - now)
+        return Answer(hold.status, [outcome] * len(req.events), counted=False, setup=True)
+
+    def _setup_error(self, req: VendorRequest, r: Reply, status: int, latency: float) -> Answer:
+        """An answer that says the relay's setup is wrong for the site (the status table's setup row): its
+        events wait (held or parked, never dead-lettered), the site is held until a probe every
+        ``retry.setup_retry_s`` gets another answer; an ERROR when the site's answer first is or changes."""
+        a = self.admission
+        a.breaker.record(True)  # the vendor answered: not an outage
+        a.limit.release(ok=False, latency_s=latency)
+        self._count(status)
+        site = self._site(req)
+        location = r.headers.get("location") or ""
+        location = self.adapter.vendor_text(location) if location else ""
+        hold = self.setup_holds.get(site)
+        if hold is None or hold.status != status or hold.location != location:
+            logger.error("%s: site %s answered HTTP %d (Location: %s): the relay's setup for this site is wrong "
+                         "(endpoint, credentials or proxy); its events are held or parked, never dead-lettered, "
+                         "and a request is tried every %.0f s", self.name, site, status, location or "none",
+                         self.setup_retry_s)
+        hold = self.setup_holds[site] = SetupHold(status, location, self.clock() + self.setup_retry_s)
+        self._held_sites.set(len(self.setup_holds))
+        self.metrics.setup_errors.labels(self.name, status_class(status)).inc()
+        outcome = retryable(hold.reason(), self.setup_retry_s)
+        return Answer(status, [outcome] * len(req.events), counted=False, setup=True)
+
+    def _setup_ended(self, req: VendorRequest, status: int) -> None:
+        """Another answer for a held site: the hold ends, its events flow again."""
+        site = self._site(req)
+        hold = self.setup_holds.pop(site, None)
+        if hold is not None:
+            self._held_sites.set(len(self.setup_holds))
+            logger.warning("%s: site %s answers HTTP %d now (was HTTP %d): delivery resumes", self.name, site,
+                           status, hold.status)
 
     def _clamp(self, seconds: float) -> float:
         """A wait a vendor asked for, bounded: finite, at most ``retry.max_retry_after_s`` (logged once)."""

@@ -172,8 +172,30 @@ class Response:
         return orjson.loads(self.body)
 
 
+# The status table, the default every adapter starts from (an adapter overrides ``setup_statuses`` where its
+# vendor documents more, and reads the body of the others in ``interpret``):
+#
+#   2xx                            delivered (when the body is the vendor's success answer)
+#   408, 429, 5xx except 501       retryable (429 and 503 with Retry-After: throttled, not an attempt)
+#   3xx, 401, 403, 404, 407        a setup error: the relay's configuration (endpoint, credentials, proxy) is
+#                                  wrong for every event of the site; never the event's fault: held or parked,
+#                                  retried slowly (``retry.setup_retry_s``), an ERROR and an alert
+#   other 4xx (400, 422, ...)      rejected: this event, dead-lettered with the vendor's reason
+#
+# The request service applies the setup row before the adapter reads the answer; ``classify_status`` is the
+# per-event verdict of the other rows.
+SETUP_STATUSES: frozenset[int] = frozenset({401, 403, 404, 407})
+
+
+def is_setup_status(status: int, setup_statuses: frozenset[int] = SETUP_STATUSES) -> bool:
+    """A status that says the relay's setup is wrong for every event (every 3xx: the relay follows no
+    redirect; an endpoint that moved is a configuration change)."""
+    return 300 <= status < 400 or status in setup_statuses
+
+
 def classify_status(status: int) -> Verdict:
-    """Default HTTP classes: 2xx ok; 408, 429 and 5xx except 501 retry; other statuses reject."""
+    """Default HTTP classes: 2xx ok; 408, 429 and 5xx except 501 retry; other statuses reject (the setup
+    statuses never reach an adapter: the request service holds them first)."""
     if 200 <= status < 300:
         return Verdict.DELIVERED
     if status in (408, 429) or (status >= 500 and status != 501):
@@ -272,6 +294,9 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
     # canonical fields this vendor sends and needs (processor.validation's keys): an event breaking a rule
     # on one of them is rejected for this vendor, naming the field
     needs: ClassVar[frozenset[str]] = frozenset()
+    # 4xx statuses that mean the relay's setup is wrong for every event of a site (besides every 3xx): the
+    # status table's default, overridden where a vendor documents more (or a 404 that names an event)
+    setup_statuses: ClassVar[frozenset[int]] = SETUP_STATUSES
 
     def __init__(self, settings: VendorSettings[SiteT, OptionsT]) -> None:
         self.settings = settings
@@ -342,6 +367,11 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         """Turn valid events into requests (through ``plan``). Events missing required fields go to
         ``Plan.rejected`` with a reason naming the field; events this vendor does not want go to
         ``Plan.filtered``."""
+
+    def setup_error(self, status: int) -> bool:
+        """Whether this answer's status says the relay's setup is wrong (held by the request service, never
+        handed to ``interpret``)."""
+        return is_setup_status(status, self.setup_statuses)
 
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
         """One outcome per ``request.events`` entry, in order. Default: by status only."""
