@@ -230,40 +230,46 @@ class RequestService:
 
     # -- setup errors: per site, held and retried slowly, never the events' fault --------------------------
     @staticmethod
-    def _site(req: VendorRequest) -> str:
-        return str(req.events[0].record.get("site_id")) if req.events else ""
+    def _sites(req: VendorRequest) -> list[str]:
+        """The sites of a request's events, in order, each once (one, unless the vendor's requests mix sites
+        sharing an endpoint: the vendor's answer is then the answer for all of them)."""
+        return list(dict.fromkeys(str(ev.record.get("site_id")) for ev in req.events))
 
     def _setup_held(self, req: VendorRequest) -> Answer | None:
         """The answer for a request of a held site, without sending it; None when it may go (no hold, or
-        it is the site's probe: the hold then waits ``retry.setup_retry_s`` for the next one)."""
-        hold = self.setup_holds.get(self._site(req))
-        if hold is None:
+        it is the sites' probe: the holds then wait ``retry.setup_retry_s`` for the next one)."""
+        holds = [h for h in map(self.setup_holds.get, self._sites(req)) if h is not None]
+        if not holds:
             return None
         now = self.clock()
+        hold = max(holds, key=lambda h: h.probe_at)
         if now >= hold.probe_at:
-            hold.probe_at = now + self.setup_retry_s
+            for h in holds:
+                h.probe_at = now + self.setup_retry_s
             return None
         outcome = retryable(hold.reason(), hold.probe_at - now)
         return Answer(hold.status, [outcome] * len(req.events), counted=False, setup=True)
 
     def _setup_error(self, req: VendorRequest, r: Reply, status: int, latency: float) -> Answer:
-        """An answer that says the relay's setup is wrong for the site (the status table's setup row): its
-        events wait (held or parked, never dead-lettered), the site is held until a probe every
+        """An answer that says the relay's setup is wrong for the request's site (the status table's setup
+        row): its events wait (held or parked, never dead-lettered), the site is held until a probe every
         ``retry.setup_retry_s`` gets another answer; an ERROR when the site's answer first is or changes."""
         a = self.admission
         a.breaker.record(True)  # the vendor answered: not an outage
         a.limit.release(ok=False, latency_s=latency)
         self._count(status)
-        site = self._site(req)
         location = r.headers.get("location") or ""
         location = self.adapter.vendor_text(location) if location else ""
-        hold = self.setup_holds.get(site)
-        if hold is None or hold.status != status or hold.location != location:
-            logger.error("%s: site %s answered HTTP %d (Location: %s): the relay's setup for this site is wrong "
-                         "(endpoint, credentials or proxy); its events are held or parked, never dead-lettered, "
-                         "and a request is tried every %.0f s", self.name, site, status, location or "none",
-                         self.setup_retry_s)
-        hold = self.setup_holds[site] = SetupHold(status, location, self.clock() + self.setup_retry_s)
+        probe_at = self.clock() + self.setup_retry_s
+        hold = SetupHold(status, location, probe_at)
+        for site in self._sites(req):
+            hold = self.setup_holds.get(site)
+            if hold is None or hold.status != status or hold.location != location:
+                logger.error("%s: site %s answered HTTP %d (Location: %s): the relay's setup for this site is "
+                             "wrong (endpoint, credentials or proxy); its events are held or parked, never "
+                             "dead-lettered, and a request is tried every %.0f s", self.name, site, status,
+                             location or "none", self.setup_retry_s)
+            hold = self.setup_holds[site] = SetupHold(status, location, probe_at)
         self._held_sites.set(len(self.setup_holds))
         self.metrics.setup_errors.labels(self.name, status_class(status)).inc()
         outcome = retryable(hold.reason(), self.setup_retry_s)
@@ -271,12 +277,12 @@ class RequestService:
 
     def _setup_ended(self, req: VendorRequest, status: int) -> None:
         """Another answer for a held site: the hold ends, its events flow again."""
-        site = self._site(req)
-        hold = self.setup_holds.pop(site, None)
-        if hold is not None:
-            self._held_sites.set(len(self.setup_holds))
-            logger.warning("%s: site %s answers HTTP %d now (was HTTP %d): delivery resumes", self.name, site,
-                           status, hold.status)
+        for site in self._sites(req):
+            hold = self.setup_holds.pop(site, None)
+            if hold is not None:
+                self._held_sites.set(len(self.setup_holds))
+                logger.warning("%s: site %s answers HTTP %d now (was HTTP %d): delivery resumes", self.name, site,
+                               status, hold.status)
 
     def _clamp(self, seconds: float) -> float:
         """A wait a vendor asked for, bounded: finite, at most ``retry.max_retry_after_s`` (logged once)."""

@@ -207,3 +207,23 @@ def test_a_response_body_is_never_read_for_a_setup_error():
     service.adapter.interpret = boom  # type: ignore[method-assign]
     got = service._answered(req, _Reply(401), 0.01)
     assert got.setup and Response  # the adapter was not asked
+
+
+async def test_a_request_mixing_sites_holds_each_of_them_and_one_probe_frees_them():
+    """Sites sharing an endpoint share requests (QuickLizard's array): the vendor's answer is theirs alike."""
+    held_at_probe: list[set[str]] = []
+
+    def script(call, offsets):
+        if call == 1:
+            return answer([], status=401)
+        held_at_probe.append(set(h.pipe.service.setup_holds))
+        return answer(["ok"] * len(offsets))
+
+    h = Harness(script, retry=RETRY)
+    h.pipe.submit_many(site_events(h, ["shop-1", "shop-2"]))
+    h.pipe.flush()
+    assert await h.pipe.drain(5)
+    assert sorted(h.settled) == [0, 1] and not h.dead and len(h.calls) == 2
+    assert held_at_probe == [{"shop-1", "shop-2"}]
+    assert h.gauge("processor_vendor_setup_held_sites") == 0
+    await h.pipe.close()
