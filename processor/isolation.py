@@ -209,6 +209,12 @@ class AdaptiveLimit:
                 self.in_use += 1
                 fut.set_result(None)
 
+    def throttled(self) -> None:
+        """A vendor's new throttle (not one answer among a burst's): halved now, whenever the last cut was:
+        a vendor that keeps answering 429 is asked by fewer requests at once with each hold of its gate."""
+        self._last_decrease = -1e18
+        self._decrease()
+
     def _decrease(self) -> None:
         now = self.clock()
         if now - self._last_decrease < self.decrease_every_s:

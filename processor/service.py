@@ -204,7 +204,10 @@ class RequestService:
         throttled = status == 429 or (status == 503 and after is not None)
         healthy = status < 500 or status == 501
         a.breaker.record(throttled or healthy)
-        a.limit.release(ok=healthy and not throttled, backpressure=throttled, latency_s=latency)
+        new_step = throttled and holds == self._holds  # not an answer to a request sent before the last hold
+        if new_step:  # halved with each hold of the gate, not once a second at most
+            a.limit.throttled()
+        a.limit.release(ok=healthy and not throttled, backpressure=throttled and not new_step, latency_s=latency)
         if throttled:
             after = self._throttle_hold(after, holds)
             a.gate.hold(after)
@@ -301,7 +304,7 @@ class RequestService:
         a row (``retry.base_delay_ms`` doubling up to ``retry.max_delay_ms``), counted once per hold (the
         answers to requests sent before the last hold are the same step), so a vendor answering 429 without a usable
         Retry-After sees a few requests a second, not as many as it can answer."""
-        if holds == self._holds:
+        if holds == self._holds:  # a new step (the limit halved with it in ``_answered``)
             self._holds += 1
             self.throttled_in_a_row += 1
         if after:

@@ -186,3 +186,22 @@ def test_events_waiting_on_the_vendor_are_never_exhausted(parking):
     assert late.step is (Step.PARK if parking else Step.RETRY)
     failed = decide(1, 5000, 0, 10_000_000, 300, parking=parking, breaker_open=False, settings=s)
     assert failed.step is (Step.PARK if parking else Step.EXHAUSTED)
+
+
+async def test_each_throttle_step_halves_the_concurrency_limit_at_once():
+    """Consecutive holds of the gate halve the limit each time (not once a second at most): a vendor that
+    keeps throttling is asked by one request at a time within a few answers."""
+
+    limits: list[int] = []
+
+    def script(call, offsets):
+        limits.append(h.pipe.admission.limit.current)
+        if call <= 4:
+            return answer([], status=429, headers={"Retry-After": "0"})
+        return answer(["ok"] * len(offsets))
+
+    h = Harness(script, concurrency=16, retry={"max_attempts": 2, "base_delay_ms": 10, "max_delay_ms": 100,
+                                               "max_elapsed_s": 600})
+    h.pipe.admission.limit.clock = lambda: 5.0  # the clock stands still: only the steps halve it
+    await h.run(1)
+    assert limits == [16, 8, 4, 2, 1]
