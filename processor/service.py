@@ -99,15 +99,17 @@ class SetupHold:
     """A site whose requests the vendor refused for the relay's setup: its status, Location (redacted) and
     when the next request may go (the probe)."""
 
-    __slots__ = ("location", "probe_at", "status")
+    __slots__ = ("detail", "location", "probe_at", "status")
 
-    def __init__(self, status: int, location: str, probe_at: float) -> None:
+    def __init__(self, status: int, location: str, probe_at: float, detail: str = "") -> None:
         self.status = status
         self.location = location
         self.probe_at = probe_at
+        self.detail = detail  # the adapter's reading of the answer, when it has one
 
     def reason(self) -> str:
-        return f"setup error: HTTP {self.status}" + (f" to {self.location}" if self.location else "")
+        said = self.detail if self.detail.startswith(f"HTTP {self.status}") else f"HTTP {self.status}"
+        return f"setup error: {said}" + (f" to {self.location}" if self.location else "")
 
 
 class RequestService:
@@ -196,7 +198,7 @@ class RequestService:
         n = len(req.events)
         self._duration.observe(latency)
         status = r.status_code
-        if self.adapter.setup_error(status):
+        if status >= 300 and self.adapter.setup_error(status):  # a 2xx asks nothing more
             return self._setup_error(req, r, status, latency)
         if self.setup_holds:
             self._setup_ended(req, status)
@@ -264,19 +266,32 @@ class RequestService:
         location = r.headers.get("location") or ""
         location = self.adapter.vendor_text(location) if location else ""
         probe_at = self.clock() + self.setup_retry_s
-        hold = SetupHold(status, location, probe_at)
+        detail, note = self._setup_detail(req, r, status)
+        hold = SetupHold(status, location, probe_at, detail)
         for site in self._sites(req):
             hold = self.setup_holds.get(site)
             if hold is None or hold.status != status or hold.location != location:
                 logger.error("%s: site %s answered HTTP %d (Location: %s): the relay's setup for this site is "
-                             "wrong (endpoint, credentials or proxy); its events are held or parked, never "
+                             "wrong (endpoint, credentials or proxy)%s; its events are held or parked, never "
                              "dead-lettered, and a request is tried every %.0f s", self.name, site, status,
-                             location or "none", self.setup_retry_s)
-            hold = self.setup_holds[site] = SetupHold(status, location, probe_at)
+                             location or "none", f" ({detail})" if detail else "", self.setup_retry_s)
+            hold = self.setup_holds[site] = SetupHold(status, location, probe_at, detail)
         self._held_sites.set(len(self.setup_holds))
         self.metrics.setup_errors.labels(self.name, status_class(status)).inc()
-        outcome = retryable(hold.reason(), self.setup_retry_s)
+        outcome = retryable(hold.reason(), self.setup_retry_s, note)
         return Answer(status, [outcome] * len(req.events), counted=False, setup=True)
+
+    def _setup_detail(self, req: VendorRequest, r: Reply, status: int) -> tuple[str, str | None]:
+        """What the adapter makes of a setup answer (Tracardi's unknown source, Convert's firewall): its
+        first outcome's reason and note; its verdict is not used (the setup row decides)."""
+        try:
+            outcomes = self.adapter.interpret(req, Response(status, r.headers, r.content))
+        except Exception:  # its reading is a nicety here: the status says enough
+            return "", None
+        if not outcomes:
+            return "", None
+        first = outcomes[0]
+        return first.reason[:300], first.note
 
     def _setup_ended(self, req: VendorRequest, status: int) -> None:
         """Another answer for a held site: the hold ends, its events flow again."""

@@ -20,7 +20,7 @@ from processor.metrics import Metrics
 from processor.service import RequestService
 from processor.transport import Sender
 from processor.vendors import REGISTRY, adapter_class
-from processor.vendors.base import SETUP_STATUSES, Response, Verdict, is_setup_status
+from processor.vendors.base import SETUP_STATUSES, Verdict, is_setup_status
 from tests.unit.test_delivery import FakeAdapter, Harness, answer
 
 SETUP = [301, 302, 303, 307, 308, 401, 403, 404, 407]
@@ -198,15 +198,27 @@ def test_the_setup_reason_and_log_never_carry_a_credential(caplog):
     assert not any(secret in r.getMessage() for r in caplog.records)
 
 
-def test_a_response_body_is_never_read_for_a_setup_error():
+def test_an_adapter_failing_on_a_setup_answer_changes_nothing():
     service, req = _service("qubit")
 
     def boom(*_: Any) -> Any:
-        raise AssertionError("interpret must not be asked")
+        raise ValueError("not this answer")
 
     service.adapter.interpret = boom  # type: ignore[method-assign]
     got = service._answered(req, _Reply(401), 0.01)
-    assert got.setup and Response  # the adapter was not asked
+    assert got.setup and got.outcomes is not None and got.outcomes[0].reason == "setup error: HTTP 401"
+
+
+@pytest.mark.parametrize(("name", "status", "said", "note"), [
+    ("tracardi", 401, "check sites.default.source_id", "bad_source"),
+    ("convert", 301, "refused by Convert's firewall (User-Agent)", "firewall_301"),
+])
+def test_an_adapter_names_its_vendors_setup_answer(name, status, said, note):
+    service, req = _service(name)
+    got = service._answered(req, _Reply(status, {"content-type": "application/json"}, b"{}"), 0.01)
+    assert got.setup and got.outcomes is not None
+    assert said in got.outcomes[0].reason and got.outcomes[0].reason.startswith(f"setup error: HTTP {status}")
+    assert got.outcomes[0].note == note
 
 
 async def test_a_request_mixing_sites_holds_each_of_them_and_one_probe_frees_them():
