@@ -133,6 +133,8 @@ class RequestService:
         self.clock = time.monotonic  # replaceable in tests, with ``sleep``
         self._held_sites = metrics.setup_held_sites.labels(self.name)
         self._held_sites.set(0)
+        # the series exist from the start (a first setup error is then a visible increase)
+        self._setup_errors = {c: metrics.setup_errors.labels(self.name, c) for c in ("3xx", "4xx")}
 
     @property
     def client(self) -> HttpSender:
@@ -277,7 +279,8 @@ class RequestService:
                              location or "none", f" ({detail})" if detail else "", self.setup_retry_s)
             hold = self.setup_holds[site] = SetupHold(status, location, probe_at, detail)
         self._held_sites.set(len(self.setup_holds))
-        self.metrics.setup_errors.labels(self.name, status_class(status)).inc()
+        cls = status_class(status)
+        (self._setup_errors.get(cls) or self.metrics.setup_errors.labels(self.name, cls)).inc()
         outcome = retryable(hold.reason(), self.setup_retry_s, note)
         return Answer(status, [outcome] * len(req.events), counted=False, setup=True)
 
