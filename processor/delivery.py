@@ -8,9 +8,11 @@ The walk of a poll's events for one vendor, in one direction:
 3. the adapter plans the batch into requests (filtered and rejected events get their outcome here);
 4. the request service (``processor.service``) sends each request and returns one outcome per event,
    whatever it raised;
-5. delivered and rejected events are reported to the ``Settlement`` (``processor.offsets``); the retryable
-   ones go to the retry decision (``processor.retry``): retried in place after a backoff (full jitter, at
-   least Retry-After), parked, or dead-lettered as exhausted.
+5. as each answer comes, its delivered and rejected events are reported to the ``Settlement``
+   (``processor.offsets``): an accepted request never waits for its siblings (throttled, or slow); once all
+   are answered, the retryable ones go to the retry decision (``processor.retry``): retried in place after
+   a backoff (full jitter, at least Retry-After), parked, or dead-lettered as exhausted; events waiting on
+   the vendor (throttled, a setup error) are never exhausted.
 
 Every event leaves with exactly one outcome for this vendor: delivered, filtered, rejected, exhausted,
 parked, internal (the relay's own failure on it, naming the exception type) or dropped (its partition was
@@ -43,7 +45,7 @@ from processor.vendors.base import DELIVERED, Adapter, Outcome, VendorRequest, V
 logger = logging.getLogger(__name__)
 
 _timestamp = attrgetter("timestamp_ms")
-PARK_REASONS = ("breaker_open", "budget_full", "retry_budget")
+PARK_REASONS = ("breaker_open", "budget_full", "retry_budget", "throttled", "setup_error")
 REDRIVE_OUTCOMES = ("delivered", "filtered", "dead_lettered", "parked", "expired")
 
 
@@ -79,11 +81,19 @@ class VendorPipeline:
         self._waiting: deque[asyncio.Future[None]] = deque()  # batches waiting for room to plan, in turn
         self.retry = s.retry
         self.tasks: set[asyncio.Task[None]] = set()
-        self.clock: Callable[[], float] = time.monotonic  # replaceable in tests, with ``sleep``
         self._unsettled_gauge = m.inflight.labels(name)
         self._latency = m.delivery_latency.labels(name)
         self._batch_size = m.batch_events.labels(name)
         self._retries = m.retries.labels(name)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Monotonic seconds; replaceable in tests, with ``sleep`` (the request service's too)."""
+        return self.service.clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self.service.clock = clock
 
     @property
     def sleep(self) -> Callable[[float], Awaitable[None]]:
@@ -150,6 +160,7 @@ class VendorPipeline:
         first_ms: int | None = None  # the same, epoch ms (the dead-letter and parked records' header)
         attempts: dict[int, int] = {}  # per failed event: its counted attempts (not throttled, not circuit-open)
         last: dict[int, tuple[Outcome, int | None]] = {}  # per failed event: its last failure and HTTP status
+        waiting: dict[int, str] = {}  # failed events whose last answer was a throttle or a setup error: which
         pending = events
         try:
             while pending:
@@ -168,25 +179,30 @@ class VendorPipeline:
                     self._release(self.settlement.settle_many(plan.filtered, self.name, "filtered"))
                 for ev, reason in plan.rejected:
                     self._dead(ev, "rejected", None, reason, attempts.get(id(ev), 0) + 1, first_ms)
-                answers = await self._send_all(plan.requests)
                 retry: list[Event] = []
                 wait_at_least = 0.0
-                now_s = time.time()
-                for req, answer in zip(plan.requests, answers, strict=True):
+
+                def settle(req: VendorRequest, answer: Answer, first_ms: int | None = first_ms,
+                           retry: list[Event] = retry) -> None:
+                    """One answer's events, as soon as it comes: an accepted request settles whatever its
+                    siblings wait for (a rate gate, a slow answer)."""
+                    nonlocal wait_at_least
                     outcomes = answer.outcomes
                     if outcomes is None:
                         self._internal(req.events, answer.internal)
-                        continue
-                    if outcomes.count(DELIVERED) == len(req.events):  # the common case, settled in bulk
-                        self._delivered(req.events, now_s)
-                        continue
-                    wait_at_least = max(wait_at_least, self._one_by_one(req, answer.status, outcomes, answer.counted,
-                                                                        now_s, attempts, last, retry, first_ms))
+                    elif outcomes.count(DELIVERED) == len(req.events):  # the common case, settled in bulk
+                        self._delivered(req.events, time.time())
+                    else:
+                        wait_at_least = max(wait_at_least, self._one_by_one(
+                            req, answer, outcomes, time.time(), attempts, last, waiting, retry, first_ms))
+
+                await self._send_all(plan.requests, settle)
                 if not retry:
                     return
                 if failing_since is None or first_ms is None:
-                    failing_since, first_ms = self.clock(), int(now_s * 1000)
-                pending = await self._after_failure(retry, attempts, last, first_ms, failing_since, wait_at_least)
+                    failing_since, first_ms = self.clock(), int(time.time() * 1000)
+                pending = await self._after_failure(retry, attempts, last, waiting, first_ms, failing_since,
+                                                    wait_at_least)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # last resort: our own bug in this task; its events still get one outcome
@@ -194,12 +210,15 @@ class VendorPipeline:
         finally:
             self._unsettled_gauge.set(self.admission.unsettled)
 
-    def _one_by_one(self, req: VendorRequest, status: int | None, outcomes: list[Outcome], counted: bool,
-                    now_s: float, attempts: dict[int, int], last: dict[int, tuple[Outcome, int | None]],
+    def _one_by_one(self, req: VendorRequest, answer: Answer, outcomes: list[Outcome], now_s: float,
+                    attempts: dict[int, int], last: dict[int, tuple[Outcome, int | None]], waiting: dict[int, str],
                     retry: list[Event], first_ms: int | None) -> float:
         """A request whose events did not all succeed: each event's outcome; the retryable ones appended to
-        ``retry`` with their attempts counted (when the request counts). Returns the longest Retry-After."""
+        ``retry`` with their attempts counted (when the request counts) and marked ``waiting`` when the
+        vendor throttled or refused the relay's setup. Returns the longest Retry-After."""
         wait = 0.0
+        status, counted = answer.status, answer.counted
+        on_vendor = "setup_error" if answer.setup else "throttled" if answer.throttled else ""
         for ev, out in zip(req.events, outcomes, strict=True):
             if out.note:
                 self.metrics.notes.labels(self.name, out.note).inc()
@@ -212,16 +231,21 @@ class VendorPipeline:
                 attempts[key] = attempts.get(key, 0) + counted
                 if out.reason != CIRCUIT_OPEN or key not in last:  # else: say what the vendor said last
                     last[key] = (out, status)
+                if on_vendor:
+                    waiting[key] = on_vendor
+                elif counted:
+                    waiting.pop(key, None)
                 retry.append(ev)
                 if out.retry_after_s:
                     wait = max(wait, out.retry_after_s)
         return wait
 
     async def _after_failure(self, retry: list[Event], attempts: dict[int, int],
-                             last: dict[int, tuple[Outcome, int | None]], first_ms: int, failing_since: float,
-                             wait_at_least: float) -> list[Event]:
+                             last: dict[int, tuple[Outcome, int | None]], waiting: dict[int, str], first_ms: int,
+                             failing_since: float, wait_at_least: float) -> list[Event]:
         """The retry decision for each group of equally tried events: the events to send again (after the
-        backoff), the others parked or dead-lettered as exhausted."""
+        backoff), the others parked or dead-lettered as exhausted. Events waiting on the vendor (throttled,
+        or a setup error) are never exhausted: they wait in place or are parked."""
         retry = self._drop_revoked(retry)
         if not retry:
             return []
@@ -229,22 +253,27 @@ class VendorPipeline:
         most = max(attempts[id(ev)] for ev in retry)
         delay = max(wait_at_least, a.gate.wait_s(), a.breaker.reopens_in(),
                     backoff_delay(max(1, most), r.base_delay_ms / 1000, r.max_delay_ms / 1000))
+
+        def key(ev: Event) -> tuple[int, str]:
+            return attempts[id(ev)], waiting.get(id(ev), "")
+
         failing_s, now_ms = self.clock() - failing_since, time.time() * 1000
-        steps = {n: decide(n, failing_s, first_ms, now_ms, delay, parking=self.parking,
-                           breaker_open=a.breaker.is_open(), settings=r)
-                 for n in {attempts[id(ev)] for ev in retry}}
-        again: list[Event] = []
-        for n, d in steps.items():
-            group = [ev for ev in retry if attempts[id(ev)] == n]
+        steps = {k: decide(k[0], failing_s, first_ms, now_ms, delay, parking=self.parking,
+                           breaker_open=a.breaker.is_open(), settings=r, on_vendor=bool(k[1]))
+                 for k in {key(ev) for ev in retry}}
+        for k, d in steps.items():
             if d.step is Step.RETRY:
                 continue
+            n = k[0]
+            group = [ev for ev in retry if key(ev) == k]
             if d.step is Step.PARK:
-                self._park(group, d.why, "", last, n, first_ms, delay)
+                why = k[1] if k[1] and d.why == "retry_budget" else d.why  # throttled, setup_error
+                self._park(group, why, "", last, n, first_ms, delay, on_vendor=bool(k[1]))
             else:
                 for ev in group:
                     out, status = last[id(ev)]
                     self._dead(ev, "exhausted", status, f"{out.reason} (after {n} attempts)", n, first_ms)
-        again = [ev for ev in retry if steps[attempts[id(ev)]].step is Step.RETRY]
+        again = [ev for ev in retry if steps[key(ev)].step is Step.RETRY]
         if not again:
             return []
         self._retries.inc(len(again))
@@ -273,18 +302,19 @@ class VendorPipeline:
         self._release(self.settlement.settle_many(events, self.name))
 
     def _park(self, events: list[Event], why: str, reason: str, last: dict[int, tuple[Outcome, int | None]] | None,
-              attempts: int, first_ms: int | None, delay_s: float) -> None:
+              attempts: int, first_ms: int | None, delay_s: float, on_vendor: bool = False) -> None:
         """Onto the vendor's retry topic, due after ``delay_s``; what would wait past ``retry.max_elapsed_s``
-        from its first failure (a redriven event's is in its headers) is dead-lettered as exhausted instead."""
+        from its first failure (a redriven event's is in its headers) is dead-lettered as exhausted instead,
+        but for events waiting on the vendor (``on_vendor``: throttled, or a setup error): parked all the same."""
         now_s = time.time()
-        next_ms = int((now_s + delay_s) * 1000)
+        next_ms = int((now_s + min(delay_s, self.retry.max_elapsed_s)) * 1000)  # finite, whatever it was given
         s = self.settlement
         for ev in events:
             status = None
             if last is not None:
                 out, status = last[id(ev)]
                 reason = f"{out.reason} (after {attempts} attempts)"
-            if expired(first_failure_ms(ev) or first_ms, next_ms, self.retry.max_elapsed_s):
+            if not on_vendor and expired(first_failure_ms(ev) or first_ms, next_ms, self.retry.max_elapsed_s):
                 self._dead(ev, "exhausted", status, f"{reason}; waited past retry.max_elapsed_s", attempts, first_ms)
             else:
                 self._release(s.park(ev, self.name, why, reason, attempts, first_ms, next_ms))
@@ -343,33 +373,37 @@ class VendorPipeline:
                 fut.set_result(None)
                 return
 
-    async def _send_all(self, requests: list[VendorRequest]) -> list[Answer]:
-        """Each request's answer, in order; sent concurrently by at most ``concurrency`` workers (the
-        vendor's limit lets no more through at once), in the order planned: one task a worker, not one a
-        request, and none for a batch of one request."""
+    async def _send_all(self, requests: list[VendorRequest], settle: Callable[[VendorRequest, Answer], None]) -> None:
+        """Each request sent and its answer handed to ``settle`` as it comes; sent concurrently by at most
+        ``concurrency`` workers (the vendor's limit lets no more through at once), in the order planned:
+        one task a worker, not one a request, and none for a batch of one request. An error of ``settle``
+        is raised once every worker has finished (no answer is left unsettled behind it)."""
         n = len(requests)
         self.unsent += n
-        answers: list[Answer] = [None] * n  # type: ignore[list-item]  # every slot is filled
-        todo = iter(enumerate(requests))
+        todo = iter(requests)
         try:
             if n == 1:
-                await self._worker(todo, answers)
+                await self._worker(todo, settle)
             else:
                 workers = min(n, self.admission.limit.maximum)
-                await asyncio.gather(*(self._worker(todo, answers) for _ in range(workers)))
+                done = await asyncio.gather(*(self._worker(todo, settle) for _ in range(workers)),
+                                            return_exceptions=True)
+                for result in done:
+                    if isinstance(result, BaseException):
+                        raise result
         finally:
-            left = sum(1 for _ in todo)  # cancelled before a worker took them: never sent
+            left = sum(1 for _ in todo)  # cancelled (or a worker failed) before a worker took them: never sent
             if left:
                 self._sent(left)
-        return answers
 
-    async def _worker(self, todo: Iterator[tuple[int, VendorRequest]], answers: list[Answer]) -> None:
+    async def _worker(self, todo: Iterator[VendorRequest], settle: Callable[[VendorRequest, Answer], None]) -> None:
         send = self.service.send
-        for i, req in todo:
+        for req in todo:
             try:
-                answers[i] = await send(req)
+                answer = await send(req)
             finally:
                 self._sent(1)
+            settle(req, answer)
 
     def _sent(self, n: int) -> None:
         self.unsent -= n

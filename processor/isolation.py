@@ -14,7 +14,9 @@ and used by its request service (``processor.service``):
   (429, 503 with Retry-After, timeouts) or a latency spike, at most once per ``decrease_every_s``;
   bounded by the vendor's configured ``concurrency``.
 * ``RateGate``: after a 429 (or a 503 with Retry-After) no request goes to the vendor until the time
-  it gave: the whole vendor slows down, not one batch.
+  it gave (bounded by the request service: finite, clamped to ``retry.max_retry_after_s``; without a usable
+  Retry-After a backoff growing with each throttled answer in a row): the whole vendor slows down, not one
+  batch.
 """
 
 from __future__ import annotations
@@ -206,6 +208,12 @@ class AdaptiveLimit:
             if not fut.done():
                 self.in_use += 1
                 fut.set_result(None)
+
+    def throttled(self) -> None:
+        """A vendor's new throttle (not one answer among a burst's): halved now, whenever the last cut was:
+        a vendor that keeps answering 429 is asked by fewer requests at once with each hold of its gate."""
+        self._last_decrease = -1e18
+        self._decrease()
 
     def _decrease(self) -> None:
         now = self.clock()

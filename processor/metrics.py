@@ -257,5 +257,11 @@ class Metrics:
         self.redriven = Counter(
             "processor_redriven_events", "Parked events taken from the retry topic and settled",
             ["vendor", "outcome"], registry=r)
+        self.setup_errors = Counter(
+            "processor_vendor_setup_errors", "Answers saying the relay's setup is wrong (3xx, 401, 403, 404, "
+            "407): its events held or parked, never dead-lettered", ["vendor", "status_class"], registry=r)
+        self.setup_held_sites = Gauge(
+            "processor_vendor_setup_held_sites", "Sites whose requests are held after a setup error", ["vendor"],
+            registry=r)
         self.park_failures = Counter(
             "processor_park_produce_failures", "Retry-topic writes not acknowledged (retried)", registry=r)

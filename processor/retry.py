@@ -11,6 +11,9 @@ in-place retries, parking, the redrive of parked records).
   ``retry.max_elapsed_s`` from the first failure.
 * A throttled answer (429, 503 with Retry-After) or the open breaker's refusal is not a counted attempt:
   the caller counts attempts per request, so one request's 503 never costs another request's events.
+* Events waiting on the vendor (their last answer a throttle or a setup error) are never exhausted: in
+  park mode they are parked (past ``park_after_s``), in block mode they wait in place; the parking path
+  skips the ``max_elapsed_s`` expiry for them.
 """
 
 from __future__ import annotations
@@ -46,14 +49,18 @@ def expired(first_failure_ms: int | None, at_ms: float, max_elapsed_s: float) ->
 
 
 def decide(attempts: int, failing_s: float, first_failure_ms: int, now_ms: float, delay_s: float, *,
-           parking: bool, breaker_open: bool, settings: RetrySettings) -> Decision:
+           parking: bool, breaker_open: bool, settings: RetrySettings, on_vendor: bool = False) -> Decision:
     """What to do with events that failed ``attempts`` counted times, the first time ``failing_s`` ago
-    (``first_failure_ms`` in epoch ms), when the next try could be ``delay_s`` from ``now_ms``."""
+    (``first_failure_ms`` in epoch ms), when the next try could be ``delay_s`` from ``now_ms``.
+    ``on_vendor``: their last answer was a throttle or a setup error: waiting is what they need, so they
+    are never exhausted (parked past ``park_after_s``, or retried in place without parking)."""
     if parking:
         if breaker_open:
             return Decision(Step.PARK, delay_s, "breaker_open")
         if attempts >= settings.max_attempts or failing_s + delay_s > settings.park_after_s:
             return Decision(Step.PARK, delay_s, "retry_budget")
+        return Decision(Step.RETRY, delay_s)
+    if on_vendor:
         return Decision(Step.RETRY, delay_s)
     if attempts >= settings.max_attempts or expired(first_failure_ms, now_ms + delay_s * 1000,
                                                    settings.max_elapsed_s):

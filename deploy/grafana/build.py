@@ -170,6 +170,12 @@ PANELS: list[tuple[str, list[P]]] = [
           [(f"sum by (vendor, reason) ({rate('processor_parked_total', VSEL)})", "parked {{vendor}} {{reason}}"),
            (f"sum by (vendor, outcome) ({rate('processor_redriven_events_total', VSEL)})",
             "redriven {{vendor}} {{outcome}}")], unit="ops"),
+        P("Setup errors per vendor", "Answers saying the relay's setup is wrong (3xx, 401, 403, 404, 407) per "
+          "vendor and status class, and the sites held for one (their events wait; the ERROR log names the "
+          "site, status and Location).",
+          [(f"sum by (vendor, status_class) ({rate('processor_vendor_setup_errors_total', VSEL)})",
+            "{{vendor}} {{status_class}}"),
+           (f"max by (vendor) (processor_vendor_setup_held_sites{{{VSEL}}})", "{{vendor}} sites held")]),
     ]),
     ("Process", [
         P("Memory per pod", "Resident memory (RSS: what the container's memory limit counts) and virtual "

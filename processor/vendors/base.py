@@ -60,7 +60,12 @@ class RetrySettings(Frozen):
     max_delay_ms: int = Field(30_000, ge=1)
     park_after_s: float = Field(10.0, gt=0, description="on_outage park: park what still fails after this long")
     max_elapsed_s: float = Field(
-        21_600.0, gt=0, description="from the first failure: dead letter as exhausted after this (parked or not)")
+        21_600.0, gt=0, description="from the first failure: dead letter as exhausted after this (parked or "
+        "not); waiting on a throttle or a setup error never uses it up")
+    max_retry_after_s: float = Field(
+        300.0, gt=0, le=86_400, description="a vendor's Retry-After (seconds or an HTTP date) is clamped to this")
+    setup_retry_s: float = Field(
+        60.0, gt=0, le=3_600, description="after a setup error (3xx, 401, 403, 404): the site's next try")
 
 
 class BreakerSettings(Frozen):
@@ -197,8 +202,30 @@ UNRECOGNISED = "unrecognised answer"
 _UNPRINTABLE = dict.fromkeys(range(32), " ")
 
 
+# The status table, the default every adapter starts from (an adapter overrides ``setup_statuses`` where its
+# vendor documents more, and reads the body of the others in ``interpret``):
+#
+#   2xx                            delivered (when the body is the vendor's success answer)
+#   408, 429, 5xx except 501       retryable (429 and 503 with Retry-After: throttled, not an attempt)
+#   3xx, 401, 403, 404, 407        a setup error: the relay's configuration (endpoint, credentials, proxy) is
+#                                  wrong for every event of the site; never the event's fault: held or parked,
+#                                  retried slowly (``retry.setup_retry_s``), an ERROR and an alert
+#   other 4xx (400, 422, ...)      rejected: this event, dead-lettered with the vendor's reason
+#
+# The request service applies the setup row before the adapter reads the answer; ``classify_status`` is the
+# per-event verdict of the other rows.
+SETUP_STATUSES: frozenset[int] = frozenset({401, 403, 404, 407})
+
+
+def is_setup_status(status: int, setup_statuses: frozenset[int] = SETUP_STATUSES) -> bool:
+    """A status that says the relay's setup is wrong for every event (every 3xx: the relay follows no
+    redirect; an endpoint that moved is a configuration change)."""
+    return 300 <= status < 400 or status in setup_statuses
+
+
 def classify_status(status: int) -> Verdict:
-    """Default HTTP classes: 2xx ok; 408, 429 and 5xx except 501 retry; other statuses reject."""
+    """Default HTTP classes: 2xx ok; 408, 429 and 5xx except 501 retry; other statuses reject (the setup
+    statuses never reach an adapter: the request service holds them first)."""
     if 200 <= status < 300:
         return Verdict.DELIVERED
     if status in (408, 429) or (status >= 500 and status != 501):
@@ -297,6 +324,9 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
     # canonical fields this vendor sends and needs (processor.validation's keys): an event breaking a rule
     # on one of them is rejected for this vendor, naming the field
     needs: ClassVar[frozenset[str]] = frozenset()
+    # 4xx statuses that mean the relay's setup is wrong for every event of a site (besides every 3xx): the
+    # status table's default, overridden where a vendor documents more (or a 404 that names an event)
+    setup_statuses: ClassVar[frozenset[int]] = SETUP_STATUSES
 
     def __init__(self, settings: VendorSettings[SiteT, OptionsT]) -> None:
         self.settings = settings
@@ -367,6 +397,11 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         """Turn valid events into requests (through ``plan``). Events missing required fields go to
         ``Plan.rejected`` with a reason naming the field; events this vendor does not want go to
         ``Plan.filtered``."""
+
+    def setup_error(self, status: int) -> bool:
+        """Whether this answer's status says the relay's setup is wrong (held by the request service, never
+        handed to ``interpret``)."""
+        return is_setup_status(status, self.setup_statuses)
 
     def interpret(self, request: VendorRequest, response: Response) -> list[Outcome]:
         """One outcome per ``request.events`` entry, in order. Default: by status only."""
