@@ -48,6 +48,7 @@ run: install
 
 lint: install
 	$(BIN)/ruff check processor tests $(wildcard bench) deploy
+	$(BIN)/mypy
 	$(BIN)/hadolint deploy/Dockerfile
 
 test: install system-tools lint

@@ -50,9 +50,9 @@ class HealthServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self._beating = asyncio.create_task(self._beat(), name="heartbeat")
-        server = site._server
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        addresses = self._runner.addresses  # the bound sockets' names: port 0 becomes the real port
+        if addresses:
+            self.port = addresses[0][1]
 
     async def stop(self) -> None:
         if self._beating is not None:

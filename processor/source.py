@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +66,8 @@ def is_error(msg: Any, who: str) -> bool:
 
 class KafkaSource:
     def __init__(self, cfg: KafkaConfig, decoder: Decoder, loop: asyncio.AbstractEventLoop,
-                 on_assign: Callable[[Partitions], Awaitable[None]],
-                 on_revoke: Callable[[Partitions, bool], Awaitable[dict[tuple[str, int], int]]]) -> None:
+                 on_assign: Callable[[Partitions], Coroutine[Any, Any, None]],
+                 on_revoke: Callable[[Partitions, bool], Coroutine[Any, Any, dict[tuple[str, int], int]]]) -> None:
         self.cfg = cfg
         self.decoder = decoder
         self.loop = loop

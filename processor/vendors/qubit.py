@@ -238,7 +238,7 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
                 language, country, currency = page["language"], page["country"], product["currency"]
                 if qid and language in LANGUAGES and country in COUNTRIES and currency in CURRENCIES:
                     url = page["url"] or product["url"]
-                    if add_event is None:
+                    if add_event is None or add_row is None:
                         add_event, add_row = (g.append for g in url_group(groups, route.url, 2))
                     add_event(event)
                     add_row({"context": {"id": qid},
@@ -251,10 +251,10 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
             except (MissingField, InvalidField) as exc:
                 plan.rejected.append((event, str(exc)))
                 continue
-            if add_event is None:
+            if add_event is None or add_row is None:
                 add_event, add_row = (g.append for g in url_group(groups, route.url, 2))
             add_event(event)
-            add_row(row)  # type: ignore[misc]  # made with add_event
+            add_row(row)
         for url, (evs, rows) in groups.items():
             plan.requests.append(VendorRequest(url=url, content=json_body({"events": rows}), events=evs,
                                                headers=self._headers))
