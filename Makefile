@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 IMAGE  ?= event-relay:dev
 
-.PHONY: install system-tools run test lint unit integration bench image deploy-assets clean
+.PHONY: install system-tools run test lint unit integration tiers bench image deploy-assets clean
 
 # the programs from outside PyPI that `make test` runs: prometheus and promtool (the alert-rule tests and the
 # scrape end to end), both in Debian's package `prometheus`. As root they are installed here; otherwise the
@@ -51,14 +51,28 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/hadolint deploy/Dockerfile
 
-test: install system-tools lint
-	$(BIN)/pytest -q -p no:cacheprovider
+# the tiers (README "Development"): `unit` is everything but the integration tests (tests/unit, tests/deploy), with
+# Hypothesis' fast profile; `integration` the real CLI against the real broker; `test` all of it, as CI runs it,
+# and the 15 slowest tests
+test: install system-tools lint tiers
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
-unit: install
-	$(BIN)/pytest -q tests/unit
+unit: install system-tools
+	HYPOTHESIS_PROFILE=fast $(BIN)/pytest -q -p no:cacheprovider -m "not integration" tests/unit tests/deploy
 
 integration: install system-tools
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q -p no:cacheprovider -m integration tests/integration
+
+# the markers select what the tiers say, in the real tree: -m "not integration" nothing of tests/integration (so
+# -m integration, its complement, all of it), -m integration nothing else
+tiers: install
+	@fast=$$($(BIN)/pytest --collect-only -q -p no:cacheprovider -m "not integration" | grep '::'); \
+	slow=$$($(BIN)/pytest --collect-only -q -p no:cacheprovider -m integration | grep '::'); \
+	if echo "$$fast" | grep -q '^tests/integration/'; then \
+		echo 'make tiers: -m "not integration" selects tests of tests/integration' >&2; exit 1; fi; \
+	if [ -z "$$slow" ] || echo "$$slow" | grep -qv '^tests/integration/'; then \
+		echo 'make tiers: -m integration selects nothing, or tests outside tests/integration' >&2; exit 1; fi; \
+	echo "tiers: $$(echo "$$fast" | wc -l) not integration, $$(echo "$$slow" | wc -l) integration"
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)

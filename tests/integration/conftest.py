@@ -27,7 +27,7 @@ from processor.devstack.registry import Registered, RegistryStub, embedded_schem
 from processor.devstack.waiting import wait_for
 from processor.vendors import REGISTRY
 
-pytestmark = pytest.mark.integration
+# the ``integration`` marker is put on every test here by tests/conftest.py (a pytestmark in a conftest is ignored)
 
 
 def http_json(url: str, method: str = "GET", body: Any = None) -> Any:
