@@ -3,6 +3,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 IMAGE  ?= event-relay:dev
+# pytest workers of make test and make integration (each starts its own broker, registry stub and sandbox)
+PYTEST_WORKERS ?= 2
 
 .PHONY: install system-tools run test lint unit integration tiers bench image deploy-assets clean
 
@@ -53,15 +55,16 @@ lint: install
 
 # the tiers (README "Development"): `unit` is everything but the integration tests (tests/unit, tests/deploy), with
 # Hypothesis' fast profile; `integration` the real CLI against the real broker; `test` all of it, as CI runs it,
-# and the 15 slowest tests
+# and the 15 slowest tests. The integration tests spend most of their time waiting on their processes (streams at
+# a set pace, outages of set lengths, kills and restarts): two workers share the slow ones out.
 test: install system-tools lint tiers
-	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal --durations=15
 
 unit: install system-tools
 	HYPOTHESIS_PROFILE=fast $(BIN)/pytest -q -p no:cacheprovider -m "not integration" tests/unit tests/deploy
 
 integration: install system-tools
-	$(BIN)/pytest -q -p no:cacheprovider -m integration tests/integration
+	$(BIN)/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal -m integration tests/integration
 
 # the markers select what the tiers say, in the real tree: -m "not integration" nothing of tests/integration (so
 # -m integration, its complement, all of it), -m integration nothing else
