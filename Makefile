@@ -71,11 +71,11 @@ integration: install system-tools
 tiers: install
 	@fast=$$($(BIN)/pytest --collect-only -q -p no:cacheprovider -m "not integration" | grep '::'); \
 	slow=$$($(BIN)/pytest --collect-only -q -p no:cacheprovider -m integration | grep '::'); \
-	if echo "$$fast" | grep -q '^tests/integration/'; then \
+	if printf "%s\n" "$$fast" | grep -q '^tests/integration/'; then \
 		echo 'make tiers: -m "not integration" selects tests of tests/integration' >&2; exit 1; fi; \
-	if [ -z "$$slow" ] || echo "$$slow" | grep -qv '^tests/integration/'; then \
+	if [ -z "$$slow" ] || printf "%s\n" "$$slow" | grep -qv '^tests/integration/'; then \
 		echo 'make tiers: -m integration selects nothing, or tests outside tests/integration' >&2; exit 1; fi; \
-	echo "tiers: $$(echo "$$fast" | wc -l) not integration, $$(echo "$$slow" | wc -l) integration"
+	echo "tiers: $$(printf "%s\n" "$$fast" | wc -l) not integration, $$(printf "%s\n" "$$slow" | wc -l) integration"
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
