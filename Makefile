@@ -3,8 +3,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 IMAGE  ?= event-relay:dev
+# pytest workers of make test and make integration (each starts its own broker, registry stub and sandbox)
+PYTEST_WORKERS ?= 2
 
-.PHONY: install system-tools run test lint unit integration bench image deploy-assets clean
+.PHONY: install system-tools run test lint unit integration tiers bench image deploy-assets clean
 
 # the programs from outside PyPI that `make test` runs: prometheus and promtool (the alert-rule tests and the
 # scrape end to end), both in Debian's package `prometheus`. As root they are installed here; otherwise the
@@ -48,16 +50,32 @@ run: install
 
 lint: install
 	$(BIN)/ruff check processor tests $(wildcard bench) deploy
+	$(BIN)/mypy
 	$(BIN)/hadolint deploy/Dockerfile
 
-test: install system-tools lint
-	$(BIN)/pytest -q -p no:cacheprovider
+# the tiers (README "Development"): `unit` is everything but the integration tests (tests/unit, tests/deploy), with
+# Hypothesis' fast profile; `integration` the real CLI against the real broker; `test` all of it, as CI runs it,
+# and the 15 slowest tests. The integration tests spend most of their time waiting on their processes (streams at
+# a set pace, outages of set lengths, kills and restarts): two workers share the slow ones out.
+test: install system-tools lint tiers
+	$(BIN)/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal --durations=15
 
-unit: install
-	$(BIN)/pytest -q tests/unit
+unit: install system-tools
+	HYPOTHESIS_PROFILE=fast $(BIN)/pytest -q -p no:cacheprovider -m "not integration" tests/unit tests/deploy
 
 integration: install system-tools
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal -m integration tests/integration
+
+# the markers select what the tiers say, in the real tree: -m "not integration" nothing of tests/integration (so
+# -m integration, its complement, all of it), -m integration nothing else
+tiers: install
+	@fast=$$($(BIN)/pytest --collect-only -q -p no:cacheprovider -m "not integration" | grep '::'); \
+	slow=$$($(BIN)/pytest --collect-only -q -p no:cacheprovider -m integration | grep '::'); \
+	if printf "%s\n" "$$fast" | grep -q '^tests/integration/'; then \
+		echo 'make tiers: -m "not integration" selects tests of tests/integration' >&2; exit 1; fi; \
+	if [ -z "$$slow" ] || printf "%s\n" "$$slow" | grep -qv '^tests/integration/'; then \
+		echo 'make tiers: -m integration selects nothing, or tests outside tests/integration' >&2; exit 1; fi; \
+	echo "tiers: $$(printf "%s\n" "$$fast" | wc -l) not integration, $$(printf "%s\n" "$$slow" | wc -l) integration"
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)

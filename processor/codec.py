@@ -58,7 +58,10 @@ def load_canonical_schemas(schemas_dir: Path = DEFAULT_SCHEMAS_DIR) -> dict[str,
     out: dict[str, dict[str, Any]] = {}
     for fullname in SCHEMA_KINDS:
         path = schemas_dir / f"{fullname}.avsc"
-        out[fullname] = load_schema(str(path), _write_hint=False)  # type: ignore[call-arg]
+        schema = load_schema(str(path), _write_hint=False)
+        if not isinstance(schema, dict):
+            raise ConfigError(f"{path}: not an Avro record schema")
+        out[fullname] = schema
     return out
 
 
@@ -98,7 +101,8 @@ class Decoder:
         registry: Any | None = None,
         history_dir: Path | None = None,
     ) -> None:
-        self._readers = {name: parse_schema(s) for name, s in load_canonical_schemas(schemas_dir).items()}
+        # fastavro's parsed form (a dict for a record), handed back to fastavro only, as ``_Writer`` keeps it
+        self._readers: dict[str, Any] = {n: parse_schema(s) for n, s in load_canonical_schemas(schemas_dir).items()}
         self._reader_canon = {n: to_parsing_canonical_form(s) for n, s in self._readers.items()}
         self._registry = registry
         self._lock = threading.Lock()
@@ -124,9 +128,9 @@ class Decoder:
         # every message, which cost more than the decoding itself (bench/README.md, profile 1)
         parsed = parse_schema(schema, named_schemas=named if named is not None else {})
         name = parsed.get("name") if isinstance(parsed, dict) else None
-        kind = SCHEMA_KINDS.get(name) if name else None
-        if kind is None:
+        if not isinstance(name, str) or name not in SCHEMA_KINDS:
             return _Writer(parsed, None, None)
+        kind = SCHEMA_KINDS[name]
         same = to_parsing_canonical_form(parsed) == self._reader_canon[name]
         return _Writer(parsed, None if same else self._readers[name], kind)
 
@@ -459,7 +463,7 @@ def _load_local(ref: str | Path, schemas_dir: Path) -> Any:
     if path.suffix != ".avsc":  # a full name: the current schema of that name
         path = schemas_dir / f"{ref}.avsc"
     try:
-        return load_schema(str(path), _write_hint=False)  # type: ignore[call-arg]
+        return load_schema(str(path), _write_hint=False)
     except (OSError, SchemaRepositoryError) as exc:
         raise ConfigError(f"schema_registry.local_ids: cannot read {path}") from exc
 

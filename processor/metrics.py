@@ -117,7 +117,7 @@ class BulkHistogramChild:
             return
         now_ms = now_s * 1000
         if n == 1:  # one event a request (Convead's, most of Tracardi's): its bucket by one bisection
-            one = ts[0]
+            one: float = ts[0]  # compared with the float bounds below
             if one <= now_ms:
                 self.sum += (now_ms - one) / 1000
             # the first bound with now - bound <= ts; compared negated (exact), as key, to bisect the bounds

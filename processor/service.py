@@ -274,8 +274,8 @@ class RequestService:
         detail, note = self._setup_detail(req, r, status)
         hold = SetupHold(status, location, probe_at, detail)
         for site in self._sites(req):
-            hold = self.setup_holds.get(site)
-            if hold is None or hold.status != status or hold.location != location:
+            before = self.setup_holds.get(site)
+            if before is None or before.status != status or before.location != location:
                 logger.error("%s: site %s answered HTTP %d (Location: %s): the relay's setup for this site is "
                              "wrong (endpoint, credentials or proxy)%s; its events are held or parked, never "
                              "dead-lettered, and a request is tried every %.0f s", self.name, site, status,

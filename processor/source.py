@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,8 +77,8 @@ class KafkaSource:
     access: AccessWatch | None = None  # where errors that keep the consumer out of the cluster go
 
     def __init__(self, cfg: KafkaConfig, decoder: Decoder, loop: asyncio.AbstractEventLoop,
-                 on_assign: Callable[[Partitions], Awaitable[None]],
-                 on_revoke: Callable[[Partitions, bool], Awaitable[dict[tuple[str, int], int]]],
+                 on_assign: Callable[[Partitions], Coroutine[Any, Any, None]],
+                 on_revoke: Callable[[Partitions, bool], Coroutine[Any, Any, dict[tuple[str, int], int]]],
                  access: AccessWatch | None = None) -> None:
         self.cfg = cfg
         self.access = access

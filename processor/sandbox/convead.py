@@ -175,7 +175,7 @@ class ConveadTwin(Twin):
         if domains is None or data.get("domain") not in domains:
             self.sandbox.count(self.name, "ignored")  # silently not processed
             return web.Response(status=200)
-        item = {k: form[k] for k in ("visitor_uid", "guest_uid") if form.get(k)}
+        item: dict[str, Any] = {k: form[k] for k in ("visitor_uid", "guest_uid") if form.get(k)}
         item["data"] = data
         self.sandbox.record(self.name, (item,))
         return web.Response(status=200)

@@ -344,16 +344,18 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
     def settings_model(cls) -> type[VendorSettings[Any, Any]]:
         """The vendor's settings model: its site and options models, its default batch and concurrency
         (so ``check-config`` prints the limits that really apply)."""
-        model = cls.__dict__.get("_settings_model")
+        model: type[VendorSettings[Any, Any]] | None = cls.__dict__.get("_settings_model")
         if model is None:
+            # parametrised at run time by the adapter's own models, which no static type names
+            base: type[VendorSettings[Any, Any]] = VendorSettings[cls.Site, cls.Options]  # type: ignore[name-defined]
             model = create_model(
-                f"{cls.__name__}Settings", __base__=VendorSettings[cls.Site, cls.Options],  # type: ignore[name-defined]
+                f"{cls.__name__}Settings", __base__=base,
                 batch=(BatchSettings, cls.default_batch),
                 concurrency=(int, Field(cls.default_concurrency, ge=1, le=1024,
                                         description="concurrent requests to this vendor")),
             )
             cls._settings_model = model  # type: ignore[attr-defined]
-        return model  # type: ignore[no-any-return]
+        return model
 
     def prepare_site(self, site_id: str, site: SiteT) -> Any:
         """What ``plan`` needs of one site (URLs, secrets, lookup maps), computed once at start so the

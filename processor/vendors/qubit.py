@@ -239,7 +239,7 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
                 language, country, currency = page["language"], page["country"], product["currency"]
                 if qid and language in LANGUAGES and country in COUNTRIES and currency in CURRENCIES:
                     url = page["url"] or product["url"]
-                    if add_event is None:
+                    if add_event is None or add_row is None:
                         add_event, add_row = (g.append for g in url_group(groups, route.url, 2))
                     add_event(event)
                     add_row({"context": {"id": qid},
@@ -252,10 +252,10 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
             except (MissingField, InvalidField) as exc:
                 plan.rejected.append((event, str(exc)))
                 continue
-            if add_event is None:
+            if add_event is None or add_row is None:
                 add_event, add_row = (g.append for g in url_group(groups, route.url, 2))
             add_event(event)
-            add_row(row)  # type: ignore[misc]  # made with add_event
+            add_row(row)
         for url, (evs, rows) in groups.items():
             plan.requests.append(VendorRequest(url=url, content=json_body({"events": rows}), events=evs,
                                                headers=self._headers))
@@ -269,15 +269,15 @@ class QubitAdapter(Adapter[QubitSite, QubitOptions]):
         n = len(request.events)
         status = response.status
         ok = 200 <= status < 300
+        body: dict[str, Any]
         if ok:
             body = response.json_object() or {}
         else:
             try:
-                body = response.json()
+                answer = response.json()
             except orjson.JSONDecodeError:
-                body = None
-            if not isinstance(body, dict):
-                body = {}
+                answer = None
+            body = answer if isinstance(answer, dict) else {}
         results = body.get("results")
         if isinstance(results, list) and (ok or classify_status(status) is Verdict.REJECTED):
             if len(results) == n:

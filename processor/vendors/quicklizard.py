@@ -174,6 +174,7 @@ class QuickLizardAdapter(Adapter[QuickLizardSite, NoOptions]):
         site: str | None = None
         route: _Route | None = None
         group: tuple[list[Any], ...] | None = None
+        extras: dict[str, list[str]]
         client_key, send_vid, extras = "", False, {}
         for event in events:
             rec = event.record

@@ -27,7 +27,7 @@ from processor.devstack.registry import Registered, RegistryStub, embedded_schem
 from processor.devstack.waiting import wait_for
 from processor.vendors import REGISTRY
 
-pytestmark = pytest.mark.integration
+# the ``integration`` marker is put on every test here by tests/conftest.py (a pytestmark in a conftest is ignored)
 
 
 def http_json(url: str, method: str = "GET", body: Any = None) -> Any:
@@ -52,6 +52,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     b = LocalBroker(log_path=tmp_path_factory.mktemp("broker") / "broker.log")
     with b:
         yield b
+
+
+# The tests' consumers: the local broker completes a group join in about half of session.timeout.ms, and a killed
+# member blocks its group until that timeout: 3 s here (the local configs' 6 s halved), heartbeats every 0.5 s so
+# that members hear of a rebalance sooner. Test setup only; the demo and the benchmark keep the local configs'.
+TEST_CONSUMER_SETTINGS: dict[str, Any] = {**LOCAL_CONSUMER_SETTINGS, "session.timeout.ms": 3000,
+                                          "heartbeat.interval.ms": 500}
 
 
 # the ProductView schema under ids tests put first on the dead-letter topic, a retry topic or the input
@@ -163,7 +170,7 @@ def relay_config(broker: LocalBroker, topics: Topics, sandbox: SandboxProcess, v
     return {
         **({"schema_registry": {"url": _REGISTRY[0].url}} if registry else {}),
         "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": topics.group, "topics": [topics.events],
-                  "client": dict(LOCAL_CONSUMER_SETTINGS)},
+                  "client": dict(TEST_CONSUMER_SETTINGS)},
         "deadletter": {"topic": topics.dlq},
         "relay": {"shutdown_grace_s": 10, "commit_interval_s": 0.5, **relay},
         "metrics": {"host": "127.0.0.1", "port": 0},

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from processor.offsets import OffsetTracker, RelaySettlement
 from processor.retry import Step, decide, expired
 from processor.vendors.base import RetrySettings
+from tests.conftest import examples
 
 VENDORS = ("a", "b", "c")
 
@@ -49,7 +50,7 @@ op = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(routes=messages, ops=st.lists(op, max_size=60), partitions=st.lists(st.integers(0, 1), min_size=12,
                                                                             max_size=12))
 def test_every_event_vendor_pair_settles_exactly_once_and_no_commit_passes_an_unsettled_message(
@@ -125,7 +126,7 @@ retry_settings = st.builds(RetrySettings, max_attempts=st.integers(1, 10), park_
                            max_elapsed_s=st.floats(1, 1000))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(r=retry_settings, attempts=st.integers(0, 12), failing_s=st.floats(0, 2000), delay=st.floats(0, 200),
        parking=st.booleans(), breaker_open=st.booleans(), age_s=st.floats(0, 2000))
 def test_the_retry_decision(r, attempts, failing_s, delay, parking, breaker_open, age_s):
@@ -157,7 +158,7 @@ def test_expired_is_past_max_elapsed_from_the_first_failure(first, at, max_s):
     assert expired(first, at, max_s) == (first is not None and at - first > max_s * 1000)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(pending=st.lists(st.integers(0, 3), min_size=1, max_size=8),
        calls=st.lists(st.tuples(st.sampled_from(VENDORS), st.lists(st.integers(0, 7), max_size=8)), max_size=10))
 def test_the_one_pass_claim_and_settle_is_claim_then_settle(pending, calls):

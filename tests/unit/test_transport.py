@@ -101,7 +101,8 @@ async def server() -> AsyncIterator[str]:
                     web.post("/gzip", _gzip_ok), web.post("/garbled", _gzip_garbled), web.post("/slow", _slow),
                     web.post("/drop", _drop), web.post("/empty", _empty), web.post("/slow-body", _slow_body),
                     web.post("/hung", _hung)])
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # the teardown cancels a handler still sleeping (the client gave up on it) instead of waiting it out
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
