@@ -29,9 +29,9 @@ lower-cased, ``metadata.time.create`` from the event's own ``time`` and ``insert
 payload's ``metadata`` is replaced on arrival), ``hit`` from ``context.page`` (``referer`` is
 ``context.page.referer.host``), ``os`` / ``app`` / ``device`` of the session, computed when the session is
 new from ``context.browser.local.browser.userAgent`` (else the request's User-Agent) with
-``user_agents`` (the parser Tracardi uses) and ``context.device`` over it, and, for the predefined types
-the relay sends, ``data.ec`` and ``journey.state`` as their schemas copy them. Profile and session ids
-are stripped first, as ``Tracker.track_event`` does.
+``user_agents`` (the parser Tracardi uses; ``session_of`` says what a ``context.device`` does), and,
+for the predefined types the relay sends, ``data.ec`` and ``journey.state`` as their schemas copy them.
+Profile and session ids are stripped first, as ``Tracker.track_event`` does.
 """
 
 from __future__ import annotations
@@ -182,7 +182,9 @@ def _put(doc: dict[str, Any], path: str, value: Any) -> None:
 def session_of(context: dict[str, Any], header_agent: str | None) -> dict[str, Any]:
     """A new session's ``os``, ``app`` and ``device`` as Tracardi computes them
     (``session_data_computation.compute_session``): from ``context.browser.local.browser.userAgent``, else
-    the request's User-Agent; ``context.device`` over the User-Agent's device; the browser's language."""
+    the request's User-Agent; the browser's language. With a ``context.device`` Tracardi takes its name,
+    brand and model over the User-Agent's, then fails reading a touch flag the parser's device does not
+    have: the session keeps no device type or touch, and no app (name, version, bot flag)."""
     try:
         agent = _get(context, "browser.local.browser.userAgent")
     except KeyError:
@@ -193,14 +195,17 @@ def session_of(context: dict[str, Any], header_agent: str | None) -> dict[str, A
         kind = ("mobile" if ua.is_mobile else "pc" if ua.is_pc else "tablet" if ua.is_tablet
                 else "email" if ua.is_email_client else None)
         session["os"] = {"name": ua.os.family, "version": ua.os.version_string}
-        given = context.get("device")
-        given = given if isinstance(given, dict) else {}
-        session["device"] = {"name": given.get("name", ua.device.family), "brand": given.get("brand", ua.device.brand),
-                             "model": given.get("model", ua.device.model),
-                             "touch": given.get("model", ua.is_touch_capable),  # sic: Tracardi reads "model"
-                             "type": given.get("type", kind)}
-        session["app"] = {"bot": ua.is_bot, "name": ua.browser.family, "version": ua.browser.version_string,
-                          "type": "browser"}
+        if "device" in context:
+            given = context["device"]
+            if isinstance(given, dict):
+                session["device"] = {"name": given.get("name", ua.device.family),
+                                     "brand": given.get("brand", ua.device.brand),
+                                     "model": given.get("model", ua.device.model)}
+        else:
+            session["device"] = {"name": ua.device.family, "brand": ua.device.brand, "model": ua.device.model,
+                                 "touch": ua.is_touch_capable, "type": kind}
+            session["app"] = {"bot": ua.is_bot, "name": ua.browser.family, "version": ua.browser.version_string,
+                              "type": "browser"}
     with contextlib.suppress(KeyError):
         session["app"]["language"] = _get(context, "browser.local.browser.language")
     return session

@@ -24,13 +24,17 @@ event's ``hit``: the page goes as ``context.page: {url, title, referer: {host, u
 referrer's ``scheme://host`` (as Tracardi's own generated contexts write it) and ``url`` the whole
 referrer. A new session's browser, OS and device come from a User-Agent
 (``session_data_computation.compute_session``): ``context.browser.local.browser.userAgent`` first, the
-request's ``User-Agent`` header only without it; ``context.device`` (``name``, ``brand``, ``model``,
-``type``) overrides what the User-Agent says, ``context.browser.local.browser.language`` is the visitor's
-language. We send the visitor's User-Agent and language in that context shape and the canonical device as
-``context.device.type`` (desktop -> ``pc``, ``mobile``, ``tablet``; ``other`` is left to the User-Agent),
-and keep the request's header the relay's own: Tracardi reads the context first, and stores each
-request's headers with its events, where the header says who sent them. ``context.client`` (the
-document's example shape: browser, device, userAgent, language, country) is kept as before.
+request's ``User-Agent`` header only without it; ``context.browser.local.browser.language`` is the
+visitor's language. We send the visitor's User-Agent and language in that context shape, and keep the
+request's header the relay's own: Tracardi reads the context first, and stores each request's headers
+with its events, where the header says who sent them. The device type is the one Tracardi derives from
+the User-Agent (``mobile``, ``pc``, ``tablet``): we do not send ``context.device``, which
+``_compute_data_from_user_agent`` would read over the User-Agent's device, because that branch also reads
+``user_agent.device.is_touch_capable``, which the parser's device does not have, and the AttributeError
+it swallows leaves the session's device type and touch and its whole ``app`` (browser name, version, the
+bot flag) unset (checked by running Tracardi's models on our payloads). ``context.client`` (the
+document's example shape: browser, device, userAgent, language, country) is kept as before: the session
+context keeps the canonical device there.
 
 Bots. When ``DISALLOW_BOT_TRAFFIC`` is on (Tracardi's default), ``track_data_computation.compute_data``
 refuses every payload of a session whose User-Agent is a bot (``user_agents``' ``is_bot``: ua-parser's
@@ -138,7 +142,6 @@ LEGACY_TYPES = {EventKind.PRODUCT_VIEW: "product-view", EventKind.ORDER: "purcha
 DEFAULT_TYPES = PREDEFINED_TYPES
 ID_LIMIT = 64  # Tracardi's index mappings: ids are keywords with ignore_above 64
 _DIGEST_HEX = 16
-DEVICE_TYPES = {"desktop": "pc", "mobile": "mobile", "tablet": "tablet"}  # canonical -> Tracardi's device.type
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]  # Tracardi: a non-empty type
 
 
@@ -440,9 +443,6 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
             local = _present({}, page, _BROWSER)
             if local:
                 visit["browser"] = {"local": {"browser": local}}
-        kind = DEVICE_TYPES.get(device) if device else None
-        if kind:
-            visit["device"] = {"type": kind}
         context = {**site.context, **visit} if visit else site.context
         if context:
             payload["context"] = context

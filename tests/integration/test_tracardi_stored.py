@@ -32,8 +32,6 @@ PAST = 1_700_000_000_000  # 2023-11-14: long before any run of this test
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 IPAD = ("Mozilla/5.0 (iPad; CPU OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 "
         "Mobile/15E148 Safari/604.1")
-# Tracardi's device.type for the canonical device (the relay's context.device.type); other: the User-Agent's
-DEVICE_TYPES = {"desktop": "pc", "mobile": "mobile", "tablet": "tablet"}
 
 
 def iso(ms: int) -> str:
@@ -147,10 +145,11 @@ def check_stored(row: dict[str, Any], kind: EventKind, rec: dict[str, Any]) -> N
     if page["referrer"]:
         hit["referer"] = origin(page["referrer"])
     assert row["hit"] == hit
-    # the session's device: the visitor's User-Agent as Tracardi's parser reads it, the canonical device over it
+    # the session's device: the visitor's User-Agent as Tracardi's parser reads it
     agent = parse_user_agent(page["user_agent"] or "event-relay/0.1")  # no visitor's agent: the request's
     ua_type = ("mobile" if agent.is_mobile else "pc" if agent.is_pc else "tablet" if agent.is_tablet else None)
-    assert row["device"]["type"] == DEVICE_TYPES.get(page["device"] or "", ua_type), (page["device"], row["device"])
+    assert row["device"] == {"name": agent.device.family, "brand": agent.device.brand, "model": agent.device.model,
+                             "touch": agent.is_touch_capable, "type": ua_type}, (page["device"], row["device"])
     assert (row["os"]["name"], row["app"]["name"], row["app"]["bot"]) == (agent.os.family, agent.browser.family,
                                                                            False)
     if page["language"] and page["user_agent"]:

@@ -114,7 +114,7 @@ def test_order_is_one_checkout_event_with_its_items():
     agent = rec["page"]["user_agent"]
     assert got["context"] == {
         "client": {"browser": "other", "device": "mobile", "userAgent": agent, "language": "en-GB", "country": "GB"},
-        "browser": {"local": {"browser": {"userAgent": agent, "language": "en-GB"}}}, "device": {"type": "mobile"}}
+        "browser": {"local": {"browser": {"userAgent": agent, "language": "en-GB"}}}}
     (ev,) = got["events"]
     assert ev["type"] == "checkout-completed" and ev["tags"] == ["relay"]
     lines = rec["order"]["items"]
@@ -424,20 +424,20 @@ def test_referrer_goes_where_tracardi_reads_it():
         "context"]["page"]
 
 
-@pytest.mark.parametrize(("device", "sent"), [("desktop", "pc"), ("mobile", "mobile"), ("tablet", "tablet"),
-                                              ("other", None), (None, None), ("tv", None)])
-def test_visitor_agent_language_and_device_in_the_context_tracardi_reads(device, sent):
+@pytest.mark.parametrize("device", ["desktop", "mobile", "tablet", "other", None, "tv"])
+def test_visitor_agent_and_language_in_the_context_tracardi_reads(device):
     """tracardi/service/tracking/session_data_computation.py ``_get_user_agent_string`` (the context's
-    ``browser.local.browser.userAgent`` before the request header), ``_compute_data_from_user_agent``
-    (``context.device`` over the User-Agent's device: ``mobile``, ``pc``, ``tablet``) and ``compute_session``
-    (``context.browser.local.browser.language``)."""
+    ``browser.local.browser.userAgent`` before the request header) and ``compute_session``
+    (``context.browser.local.browser.language``); no ``context.device``: with one,
+    ``_compute_data_from_user_agent`` fails on the parser device's missing ``is_touch_capable`` and keeps no
+    device type and no app (the twin test below shows what Tracardi then stores)."""
     rec = with_changes(make_view(1, 1), "page.device", device)
     rec["page"]["user_agent"] = IPHONE
     a = adapter()
     (req,) = a.plan([as_event(VIEW, rec)]).requests
     ctx = body(req)["context"]
     assert ctx["browser"] == {"local": {"browser": {"userAgent": IPHONE, "language": "de-DE"}}}
-    assert ctx.get("device") == ({"type": sent} if sent else None)
+    assert "device" not in ctx and ctx["client"].get("device") == device  # the canonical device: in client
     assert req.headers["User-Agent"] == "event-relay/0.1"  # the request says who sent it
     bare = bare_page(make_view(1, 1))
     assert "context" not in one_body(a, VIEW, bare)
@@ -608,3 +608,34 @@ async def test_twin_refuses_a_bots_session_and_a_property_tracardi_cannot_hold(s
     ((resp, (out,)),) = await exchange(a, [req])
     assert resp.status == 500 and out.verdict is Verdict.RETRYABLE
     assert "tracardi" not in sandbox.sandbox.received
+
+
+async def test_twin_keeps_no_device_type_or_app_for_a_context_device(sandbox):
+    """tracardi/service/tracking/session_data_computation.py ``_compute_data_from_user_agent``: with a
+    ``context.device`` it takes name, brand and model from it, then reads ``user_agent.device.is_touch_capable``
+    (user_agents' device has no such field) and swallows the error: no touch, type or app is kept (which is
+    why the relay sends no ``context.device``)."""
+    a = twin_adapter(sandbox, context={"device": {"type": "pc"}})  # e.g. a site's static context
+    rec = with_changes(make_view(1, 1), "page.user_agent", IPHONE)
+    ((resp, _),) = await exchange(a, a.plan([as_event(VIEW, rec)]).requests)
+    assert resp.status == 200
+    (row,) = sandbox.sandbox.received["tracardi"]
+    assert row["device"] == {"name": "iPhone", "brand": "Apple", "model": "iPhone"}
+    assert row["app"] == {"language": "de-DE"} and row["os"]["name"] == "iOS"
+
+
+@pytest.mark.parametrize("agent", [
+    GOOGLEBOT, IPHONE, "bingbot/2.0", "Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",
+    "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "facebookexternalhit/1.1", "curl/8.0", "python-httpx/0.27", "event-relay/0.1", "Mozilla/5.0 (iPad)",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",
+    "Mozilla/5.0 (compatible; PetalBot;+https://webmaster.petalsearch.com/site/petalbot)", "", "Java/17",
+])
+def test_the_bot_rule_is_tracardis(agent):
+    """tracardi/domain/payload/tracker_payload.py ``TrackerPayload.is_bot`` and the session's ``app.bot``
+    (tracardi/service/tracking/session_data_computation.py) are user_agents' ``is_bot`` (Tracardi pins
+    user-agents 2.2.0)."""
+    from user_agents import parse as parse_user_agent  # type: ignore[import-untyped]
+
+    assert (bool(agent) and is_bot(agent)) == parse_user_agent(agent).is_bot
