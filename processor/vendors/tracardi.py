@@ -67,10 +67,10 @@ image}}`` (copied to ``data.ec.product``, journey state ``awareness``) plus ``cu
 ``categories``; an order is ``checkout-completed`` with ``{id, value, status: "completed"}`` (copied to
 ``data.ec.checkout``; ``value`` adds to the profile's lifetime checkout value ``data.metrics.ltcocv``,
 journey state ``purchase``) plus ``currency``, ``itemCount`` and ``items`` of ``{id, name, sku, category,
-price, quantity, url: {page}}``. ``category`` is the first of the canonical ``categories``. ``event_schema: legacy``
-keeps the relay's earlier types and properties (``product-view``: ``product, price, productId, currency,
-categories, sku, url, imageUrl``; ``purchase-order``: ``orderId, total, currency, itemCount, items``) for
-installations whose rules rely on them. Type names are configurable on top, per vendor
+price, quantity, url: {page}}``. ``category`` is the first of the canonical ``categories``.
+``event_schema: legacy`` keeps the relay's earlier types and properties (``product-view``: ``product,
+price, productId, currency, categories, sku, url, imageUrl``; ``purchase-order``: ``orderId, total,
+currency, itemCount, items``) for installations whose rules rely on them. Type names are configurable on top, per vendor
 (``options.event_types``) and per site (``sites.<id>.event_types``).
 
 What it needs (``needs``, checked by processor.validation before ``build``): the site id, the event
