@@ -251,28 +251,61 @@ def _referer(referrer: str) -> dict[str, str]:
     return {"host": m.group(1) + m.group(2) if m else referrer, "url": referrer}
 
 
-_resolver: Any = None
-_resolver_lock = threading.Lock()
-
-
-def _device_resolver() -> Any:
-    """ua-parser's device resolver on its built-in rules (loaded once a process: about a second)."""
-    global _resolver
-    if _resolver is None:
-        with _resolver_lock:
-            if _resolver is None:
-                import ua_parser
-
-                _resolver = ua_parser.Parser(ua_parser.BestAvailableResolver(ua_parser.load_lazy_builtins()))
-    return _resolver
-
-
-@lru_cache(maxsize=4096)
-def is_bot(user_agent: str) -> bool:
+class _BotRule:
     """Tracardi's bot rule (``TrackerPayload.is_bot``, the session's ``app.bot``: ``user_agents``'
-    ``is_bot``): ua-parser's device family is ``Spider``."""
-    device = _device_resolver().parse_device(user_agent)
-    return device is not None and device.family == "Spider"
+    ``is_bot``): the first of ua-parser's device rules that matches, with Python's ``re`` as user-agents
+    runs them, is one whose family is ``Spider``. Python's ``re`` takes up to a few ms a User-Agent on
+    these rules, so the native matcher (ua-parser-rs) finds candidates first: it matches every string
+    Python does and some more (it reads bounded repeats such as ``.{0,100}`` wider), so when no Spider
+    rule matches natively the answer is no, and otherwise the native first match is checked with Python
+    and, where the two read a rule differently, Python's own first match decides."""
+
+    def __init__(self) -> None:
+        import ua_parser
+        import ua_parser_rs
+
+        self.rules: list[Any] = list(ua_parser.load_lazy_builtins()[2])  # compiled for Python when first used
+
+        def native(indices: list[int]) -> Any:  # the first matching rule's index, as its family
+            return ua_parser_rs.DeviceExtractor((self.rules[i].regex, self.rules[i].regex_flag, str(i), None, None)
+                                                for i in indices)
+
+        everything = list(range(len(self.rules)))
+        self.first = native(everything)
+        self.first_spider = native([i for i in everything if self.rules[i].family == "Spider"])
+
+    def __call__(self, user_agent: str) -> bool:
+        spider = self.first_spider.extract(user_agent)
+        if spider is None:
+            return False
+        first = int(self.first.extract(user_agent).family)  # a rule matches: at most this Spider one
+        if self.rules[first](user_agent) is None:  # the native matcher read this rule wider: ask Python
+            device = next(filter(None, (rule(user_agent) for rule in self.rules[first + 1:])), None)
+            return device is not None and device.family == "Spider"
+        return first == int(spider.family)
+
+
+_rule: _BotRule | None = None
+_rule_lock = threading.Lock()
+
+
+def bot_rule() -> _BotRule:
+    """The bot rule, loaded once a process (about a second)."""
+    global _rule
+    if _rule is None:
+        with _rule_lock:
+            if _rule is None:
+                _rule = _BotRule()
+    return _rule
+
+
+_cached_bot = lru_cache(maxsize=4096)(lambda user_agent: bot_rule()(user_agent))
+_CACHED_LENGTH = 1024  # longer User-Agents are checked each time: the cache holds at most 4096 x 1 KiB
+
+
+def is_bot(user_agent: str) -> bool:
+    """Whether Tracardi calls ``user_agent`` a bot (``_BotRule``)."""
+    return bool(_cached_bot(user_agent)) if len(user_agent) <= _CACHED_LENGTH else bot_rule()(user_agent)
 
 
 # optional fields, (key sent, canonical field): sent when present (neither None nor empty); where all of a
@@ -387,7 +420,7 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         self._skip_anonymous = self.options.without_profile == "skip"
         self._skip_bots = self.options.bots == "skip"
         if self._skip_bots:
-            _device_resolver()  # the rules load at start, not on the first event
+            bot_rule()  # the rules load at start, not on the first event
         legacy = self.options.event_schema == "legacy"
         self._view, self._order = (_legacy_view, _legacy_order) if legacy else (_view, _checkout)
         self._headers = {"Content-Type": "application/json", "User-Agent": self.settings.user_agent}
