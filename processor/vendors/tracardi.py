@@ -244,11 +244,20 @@ def entity_id(value: str | None) -> str | None:
 _ORIGIN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/?#@]*@)?([^/?#]*)")
 
 
+_referers: dict[str, dict[str, str]] = {}  # referrers repeat (search engines, the shop itself): made once
+_REFERERS_KEPT = 4096
+
+
 def _referer(referrer: str) -> dict[str, str]:
     """Tracardi's ``context.page.referer``: ``host`` the referrer's ``scheme://host`` (no user info; the
-    referrer itself when it is not an absolute URL), ``url`` the referrer."""
-    m = _ORIGIN.match(referrer)
-    return {"host": m.group(1) + m.group(2) if m else referrer, "url": referrer}
+    referrer itself when it is not an absolute URL), ``url`` the referrer. (Shared: never changed.)"""
+    got = _referers.get(referrer)
+    if got is None:
+        m = _ORIGIN.match(referrer)
+        got = {"host": m.group(1) + m.group(2) if m else referrer, "url": referrer}
+        if len(_referers) < _REFERERS_KEPT:
+            _referers[referrer] = got
+    return got
 
 
 class _BotRule:
@@ -334,6 +343,11 @@ def _present(out: dict[str, Any], src: dict[str, Any], fields: tuple[tuple[str, 
 def _view(p: dict[str, Any]) -> dict[str, Any]:
     """A product view's properties as ``product-details-page-view``'s schema names them."""
     categories = p["categories"]
+    name, sku, url, image_url = p["name"], p["sku"], p["url"], p["image_url"]
+    if name and sku and url and image_url and categories and categories[0]:  # all present: the common case
+        return {"id": require(p["product_id"], "product.product_id"), "name": name, "sku": sku,
+                "category": categories[0], "price": p["price"], "currency": p["currency"], "categories": categories,
+                "url": {"page": url, "image": image_url}}
     props = _present({"id": require(p["product_id"], "product.product_id")}, p, _TNAME)
     _present(props, p, _TITEM_OPTIONAL)
     if categories and categories[0]:
@@ -351,9 +365,15 @@ def _checkout(o: dict[str, Any]) -> dict[str, Any]:
     items = []
     units = 0
     for i, it in enumerate(o["items"]):
-        item = _present({"id": require(it["product_id"], f"order.items[{i}].product_id")}, it, _TNAME)
+        product_id, name, sku, url, categories = it["product_id"], it["name"], it["sku"], it["url"], it["categories"]
+        if product_id and name and sku and url and categories and categories[0]:  # all present: the common case
+            items.append({"id": product_id, "name": name, "sku": sku, "category": categories[0],
+                          "price": it["unit_price"], "quantity": it["quantity"], "categories": categories,
+                          "url": {"page": url}})
+            units += it["quantity"]
+            continue
+        item = _present({"id": require(product_id, f"order.items[{i}].product_id")}, it, _TNAME)
         _present(item, it, _TITEM_OPTIONAL)
-        categories = it["categories"]
         if categories and categories[0]:
             item["category"] = categories[0]
         item["price"], item["quantity"], item["categories"] = it["unit_price"], it["quantity"], categories
@@ -435,7 +455,10 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
         """The tracker-payload event for one canonical event (MissingField if it lacks what we need)."""
         rec = event.record
         kind = event.kind
-        out: dict[str, Any] = {"id": event_id(require(rec["event_id"], "event_id")), "type": site.types[kind],
+        eid = require(rec["event_id"], "event_id")
+        if len(eid) > ID_LIMIT or eid.lower() != eid:
+            eid = event_id(eid)
+        out: dict[str, Any] = {"id": eid, "type": site.types[kind],
                                "time": {"create": _iso(rec["event_time"])}}
         out["properties"] = self._view(rec["product"]) if kind is EventKind.PRODUCT_VIEW else self._order(rec["order"])
         page = rec["page"]
@@ -495,17 +518,27 @@ class TracardiAdapter(Adapter[TracardiSite, TracardiOptions]):
                 continue
             visitor = rec["visitor"]
             ids = visitor["vendor_ids"]
-            profile_id = entity_id(ids.get("tracardi_profile_id"))
+            profile_id = ids.get("tracardi_profile_id")  # as entity_id, inlined
+            if profile_id:
+                profile_id = profile_id.strip()
+                if len(profile_id) > ID_LIMIT:
+                    profile_id = _stable(profile_id, profile_id)
+            profile_id = profile_id or None
             if profile_id is None and self._skip_anonymous:
                 plan.filtered.append(event)
                 continue
             if skip_bots:
                 agent = rec["page"]["user_agent"]
-                if agent and is_bot(agent):
+                if agent and (_cached_bot(agent) if len(agent) <= _CACHED_LENGTH else bot_rule()(agent)):  # is_bot
                     plan.filtered.append(event)
                     continue
-            session_id = entity_id(ids.get("tracardi_session_id"))
-            if session_id is None:
+            session_id = ids.get("tracardi_session_id")  # as entity_id, inlined
+            if session_id:
+                session_id = session_id.strip()
+                if len(session_id) > ID_LIMIT:
+                    session_id = _stable(session_id, session_id)
+            if not session_id:
+                session_id = None
                 if visitor["session_id"]:
                     session_id = str(uuid.uuid5(SESSION_NAMESPACE, f"{rec['site_id']}/{visitor['session_id']}"))
                 elif visitor["visitor_id"] or profile_id:
