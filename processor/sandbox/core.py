@@ -56,6 +56,7 @@ class Sandbox:
         self.received: dict[str, deque[Any]] = {}
         self.stats: dict[str, Counter[str]] = {}
         self.faults: dict[str, Faults] = {}
+        self.state: dict[str, dict[str, Any]] = {}  # what a twin's vendor keeps between requests (sessions)
 
     def _stats(self, vendor: str) -> Counter[str]:
         return self.stats.setdefault(vendor, Counter())
@@ -147,6 +148,7 @@ class Sandbox:
         self.received.clear()
         self.stats.clear()
         self.faults.clear()
+        self.state.clear()
         return json_response({})
 
 

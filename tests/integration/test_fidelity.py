@@ -74,7 +74,9 @@ def test_a_producers_mistakes_are_dead_lettered_naming_the_field_only_where_a_ve
         received = sandbox.received(vendor)
         assert len(received) >= settled[vendor]["delivered"] > 0, vendor
         for item in received:
-            no_null(item)
+            # Tracardi's twin records the event as Tracardi stores it (its session's device may have no brand):
+            # what the relay sent is the event's properties and context
+            no_null({k: item[k] for k in ("properties", "context")} if vendor == "tracardi" else item)
 
     # the reasons as an operator sees them: ``processor dlq inspect``
     inspect = subprocess.run([sys.executable, "-m", "processor.cli", "dlq", "inspect", "--config",

@@ -125,7 +125,7 @@ async def test_the_times_sent_are_the_event_time_in_each_documents_form(sandbox)
     assert [row["meta"]["ts"] for row in doc["events"]] == [T, T]  # epoch milliseconds
     tracardi = build("tracardi", sandbox.url)
     docs = await delivered("tracardi", tracardi, tracardi.plan(views))
-    assert {e["context"]["time"] for d in docs for e in d["events"]} == {"2025-11-24T16:00:00.000Z"}
+    assert {e["time"]["create"] for d in docs for e in d["events"]} == {"2025-11-24T16:00:00.000Z"}
 
 
 @pytest.mark.parametrize("name", VENDORS)
@@ -174,7 +174,7 @@ async def test_a_free_product_and_a_free_order_are_sent_as_zero(sandbox, name):
     raw = b"".join(r.content for r in plan.requests)
     prices = {"quicklizard": lambda: [row["price"] for d in docs for row in d],
               "convead": lambda: [d["properties"].get("price", d["properties"].get("revenue")) for d in docs],
-              "tracardi": lambda: [e["properties"].get("price", e["properties"].get("total"))
+              "tracardi": lambda: [e["properties"].get("price", e["properties"].get("value"))
                                    for d in docs for e in d["events"]],
               "qubit": lambda: [row["basket"]["total"]["value"] for d in docs for row in d["events"]
                                 if "basket" in row],
@@ -214,7 +214,7 @@ async def test_an_order_without_lines_is_a_purchase_by_its_revenue(sandbox, name
         assert doc["type"] == "purchase" and doc["properties"] == {"order_id": "O-1-1", "revenue": total}
     elif name == "tracardi":
         props = doc["events"][0]["properties"]
-        assert (props["total"], props["items"], props["itemCount"]) == (total, [], 0)
+        assert (props["value"], props["items"], props["itemCount"]) == (total, [], 0)
     else:
         assert doc["events"][0]["basket"]["total"]["value"] == total
 

@@ -45,6 +45,7 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
                                          "tags": ["relay", "shop-1"]},
                               "default": {"source_id": "src-default", "context": {}}},
                     "options": {"event_types": {"product_view": "view-product"}, "without_profile": "skip"}},
+        "legacy": {"options": {"event_schema": "legacy", "bots": "send"}},
     },
     "convert": {
         "example": {},
