@@ -16,6 +16,8 @@ relay.last_failure_ms                 epoch ms of the last failure
 relay.original_topic / _partition / _offset / _timestamp_ms   where the message came from
 relay.replay_count                    times this record was replayed before (0 for a first failure)
 relay.next_attempt_ms                 parked records only: epoch ms after which redrive may try again
+relay.waiting_on                      parked records only, when the vendor made them wait (``throttled``, a
+                                      429; ``setup_error``, the site's setup): never exhausted at redrive
 ====================================  ==============================================
 
 Produced with acks=all and idempotence. A record settles its event only when
@@ -73,7 +75,8 @@ _NUMERIC = frozenset({"relay.http_status", "relay.attempts", "relay.first_failur
                       "relay.replay_count", "relay.next_attempt_ms"})
 _ORIGIN = ("relay.original_topic", "relay.original_partition", "relay.original_offset",
            "relay.original_timestamp_ms")
-RELAY_HEADERS = _NUMERIC | {"relay.vendor", "relay.error_class", "relay.reason", "relay.original_topic"}
+RELAY_HEADERS = _NUMERIC | {"relay.vendor", "relay.error_class", "relay.reason", "relay.original_topic",
+                            "relay.waiting_on"}
 
 
 def redact(reason: str) -> str:
@@ -247,10 +250,15 @@ class DeadLetterWriter:
         self._produce(self.topic, source, headers, vendor or "none", error_class, on_ack)
 
     def park(self, source: Source, vendor: str, reason: str, attempts: int, first_ms: int | None,
-             next_attempt_ms: int, on_ack: Callable[[], None]) -> None:
+             next_attempt_ms: int, on_ack: Callable[[], None], waiting_on: str = "") -> None:
+        """Onto ``vendor``'s retry topic; ``waiting_on`` (``throttled``, ``setup_error``): the vendor made these
+        events wait, so their redrive never exhausts them (``relay.waiting_on``)."""
         now_ms = int(time.time() * 1000)
+        extra = [("relay.next_attempt_ms", str(next_attempt_ms).encode())]
+        if waiting_on:
+            extra.append(("relay.waiting_on", waiting_on.encode()))
         headers = dlq_headers(source, vendor, "parked", None, reason, attempts, first_ms or now_ms, now_ms,
-                              extra=[("relay.next_attempt_ms", str(next_attempt_ms).encode())])
+                              extra=extra)
         self._produce(self.retry_topic(vendor), source, headers, vendor, None, on_ack)
 
     def write_back(self, source: Source, headers: list[tuple[str, bytes]], vendor: str, error_class: str,

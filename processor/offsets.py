@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from processor.events import EventKind
 
+# the park reasons where the vendor made the events wait (a 429, a setup error): their redrive never exhausts them
+WAITING_ON_VENDOR = frozenset({"throttled", "setup_error"})
+
 if TYPE_CHECKING:
     from processor.metrics import Metrics
 
@@ -211,7 +214,7 @@ class Writer(Protocol):
               attempts: int, first_ms: int | None, on_ack: Callable[[], None]) -> None: ...
 
     def park(self, source: Any, vendor: str, reason: str, attempts: int, first_ms: int | None,
-             next_attempt_ms: int, on_ack: Callable[[], None]) -> None: ...
+             next_attempt_ms: int, on_ack: Callable[[], None], waiting_on: str = "") -> None: ...
 
 
 class Settlement(Protocol):
@@ -407,7 +410,8 @@ class RelaySettlement(SettlesThroughOutcomes):
             o.mark(event, vendor)
             return True
         slot, settle = event.slot, self.tracker.settle
-        self.writer.park(event.source, vendor, reason or why, attempts, first_ms, next_attempt_ms, lambda: settle(slot))
+        self.writer.park(event.source, vendor, reason or why, attempts, first_ms, next_attempt_ms, lambda: settle(slot),
+                         waiting_on=why if why in WAITING_ON_VENDOR else "")
         o.mark(event, vendor)
         o.count(vendor, (event,), "parked")
         if o.metrics is not None:

@@ -213,7 +213,7 @@ class ParkedRedrive:
                 first = r.first_failure_ms
                 items.append(event)
                 pending.append(1)
-                if expired(first, now_ms, max_elapsed_s):
+                if not r.waiting_on and expired(first, now_ms, max_elapsed_s):
                     late.append((event, r))
                 else:
                     events.append(event)

@@ -111,6 +111,7 @@ class RelayRecord(FromSource):
     original_timestamp_ms: int | None
     replay_count: int
     next_attempt_ms: int | None
+    waiting_on: str = ""  # parked because the vendor made it wait (``relay.waiting_on``): never exhausted
     slot: Any = None  # its offset tracker slot when it settles by itself (a record that is not delivered)
 
     @classmethod
@@ -123,6 +124,7 @@ class RelayRecord(FromSource):
             h.get("relay.original_topic", ""), relay_int(h.get("relay.original_partition")),
             relay_int(h.get("relay.original_offset")), relay_int(h.get("relay.original_timestamp_ms")),
             prior_replay_count(source.headers) or 0, relay_int(h.get("relay.next_attempt_ms")),
+            h.get("relay.waiting_on") or "",
         )
 
     @classmethod

@@ -143,6 +143,9 @@ class RequestService:
         self._held_sites.set(0)
         # the series exist from the start (a first setup error is then a visible increase)
         self._setup_errors = {c: metrics.setup_errors.labels(self.name, c) for c in ("3xx", "4xx")}
+        metrics.unrecognised_answers.labels(self.name)
+        for kind in {TransportError.metric, *(c.metric for c in TransportError.__subclasses__())}:
+            metrics.transport_errors.labels(self.name, kind)
 
     @property
     def client(self) -> HttpSender:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections import Counter
 
 from processor.deadletter import headers_dict
 from processor.devstack.demo import demo_config
-from processor.devstack.kafka_io import produce
+from processor.devstack.kafka_io import produce, read_all
 from processor.vendors import REGISTRY, adapter_class
 from tests.integration.conftest import http_text
 from tests.integration.test_all_vendors import settled_and_dead_letters, workload_messages
@@ -47,11 +46,17 @@ def test_no_secret_in_any_output(broker, topics, sandbox, relays):
     secrets = sorted(set(env.values()))  # every ${VAR} of this config is a credential
     assert len(secrets) == 2 + sum(len(adapter_class(v).example_env) for v in REGISTRY)  # + SASL, + shop-2
 
-    settled, dlq = settled_and_dead_letters(broker, topics, relay, kinds)
-    reasons = Counter(headers_dict(m.headers())["relay.reason"] for m in dlq)
-    assert {r for r in reasons if "401" in r} == {
-        "HTTP 401: Tracardi does not know or has disabled the event source of site config 'shop-2' "
-        "(check sites.shop-2.source_id)"}  # the fault happened, and its reason names the field, not the value
+    # shop-2's source is unknown to Tracardi: a setup error, so its events are parked (and stay so, the
+    # site held) and never dead-lettered; the reason names the field, never the value
+    settled, dlq = settled_and_dead_letters(broker, topics, relay, kinds, waiting=frozenset({"tracardi"}))
+    assert not [m for m in dlq if "401" in headers_dict(m.headers())["relay.reason"]]
+    assert relay.metric("processor_vendor_setup_held_sites", vendor="tracardi") == 1
+    parked = read_all(broker.bootstrap, topics.retry["tracardi"], expect=int(settled["tracardi"]["parked"]))
+    heads = [headers_dict(m.headers()) for m in parked]
+    assert heads and {h["relay.waiting_on"] for h in heads} == {"setup_error"}
+    assert all(h["relay.reason"].startswith("setup error: HTTP 401: Tracardi does not know or has disabled the "
+                                            "event source of site config 'shop-2' (check sites.shop-2.source_id)")
+               for h in heads), {h["relay.reason"] for h in heads}
     assert settled["qubit"]["dead_lettered"] > 0 and settled["convert"]["dead_lettered"] > 0
     assert relay.metric("processor_vendor_retries_total", vendor="quicklizard") > 0
 
@@ -71,6 +76,10 @@ def test_no_secret_in_any_output(broker, topics, sandbox, relays):
 
     found = {(name, s) for name, text in outputs.items() for s in secrets if s in text}
     found |= {("dlq", s) for s in secrets if s.encode() in dlq_bytes}
+    parked_bytes = b"".join(b"".join([m.key() or b"", m.value() or b"", *(k.encode() + (v or b"")
+                                                                          for k, v in m.headers() or ())])
+                            for m in parked)
+    found |= {("retry topic", s) for s in secrets if s.encode() in parked_bytes}
     assert found == set()
     # and no payload field in the logs: no customer's e-mail, no product id, no visitor id
     assert "@example.com" not in outputs["log"] and "P-0" not in outputs["log"]

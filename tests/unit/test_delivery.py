@@ -86,6 +86,7 @@ class Harness:
         self.settled_batches: list[list[int]] = []
         self.dead: list[tuple[int, str, int | None, str, int]] = []
         self.parked: list[tuple[int, str, str, int, int]] = []
+        self.waiting_on: list[tuple[int, str]] = []  # (offset, relay.waiting_on) of each parked record
         self.sleeps: list[float] = []
         self.tracker = OffsetTracker()
         self.why = ""
@@ -118,8 +119,9 @@ class Harness:
         self.dead.append((source.offset, error_class, status, reason, attempts))
         on_ack()
 
-    def park(self, source, vendor, reason, attempts, first_ms, next_attempt_ms, on_ack):
+    def park(self, source, vendor, reason, attempts, first_ms, next_attempt_ms, on_ack, waiting_on=""):
         self.parked.append((source.offset, self.why, reason, attempts, next_attempt_ms))
+        self.waiting_on.append((source.offset, waiting_on))
         on_ack()
 
     def events(self, n: int, start: int = 0, partition: int = 0) -> list[Event]:

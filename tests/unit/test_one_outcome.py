@@ -65,10 +65,10 @@ async def test_an_exception_after_a_park_in_the_same_round_never_settles_the_par
                 breaker={"consecutive_failures": 100})
     real_park = h.park
 
-    def park_then_fail(source, *args):
+    def park_then_fail(source, *args, **kwargs):
         if h.parked:  # the second park of the round raises (a bug of ours below the pipeline)
             raise RuntimeError("bug")
-        real_park(source, *args)
+        real_park(source, *args, **kwargs)
 
     h.park = park_then_fail  # type: ignore[method-assign]
     await h.run(3)

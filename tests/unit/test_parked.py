@@ -18,14 +18,17 @@ from tests.unit.test_delivery import Harness, answer
 RETRY = "shop.events.retry.fake"
 
 
-def parked(offset: int, next_attempt_ms: int | None = None, age_ms: int = 0) -> RelayRecord:
-    """A parked record; its first failure ``age_ms`` ago (0: just now, within the vendor's retry.max_elapsed_s)."""
+def parked(offset: int, next_attempt_ms: int | None = None, age_ms: int = 0, waiting_on: str = "") -> RelayRecord:
+    """A parked record; its first failure ``age_ms`` ago (0: just now, within the vendor's retry.max_elapsed_s);
+    ``waiting_on``: parked because the vendor made it wait (``relay.waiting_on``)."""
     value = encode(EventKind.PRODUCT_VIEW, make_view(offset, offset))
     original = Source("shop.events", 0, offset, 1_000, b"k", value, [])
     now_ms = int(time.time() * 1000)
     headers = dlq_headers(original, "fake", "parked", 503, "HTTP 503", 1, now_ms - age_ms, now_ms, 0)
     if next_attempt_ms is not None:
         headers.append(("relay.next_attempt_ms", str(next_attempt_ms).encode()))
+    if waiting_on:
+        headers.append(("relay.waiting_on", waiting_on.encode()))
     return RelayRecord.from_source(Source(RETRY, 0, offset, 1_000, b"k", value, headers))
 
 
@@ -147,7 +150,7 @@ async def test_records_parked_again_count_against_the_vendor_until_kafka_acknowl
                 batch={"max_events": 10}, retry={"max_attempts": 1, "base_delay_ms": 1, "max_delay_ms": 1},
                 breaker={"consecutive_failures": 1000})
     acks: list = []
-    h.park = lambda source, vendor, reason, attempts, first_ms, next_ms, on_ack: (  # type: ignore[method-assign]
+    h.park = lambda source, vendor, reason, attempts, first_ms, next_ms, on_ack, waiting_on="": (  # type: ignore[method-assign]
         h.parked.append((source.offset, h.why, reason, attempts, next_ms)), acks.append(on_ack))
     r = redrive_of(h, [parked(i) for i in range(100)])
     for _ in range(10):
@@ -225,3 +228,42 @@ async def test_redriven_outcomes_are_counted_once_each_and_only_what_waited_in_t
     assert redriven("expired") == 1 and redriven("dead_lettered") == 1 and h.count("dead_lettered") == 2
     assert [p[0] for p in h.parked] == [2] and redriven("parked") == 1  # failed again: parked again
     await h.pipe.close()
+
+
+async def test_a_record_the_vendor_made_wait_is_never_expired_at_its_redrive():
+    """Events parked by a 429 or a setup error carry ``relay.waiting_on``: waiting is what they needed, so
+    their redrive delivers them however long ago they first failed; a record parked for a failure of its own
+    past retry.max_elapsed_s is still ``expired`` (before, a throttle or a setup error lasting longer than the
+    budget dead-lettered every parked event as exhausted here)."""
+    h = Harness(lambda call, offsets: answer(["ok"] * len(offsets)), parking=True, budget=100,
+                retry={"max_attempts": 1, "base_delay_ms": 1, "max_delay_ms": 1, "max_elapsed_s": 60})
+    h.tracker.retry_topics = True
+    r = redrive_of(h, [parked(0, age_ms=120_000, waiting_on="throttled"),
+                       parked(1, age_ms=120_000, waiting_on="setup_error"), parked(2, age_ms=120_000)])
+    r._release()
+    assert await h.pipe.drain(5)
+    assert [(d[0], d[1]) for d in h.dead] == [(2, "exhausted")]
+    assert h.count("delivered") == 2
+    await h.pipe.close()
+
+
+def test_a_park_for_the_vendors_sake_says_so_in_its_record():
+    """The settlement hands ``throttled`` and ``setup_error`` parks to the writer as ``waiting_on`` (the
+    ``relay.waiting_on`` header), and no other park reason; the header survives the record's round trip."""
+    from processor.deadletter import DeadLetterWriter
+
+    h = Harness(lambda call, offsets: answer([]), parking=True, budget=100)
+    events = h.events(3)
+    h.tracker.register_many(events, [1] * 3)
+    for ev, why in zip(events, ("throttled", "setup_error", "retry_budget"), strict=True):
+        h.settlement.park(ev, "fake", why, "HTTP 429", 1, None, 0)
+    assert h.waiting_on == [(0, "throttled"), (1, "setup_error"), (2, "")]
+
+    written: list[list[tuple[str, bytes]]] = []
+    w = DeadLetterWriter.__new__(DeadLetterWriter)
+    w.retry_topic_prefix = "shop.events.retry"
+    w._produce = lambda topic, source, headers, *rest: written.append(headers)
+    w.park(events[0].source, "fake", "HTTP 429", 1, None, 0, lambda: None, waiting_on="throttled")
+    w.park(events[2].source, "fake", "HTTP 500", 1, None, 0, lambda: None)
+    back = [RelayRecord.from_source(Source(RETRY, 0, i, 1_000, b"k", b"v", hs)) for i, hs in enumerate(written)]
+    assert [b.waiting_on for b in back] == ["throttled", ""]

@@ -36,7 +36,7 @@ class QueueWriter:
     def write(self, source, vendor, error_class, status, reason, attempts, first_ms, on_ack):
         self.unacked.append((source, vendor, on_ack))
 
-    def park(self, source, vendor, reason, attempts, first_ms, next_attempt_ms, on_ack):
+    def park(self, source, vendor, reason, attempts, first_ms, next_attempt_ms, on_ack, waiting_on=""):
         self.unacked.append((source, vendor, on_ack))
 
 
