@@ -108,6 +108,13 @@ PANELS: list[tuple[str, list[P]]] = [
           "Convert's non-200 answers...).",
           [(f"sum by (vendor, note) ({rate('processor_vendor_notes_total', VSEL)})", "{{vendor}} {{note}}")],
           unit="ops"),
+        P("Sent once: memory hits and evictions", "Rows left out because the vendor's memory holds them as "
+          "delivered (hit: Convert's repeated goals, orders, bucketings) and keys forgotten at its bound "
+          "(eviction: raise options.memory_size if these climb with the hits), per second.",
+          [(f"sum by (vendor, result) ({rate('processor_vendor_memory_total', VSEL)})", "{{vendor}} {{result}}")],
+          unit="ops"),
+        P("Sent once: keys remembered", "Keys in the vendor's memory of what was delivered, per pod.",
+          [(f"sum by (vendor, pod) (processor_vendor_memory_keys{{{VSEL}}})", "{{vendor}} {{pod}}")]),
     ]),
     ("Dead letters and failures", [
         P("Dead letters by vendor and error class", "Dead-letter records acknowledged by Kafka per second, by "
