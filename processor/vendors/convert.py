@@ -163,6 +163,8 @@ class _Endpoint:
     enrich: bool
     view_goals: list[Any]
     order_goals: list[Any]
+    view_marks: list[tuple[Any, tuple[str, Any, str]]]  # (goal, its mark: a goal once per visitor)
+    order_marks: list[tuple[Any, tuple[str, Any, str]]]
     customer_segments: list[str]
     fallback: bool
     # the API's segment vocabulary
@@ -178,10 +180,7 @@ class _Context(list[tuple[int, int, int]]):
     memory keys each event's rows carry (remembered once the request is delivered)."""
 
     __slots__ = ("keys",)
-
-    def __init__(self, spans: list[tuple[int, int, int]], keys: list[list[Hashable]]) -> None:
-        super().__init__(spans)
-        self.keys = keys
+    keys: list[list[Hashable]]
 
 
 class _Visitor:
@@ -286,6 +285,7 @@ class ConvertAdapter(Adapter[ConvertSite, ConvertOptions]):
         super().__init__(settings)
         size = self.options.memory_size
         self.memory = RecentKeys(size) if size else None
+        self._recent = self.memory if self.memory is not None else RecentKeys(0)  # 0: never remembers
         if "user_agent" in settings.model_fields_set and settings.user_agent != CONVERT_AGENT:
             logger.warning("convert: user_agent is not sent to Convert: its requests carry exactly %s, as "
                            "Convert's SDKs send it", CONVERT_AGENT)
@@ -299,9 +299,10 @@ class ConvertAdapter(Adapter[ConvertSite, ConvertOptions]):
             headers["Authorization"] = f"Bearer {site.secret.get_secret_value()}"
         goal_id = str if v1 else int  # v1 goalId is a string, the document's goals are numbers
         keys = SEG_KEYS_V1 if v1 else SEG_KEYS
+        view_goals, order_goals = [goal_id(g) for g in site.view_goals], [goal_id(g) for g in site.order_goals]
         return _Endpoint(v1, f"{host}/v1/track/{site.account_id}/{pid}" if v1 else f"{host}/track", headers,
-                         site.account_id, pid, v1 and site.enrich_data is not False,
-                         [goal_id(g) for g in site.view_goals], [goal_id(g) for g in site.order_goals],
+                         site.account_id, pid, v1 and site.enrich_data is not False, view_goals, order_goals,
+                         [(g, ("goal", g, "")) for g in view_goals], [(g, ("goal", g, "")) for g in order_goals],
                          site.customer_segments, site.visitor_id_fallback, BROWSERS,
                          SOURCES_V1 if v1 else SOURCES, keys["new"], keys["ctry"], keys["cust"])
 
@@ -325,20 +326,35 @@ class ConvertAdapter(Adapter[ConvertSite, ConvertOptions]):
             return [], []
         if goals and order is not None:
             amount, count = _order_totals(order)
-        memory, pid = self.memory, ep.project_id
-        marks: list[Hashable] = []  # what these rows carry (seen in this batch, remembered once delivered)
+        # What these rows carry: ``marks`` (seen in this batch), ``keys`` (the memory's, remembered once
+        # delivered). A miss in the memory costs one membership test; ``memory.hit`` counts and refreshes.
+        memory, pid = self._recent, ep.project_id
+        recent = memory.keys
+        marks: list[Hashable] = []
+        keys: list[Hashable] = []
         new: list[tuple[str, str]] = []
         for pair in dict.fromkeys(pairs) if len(pairs) > 1 else pairs:  # each pair once, in order
-            if pair not in seen and (memory is None or not memory.seen((pid, vid, pair))):
-                new.append(pair)
-                marks.append(pair)
+            if pair in seen:
+                continue
+            key = (pid, vid, pair)
+            if key in recent:
+                memory.hit(key)
+                continue
+            keys.append(key)
+            new.append(pair)
+            marks.append(pair)
         fired: list[Any] = []  # goals converting for the first time (view goals; v1: an order's goals too)
         if goals and (order is None or ep.v1):
-            for g in goals:
-                mark = ("goal", g, "")
-                if mark not in seen and (memory is None or not memory.seen((pid, vid, mark))):
-                    fired.append(g)
-                    marks.append(mark)
+            for g, mark in ep.view_marks if order is None else ep.order_marks:
+                if mark in seen:
+                    continue
+                key = (pid, vid, mark)
+                if key in recent:
+                    memory.hit(key)
+                    continue
+                keys.append(key)
+                fired.append(g)
+                marks.append(mark)
         paid = False  # the order's transaction is sent: an order id once, an order without one always
         order_id: str | None = None
         if goals and order is not None:
@@ -347,9 +363,13 @@ class ConvertAdapter(Adapter[ConvertSite, ConvertOptions]):
                 paid = True
             else:
                 mark = ("order", order_id, "")
-                if mark not in seen and (memory is None or not memory.seen((pid, vid, mark))):
+                key = (pid, vid, mark)
+                if mark not in seen and key not in recent:
                     paid = True
+                    keys.append(key)
                     marks.append(mark)
+                elif key in recent:
+                    memory.hit(key)
         rows: list[dict[str, Any]] = []
         if ep.v1:
             for e, v in new:
@@ -388,9 +408,7 @@ class ConvertAdapter(Adapter[ConvertSite, ConvertOptions]):
                 rows.append(row)
         if marks:
             seen.update(marks)
-            if memory is not None:
-                return rows, [(pid, vid, mark) for mark in marks]
-        return rows, []
+        return rows, keys
 
     def _fallback_visitor_id(self, visitor: dict[str, Any], ep: _Endpoint) -> str:
         """``visitor.visitor_id`` for a visitor without ``convert_visitor_id``, if the site allows it."""
@@ -462,8 +480,10 @@ class ConvertAdapter(Adapter[ConvertSite, ConvertOptions]):
             if seg:
                 body["seg"] = seg
             body["vid"], body["ev"] = acc.vid, acc.rows
+        context = _Context(spans)
+        context.keys = keys
         return VendorRequest(url=ep.url, content=json_body(body), events=events, headers=ep.headers,
-                             context=_Context(spans, keys))
+                             context=context)
 
     def delivered(self, request: VendorRequest, outcomes: Sequence[Outcome]) -> None:
         """Remember what the delivered events' rows carried: sent again only once forgotten."""

@@ -16,36 +16,41 @@ from collections.abc import Hashable, Iterable
 
 
 class RecentKeys:
-    __slots__ = ("_keys", "_told", "evictions", "hits", "size")
+    __slots__ = ("_told", "evictions", "hits", "keys", "size")
 
     def __init__(self, size: int) -> None:
         if size < 0:
             raise ValueError("size must be at least 0")
         self.size = size
-        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+        # the remembered keys, least recent first: a membership test is a miss's whole cost (read only:
+        # ``hit`` and ``add`` change it)
+        self.keys: OrderedDict[Hashable, None] = OrderedDict()
         self.hits = 0
         self.evictions = 0
         self._told = (0, 0)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self.keys)
 
     def __contains__(self, key: Hashable) -> bool:
-        """Whether ``key`` is remembered, without counting or refreshing it (tests, tools)."""
-        return key in self._keys
+        """Whether ``key`` is remembered, without counting or refreshing it."""
+        return key in self.keys
 
     def seen(self, key: Hashable) -> bool:
         """Whether ``key`` was sent and delivered recently: a hit is counted and makes it the most recent."""
-        keys = self._keys
-        if key in keys:
-            keys.move_to_end(key)
-            self.hits += 1
+        if key in self.keys:
+            self.hit(key)
             return True
         return False
 
+    def hit(self, key: Hashable) -> None:
+        """A remembered ``key`` was asked for again: counted, and now the most recent."""
+        self.keys.move_to_end(key)
+        self.hits += 1
+
     def add(self, keys: Iterable[Hashable]) -> None:
         """Remember delivered ``keys`` as the most recent, forgetting the least recent beyond ``size``."""
-        mine, size = self._keys, self.size
+        mine, size = self.keys, self.size
         if not size:
             return
         for key in keys:

@@ -508,7 +508,7 @@ def test_recent_keys_is_bounded_and_counts_hits_and_evictions():
     memory.add(["c"])
     assert "b" not in memory and "a" in memory and "c" in memory and len(memory) == 2
     memory.add(["a", "d"])
-    assert sorted(memory._keys) == ["a", "d"]
+    assert list(memory.keys) == ["a", "d"]
     assert (memory.hits, memory.evictions) == (1, 2)
     assert memory.counts_since_last() == (1, 2) and memory.counts_since_last() == (0, 0)
     memory.seen("d")
