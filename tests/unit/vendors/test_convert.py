@@ -623,3 +623,32 @@ async def test_the_pipeline_remembers_only_what_was_delivered_and_counts_the_mem
     assert sample("processor_vendor_memory_keys") == 3
     assert writer.dead == writer.parked == []
     await pipe.close()
+
+
+async def test_a_parked_event_is_not_remembered_and_its_redrive_sends_its_conversion():
+    """Parked after a failed attempt: nothing remembered; redriven (read back from the retry topic as a new
+    event), its goal and bucketing are sent, and then remembered."""
+    bodies, answers = [], iter([503, 200])
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(orjson.loads(request.content))
+        return httpx.Response(next(answers), json={})
+
+    a = adapter(sites={"default": V1_SITE}, retry={"max_attempts": 1, "base_delay_ms": 1, "max_delay_ms": 2})
+    metrics, tracker, writer = Metrics(), OffsetTracker(), _Writer()
+    pipe = VendorPipeline(a, Sender(httpx.MockTransport(handler)), metrics,
+                          RelaySettlement(tracker, writer, metrics), 1000, parking=True)
+    tracker.assign("shop.events", 0)
+    live = views(1, [1])
+    tracker.register_many(live, [1])
+    pipe.submit_many(live)
+    pipe.flush()
+    assert await pipe.drain(5)
+    assert writer.parked == [0] and len(a.memory) == 0
+    redriven = views(1, [1], offset=1)
+    tracker.register_many(redriven, [1])
+    pipe.submit_redriven(redriven)
+    assert await pipe.drain(5)
+    assert bodies[1]["visitors"] == bodies[0]["visitors"]  # the conversion goes with the redrive
+    assert len(a.memory) == 2
+    await pipe.close()
