@@ -69,6 +69,7 @@ import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from itertools import chain
 from typing import Any, Literal
 
 import orjson
@@ -490,9 +491,11 @@ class ConvertAdapter(Adapter[ConvertSite, ConvertOptions]):
         memory, keys = self.memory, getattr(request.context, "keys", None)
         if memory is None or keys is None:
             return
-        for event_keys, outcome in zip(keys, outcomes, strict=True):
-            if event_keys and outcome.verdict is Verdict.DELIVERED:
-                memory.add(event_keys)
+        if outcomes.count(DELIVERED) == len(keys):  # the common case: one call a request
+            memory.add(chain.from_iterable(keys))
+        else:
+            memory.add(chain.from_iterable(k for k, o in zip(keys, outcomes, strict=True)
+                                           if o.verdict is Verdict.DELIVERED))
 
     @staticmethod
     def _v1_visitor(acc: _Visitor) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
+from itertools import repeat
 
 
 class RecentKeys:
@@ -49,18 +50,18 @@ class RecentKeys:
         self.hits += 1
 
     def add(self, keys: Iterable[Hashable]) -> None:
-        """Remember delivered ``keys`` as the most recent, forgetting the least recent beyond ``size``."""
+        """Remember delivered ``keys`` as the most recent (one already remembered keeps its place: it was
+        not when its request was planned, so another request delivered it meanwhile), forgetting the least
+        recent beyond ``size``."""
         mine, size = self.keys, self.size
         if not size:
             return
-        for key in keys:
-            if key in mine:
-                mine.move_to_end(key)
-                continue
-            mine[key] = None
-            if len(mine) > size:
+        mine.update(zip(keys, repeat(None)))
+        over = len(mine) - size
+        if over > 0:
+            for _ in range(over):
                 mine.popitem(last=False)
-                self.evictions += 1
+            self.evictions += over
 
     def counts_since_last(self) -> tuple[int, int]:
         """Hits and evictions since the last call (whoever asked: two pipelines may share one adapter)."""

@@ -507,8 +507,8 @@ def test_recent_keys_is_bounded_and_counts_hits_and_evictions():
     assert memory.seen("a") and not memory.seen("c")  # a hit refreshes "a": "b" is now the oldest
     memory.add(["c"])
     assert "b" not in memory and "a" in memory and "c" in memory and len(memory) == 2
-    memory.add(["a", "d"])
-    assert list(memory.keys) == ["a", "d"]
+    memory.add(["a", "d"])  # "a" added again keeps its place (only a hit refreshes): it goes first
+    assert list(memory.keys) == ["c", "d"]
     assert (memory.hits, memory.evictions) == (1, 2)
     assert memory.counts_since_last() == (1, 2) and memory.counts_since_last() == (0, 0)
     memory.seen("d")
