@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
-from itertools import repeat
 
 
 class RecentKeys:
@@ -56,7 +55,8 @@ class RecentKeys:
         mine, size = self.keys, self.size
         if not size:
             return
-        mine.update(zip(keys, repeat(None)))
+        for key in keys:  # a plain loop: OrderedDict.update of pairs costs more
+            mine[key] = None
         over = len(mine) - size
         if over > 0:
             for _ in range(over):
