@@ -41,6 +41,7 @@ from processor.retry import Step, backoff_delay, decide, expired
 from processor.service import CIRCUIT_OPEN, Answer, RequestService
 from processor.transport import HttpSender
 from processor.vendors.base import DELIVERED, Adapter, Outcome, VendorRequest, Verdict
+from processor.vendors.recent import RecentKeys
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ class VendorPipeline:
         self._latency = m.delivery_latency.labels(name)
         self._batch_size = m.batch_events.labels(name)
         self._retries = m.retries.labels(name)
+        if adapter.memory is not None:  # the series exist from the start
+            self._memory_hits = m.vendor_memory.labels(name, "hit")
+            self._memory_evictions = m.vendor_memory.labels(name, "eviction")
+            self._memory_keys = m.vendor_memory_keys.labels(name)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -157,6 +162,7 @@ class VendorPipeline:
     # -- delivery ----------------------------------------------------------
     async def _deliver(self, events: list[Event]) -> None:
         failing_since: float | None = None  # monotonic: the first failure in this delivery
+        memory = self.adapter.memory
         first_ms: int | None = None  # the same, epoch ms (the dead-letter and parked records' header)
         attempts: dict[int, int] = {}  # per failed event: its counted attempts (not throttled, not circuit-open)
         last: dict[int, tuple[Outcome, int | None]] = {}  # per failed event: its last failure and HTTP status
@@ -190,13 +196,18 @@ class VendorPipeline:
                     outcomes = answer.outcomes
                     if outcomes is None:
                         self._internal(req.events, answer.internal)
-                    elif outcomes.count(DELIVERED) == len(req.events):  # the common case, settled in bulk
+                        return
+                    if memory is not None:  # remembered before settled: what was delivered is never sent again
+                        self.adapter.delivered(req, outcomes)
+                    if outcomes.count(DELIVERED) == len(req.events):  # the common case, settled in bulk
                         self._delivered(req.events, time.time())
                     else:
                         wait_at_least = max(wait_at_least, self._one_by_one(
                             req, answer, outcomes, time.time(), attempts, last, waiting, retry, first_ms))
 
                 await self._send_all(plan.requests, settle)
+                if memory is not None:
+                    self._memory_counts(memory)
                 if not retry:
                     return
                 if failing_since is None or first_ms is None:
@@ -209,6 +220,14 @@ class VendorPipeline:
             self._last_resort(events, exc)
         finally:
             self._unsettled_gauge.set(self.admission.unsettled)
+
+    def _memory_counts(self, memory: RecentKeys) -> None:
+        hits, evictions = memory.counts_since_last()
+        if hits:
+            self._memory_hits.inc(hits)
+        if evictions:
+            self._memory_evictions.inc(evictions)
+        self._memory_keys.set(len(memory))
 
     def _one_by_one(self, req: VendorRequest, answer: Answer, outcomes: list[Outcome], now_s: float,
                     attempts: dict[int, int], last: dict[int, tuple[Outcome, int | None]], waiting: dict[int, str],

@@ -212,6 +212,12 @@ class Metrics:
         self.notes = Counter(
             "processor_vendor_notes", "Vendor-specific observations (warnings, changed ids, bad source)",
             ["vendor", "note"], registry=r)
+        self.vendor_memory = Counter(
+            "processor_vendor_memory", "Rows left out as already delivered (hit), keys forgotten at the bound "
+            "(eviction), of a vendor's memory of what it was sent", ["vendor", "result"], registry=r)
+        self.vendor_memory_keys = Gauge(
+            "processor_vendor_memory_keys", "Keys in a vendor's memory of what it was sent", ["vendor"],
+            registry=r)
         self.dlq_events = Counter(
             "processor_dlq_events", "Dead-letter records acknowledged by Kafka", ["vendor", "error_class"],
             registry=r)

@@ -118,6 +118,13 @@ PANELS: list[tuple[str, list[P]]] = [
           "delivered. The relay's log shows one such answer a minute per vendor.",
           [(f"sum by (vendor) ({rate('processor_vendor_unrecognised_answers_total', VSEL)})", "{{vendor}}")],
           unit="reqps"),
+        P("Sent once: memory hits and evictions", "Rows left out because the vendor's memory holds them as "
+          "delivered (hit: Convert's repeated goals, orders, bucketings) and keys forgotten at its bound "
+          "(eviction: raise options.memory_size if these climb with the hits), per second.",
+          [(f"sum by (vendor, result) ({rate('processor_vendor_memory_total', VSEL)})", "{{vendor}} {{result}}")],
+          unit="ops"),
+        P("Sent once: keys remembered", "Keys in the vendor's memory of what was delivered, per pod.",
+          [(f"sum by (vendor, pod) (processor_vendor_memory_keys{{{VSEL}}})", "{{vendor}} {{pod}}")]),
     ]),
     ("Dead letters and failures", [
         P("Dead letters by vendor and error class", "Dead-letter records acknowledged by Kafka per second, by "

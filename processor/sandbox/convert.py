@@ -16,11 +16,20 @@ ids in the body match the URL. Any problem refuses the whole request with
 ``400 {code, message, fields}``, ``fields`` listing every offending path (``ev[1].r``,
 ``visitors[0].events[2].data.goalId``); injected partial failures are reported the same way.
 Accepted requests answer 200 and record one item per tracking row (``ev`` entry / visitor event).
+
+``GET /_sandbox/convert/conversions`` counts what was recorded as Convert counts it without
+``enrichData`` (every row it is sent): ``goals`` per (project, visitor, goal) (``hitGoal`` goals, v1
+conversions without ``goalData``), ``orders`` per (project, visitor, goal, transactionId) (v1 conversions
+with ``goalData``), ``transactions`` per (project, visitor, goal) (``tr`` goals, v1 conversions with
+``goalData``: the document's ``tr`` carries no order id)
+and ``bucketings`` per (project, visitor, experience) (``viewExp`` experiences, v1 bucketing events);
+keys are joined with ``/``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -33,7 +42,9 @@ Rows = list[tuple[str, dict[str, Any]]]
 
 DEVICES = ("DESK", "OTHDEV", "IPAD", "ALLTAB", "OTHTAB", "OTHPH", "IPH", "ALLPH")
 TRACK_BROWSERS = ("IE", "CH", "FF", "OP", "SF", "OTH")
-V1_BROWSERS = (*TRACK_BROWSERS, "EDG", "MO", "NS")
+# the serving API's type (SendTrackingEventsRequestData's VisitorSegments.browser), not the SDK's own
+# BrowserType enum (which adds EDG, MO and NS for its rules): what the endpoint's contract allows
+V1_BROWSERS = TRACK_BROWSERS
 CUSTOM_DIMENSIONS = tuple(f"customDimension{i}" for i in range(1, 6))
 
 
@@ -167,12 +178,42 @@ def validate_v1(body: Any, account_id: str, project_id: str) -> tuple[Rows, Prob
     return rows, problems
 
 
+def count_conversions(items: Iterable[dict[str, Any]]) -> dict[str, Counter[str]]:
+    """The recorded rows counted as Convert counts them when each row is recorded (see the docstring)."""
+    out: dict[str, Counter[str]] = {k: Counter() for k in ("goals", "orders", "transactions", "bucketings")}
+    for item in items:
+        if "evt" in item:  # the document's row
+            who = f"{item['pid']}/{item['vid']}"
+            if item["evt"] == "viewExp":
+                out["bucketings"].update(f"{who}/{e}" for e in item["exps"])
+            elif item["evt"] == "hitGoal":
+                out["goals"].update(f"{who}/{g}" for g in item["goals"])
+            else:
+                out["transactions"].update(f"{who}/{g}" for g in item["goals"])
+            continue
+        who, data = f"{item['projectId']}/{item['visitorId']}", item["data"]
+        if item["eventType"] == "bucketing":
+            out["bucketings"][f"{who}/{data['experienceId']}"] += 1
+        elif "goalData" not in data:
+            out["goals"][f"{who}/{data['goalId']}"] += 1
+        else:
+            out["transactions"][f"{who}/{data['goalId']}"] += 1
+            ids = [kv["value"] for kv in data["goalData"] if kv["key"] == "transactionId"]
+            if ids:
+                out["orders"][f"{who}/{data['goalId']}/{ids[0]}"] += 1
+    return out
+
+
 class ConvertTwin(Twin):
     name = "convert"
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/convert/{host_pid}/track", self.guarded(self.track)),
-                web.post("/convert/{host_pid}/v1/track/{account_id}/{project_id}", self.guarded(self.v1))]
+                web.post("/convert/{host_pid}/v1/track/{account_id}/{project_id}", self.guarded(self.v1)),
+                web.get("/_sandbox/convert/conversions", self.conversions)]
+
+    async def conversions(self, request: web.Request) -> web.Response:
+        return json_response(count_conversions(self.sandbox.received.get(self.name, ())))
 
     async def track(self, request: web.Request) -> web.Response:
         return await self._handle(request, lambda body: validate_track(body, request.match_info["host_pid"]))

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 
 from processor.events import UNCHECKED, Event, EventKind
 from processor.validation import reason, validate
+from processor.vendors.recent import RecentKeys
 
 _invalid = attrgetter("invalid")
 SiteT = TypeVar("SiteT", bound=BaseModel)
@@ -362,6 +363,14 @@ class Adapter(ABC, Generic[SiteT, OptionsT]):
         per-event path only does ``self.routes.get(record["site_id"], self.default_route)``.
         Called from ``Adapter.__init__``: use only ``self.settings``, ``options`` and ``base_url``."""
         return site
+
+    # what the vendor was already sent, for a vendor that counts a thing once (None: nothing remembered);
+    # the delivery pipeline reports its hits and evictions and calls ``delivered``
+    memory: RecentKeys | None = None
+
+    def delivered(self, request: VendorRequest, outcomes: Sequence[Outcome]) -> None:
+        """For an adapter with a ``memory``: an answered request's outcomes (one per event, in order), told
+        before they are settled, so what its delivered events carried is remembered. Default: nothing."""
 
     def takes(self, kind: EventKind) -> bool:
         return kind in self.enabled_kinds

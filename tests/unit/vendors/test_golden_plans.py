@@ -183,7 +183,8 @@ def test_cases_reach_requests_rejections_and_filters(vendor):
     """The cases exercise every outcome of planning for each vendor (a digest of empty plans pins nothing)."""
     plans = [adapter(vendor, config).plan(batch) for config in CONFIGS[vendor] for _, batch in cases()]
     assert sum(len(p.requests) for p in plans) > 500
-    assert sum(len(r.events) for p in plans for r in p.requests) > 2500
+    # Convert sends a visitor's goal and bucketing once: its repeats within a batch are filtered
+    assert sum(len(r.events) for p in plans for r in p.requests) > (700 if vendor == "convert" else 2500)
     assert sum(len(p.rejected) for p in plans) > 50
     if vendor != "convead":  # Convead filters nothing
         assert sum(len(p.filtered) for p in plans) > 5
