@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import faulthandler
 import gc
 import logging
-import signal
-import sys
 import time
 from typing import Any
 
@@ -17,6 +14,7 @@ from confluent_kafka import KafkaException
 
 from processor.codec import SchemaResolver, build_decoder, registry_name
 from processor.config import Config
+from processor.consumer import ConsumerLoop, Fetch, Stop
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline
 from processor.health import HealthServer
@@ -30,9 +28,6 @@ from processor.vendors import adapter_class
 
 logger = logging.getLogger(__name__)
 SUMMARY_EVERY_S = 5.0
-# SIGTERM: the drain takes up to relay.shutdown_grace_s; what follows (the last commits, leaving the
-# consumer groups, the producer's last acknowledgements) fits in this margin, each step bounded
-CLOSE_MARGIN_S = 12.0
 
 
 class Relay:
@@ -40,17 +35,17 @@ class Relay:
         self.config = config
         self.metrics = metrics or Metrics()
         self.tracker = OffsetTracker()
-        self.stopping = asyncio.Event()
+        # SIGTERM/SIGINT or a fatal error; a second signal cancels the deliveries in flight
+        self.stop = Stop(config.relay.shutdown_grace_s, on_abandon=self._abandon)
+        self.stopping = self.stop.event
         self.pipelines: dict[str, VendorPipeline] = {}
         self.source: KafkaSource | None = None
+        self.consumer: ConsumerLoop | None = None  # the source's loop, with this relay as its handler
         self.parked: ParkedRedrive | None = None
         self.health: HealthServer | None = None
         self._over_limit = False  # back-pressure hysteresis: above the limit until below resume_ratio of it
-        self._commit_due = 0.0
         self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
-        self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
         self.exit_code = 0
-        self._watchdog_armed = False
         self.consumer_failed = False  # a fatal consumer error: it commits nothing any more
         self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
         # per partition, the messages from the first one whose schema id the registry has not answered
@@ -169,9 +164,7 @@ class Relay:
     # -- main loop ------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            # a plain handler, not the loop's: it runs (and arms the watchdog) even while the loop is blocked
-            signal.signal(sig, lambda _sig, _frame: self._signalled(loop))
+        self.stop.install(loop)
         self._build_pipelines()
         tune_gc()
         self.health = HealthServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
@@ -200,6 +193,7 @@ class Relay:
                                        lambda up: self.metrics.schema_registry_up.set(1 if up else 0),
                                        registry=registry_name(self.config.schema_registry.url))
         self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke)
+        self.consumer = ConsumerLoop(self.source, self, self.config.relay.commit_interval_s)
         await self.source.start()
         tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]
         if self.config.retry_topics():
@@ -209,7 +203,7 @@ class Relay:
             redrive.add_done_callback(self._redrive_ended)
             tasks.append(redrive)
         try:
-            await self._consume_loop()
+            await self.consumer.run(self.stopping)
         finally:
             await self._shutdown(tasks)
         return self.exit_code
@@ -254,29 +248,14 @@ class Relay:
         if not task.cancelled() and task.exception() is not None:
             self.fail(f"the redrive of parked events failed ({task.exception()!r})")
 
-    def _signalled(self, loop: asyncio.AbstractEventLoop) -> None:
-        """SIGTERM/SIGINT, in the main thread between two bytecodes: the first arms the watchdog, then the
-        loop is asked to stop."""
-        self._arm_watchdog()
-        loop.call_soon_threadsafe(self.request_stop)
-
-    def _arm_watchdog(self) -> None:
-        if not self._watchdog_armed:
-            self._watchdog_armed = True
-            arm_watchdog(self.config.relay.shutdown_grace_s + CLOSE_MARGIN_S)
-
     def request_stop(self) -> None:
-        if self.stopping.is_set():
-            logger.warning("second stop signal: not waiting for in-flight work")
-            self.abandon = True
-            for p in self.pipelines.values():
-                for t in list(p.tasks):
-                    t.cancel()
-            return
-        logger.info("stopping: no more fetching; draining in-flight work (grace %.0fs)",
-                    self.config.relay.shutdown_grace_s)
-        self._arm_watchdog()  # whatever asked for the stop (a signal, a fatal error): the exit is bounded
-        self.stopping.set()
+        self.stop.request()
+
+    def _abandon(self) -> None:
+        """A second stop signal: in-flight work is given up (redelivered later)."""
+        for p in self.pipelines.values():
+            for t in list(p.tasks):
+                t.cancel()
 
     def _want_pause(self) -> bool:
         """Fetching waits while the relay holds too many unsettled messages (the redrive's records
@@ -289,36 +268,42 @@ class Relay:
             self._over_limit = False
         return self._over_limit or any(p.admission.holds_source for p in self.pipelines.values())
 
-    async def _consume_loop(self) -> None:
-        cfg = self.config
-        assert self.source is not None and self.resolver is not None
-        resolver = self.resolver
-        while not self.stopping.is_set():
-            pause = self._want_pause()
-            commit = None
-            now = time.monotonic()
-            if now >= self._commit_due:
-                self._commit_due = now + cfg.relay.commit_interval_s
-                commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll_until(self.stopping, cfg.kafka.consume_batch, 0.05 if pause else 0.2,
-                                                pause, commit, set(self._held))
-            if poll is None:
-                break
-            self._after_commit(poll.committed, poll.lag, poll.commit_failed)
+    # -- the consumer loop's handler (processor.consumer) --------------------------------------
+    def turn(self, now: float) -> Fetch:
+        """Pause all while over the bound; hold the partitions waiting for the registry."""
+        pause = self._want_pause()
+        return Fetch(self.config.kafka.consume_batch, 0.05 if pause else 0.2, pause, set(self._held))
+
+    def committable(self) -> dict[tuple[str, int], int]:
+        """What settled since the last commit; nothing once the consumer failed for good."""
+        return self.tracker.commit_positions() if not self.consumer_failed else {}
+
+    def committed(self, positions: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
+                  failed: bool) -> None:
+        self._after_commit(positions, lag, failed)
+        if self.source is not None:
             self.metrics.paused.set(1 if self.source.paused else 0)
-            self.metrics.inflight_messages.set(self.tracker.inflight)
-            raw = poll.raw
-            unknown = resolver.decoder.unknown_ids(m.value() for m in raw) if raw else set()
-            if not unknown and not self._held:  # the common case: every id known, nothing waits
-                if raw:
-                    self._route(raw)
-                continue
-            unknown |= resolver.decoder.unknown_ids(m.value() for q in self._held.values() for m in q)
-            if unknown:  # bounded, hears the stop; a slow fetch goes on while the loop polls
-                await resolver.ready_ids(unknown, self.stopping, wait_s=0.5)
-            ready = self._release_held(raw)
-            if ready:
-                self._route(ready)
+        self.metrics.inflight_messages.set(self.tracker.inflight)
+
+    async def hand_over(self, raw: list[Any], stopping: asyncio.Event) -> None:
+        """Decode and route, partition by partition up to the first message whose schema id the registry
+        has not answered for (``_release_held``)."""
+        resolver = self.resolver
+        assert resolver is not None
+        unknown = resolver.decoder.unknown_ids(m.value() for m in raw) if raw else set()
+        if not unknown and not self._held:  # the common case: every id known, nothing waits
+            if raw:
+                self._route(raw)
+            return
+        unknown |= resolver.decoder.unknown_ids(m.value() for q in self._held.values() for m in q)
+        if unknown:  # bounded, hears the stop; a slow fetch goes on while the loop polls
+            await resolver.ready_ids(unknown, stopping, wait_s=0.5)
+        ready = self._release_held(raw)
+        if ready:
+            self._route(ready)
+
+    def finished(self) -> bool:
+        return False
 
     def _route(self, raw: list[Any]) -> None:
         """Decode and route a poll's messages; a fatal consumer error among them stops the relay (exit 1)
@@ -393,28 +378,19 @@ class Relay:
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         dlq_task, tick_task, *redrive = tasks
-        self._arm_watchdog()
+        self.stop.arm_watchdog()
         self.stopping.set()
         if redrive:  # no more parked records taken in (it hears the stop in its poll and registry waits)
             await asyncio.wait(redrive, timeout=1.0)
-        if not self.abandon:
+        if not self.stop.abandon:
             await self._drain(self.config.relay.shutdown_grace_s)
         self._drained = True  # once: closing the consumer revokes, and that revoke must not wait again
-        # from here on each step has its own bound, together within CLOSE_MARGIN_S
-        assert self.source is not None
-        positions = self.tracker.commit_positions() if not self.consumer_failed else {}
-        if positions:
-            where = ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items()))
-            committed = positions if await self.source.commit(positions) else {}
-            self._after_commit(committed, {}, not committed)
-            if committed:
-                logger.info("committed %s", where)
-            else:
-                logger.warning("not committed: %s (their next owner redelivers what settled since the last "
-                               "commit)", where)
+        # from here on each step has its own bound, together within consumer.CLOSE_MARGIN_S
+        assert self.consumer is not None
+        await self.consumer.commit_settled()
         for p in self.pipelines.values():
             await p.cancel()
-        closes = [self.source.close()]
+        closes = [self.consumer.close()]
         if self.parked is not None:
             closes.append(self.parked.commit_and_close())
         if not all(await asyncio.gather(*closes)):  # the live and the redrive consumer leave their groups at once
@@ -429,15 +405,6 @@ class Relay:
         if self.health is not None:
             await self.health.stop()
         logger.info("stopped")
-
-
-def arm_watchdog(after_s: float) -> None:
-    """If the process has not exited ``after_s`` from now, write every thread's stack to stderr (the log)
-    and exit 1: faulthandler's own thread does it, in C, without the GIL, so a hang anywhere (the event
-    loop blocked, a library call holding the GIL) becomes a restart with a stack trace. Frames only (file,
-    line, function): no values, so nothing to mask. Armed once, at the first stop signal."""
-    logger.info("watchdog: exiting with every thread's stack if not stopped within %.0fs", after_s)
-    faulthandler.dump_traceback_later(after_s, exit=True, file=sys.stderr)
 
 
 def tune_gc() -> None:
