@@ -12,12 +12,13 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
+from processor.admission import InflightBound
 from processor.codec import SchemaResolver, build_decoder, registry_name
 from processor.config import Config
 from processor.consumer import ConsumerLoop, Fetch, Stop
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline
-from processor.health import HealthServer
+from processor.health import HealthRules, HealthServer
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, RelaySettlement
 from processor.parked import ParkedRedrive
@@ -43,7 +44,7 @@ class Relay:
         self.consumer: ConsumerLoop | None = None  # the source's loop, with this relay as its handler
         self.parked: ParkedRedrive | None = None
         self.health: HealthServer | None = None
-        self._over_limit = False  # back-pressure hysteresis: above the limit until below resume_ratio of it
+        self.bound = InflightBound(config.relay.max_inflight_events, config.relay.resume_ratio)
         self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
         self.exit_code = 0
         self.consumer_failed = False  # a fatal consumer error: it commits nothing any more
@@ -52,7 +53,9 @@ class Relay:
         # for: that partition is paused, the others go on
         self._held: dict[tuple[str, int], list[Any]] = {}
         self.resolver: SchemaResolver | None = None
-        self._stall_logged: str | None = None  # the stall last logged (``_watch_stall``)
+        self.rules = HealthRules(config.relay.stall_after_s,
+                                 [self._not_assigned, self._stopping, self._topic_writes, self._registry],
+                                 self._oldest_unsettled, self._owners)
 
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
@@ -103,28 +106,20 @@ class Relay:
             logger.warning("%d messages not settled after the grace time; they will be redelivered",
                            self.tracker.inflight)
 
-    # -- health -----------------------------------------------------------------
-    def not_ready(self) -> str | None:
-        """Why the relay cannot do its work now (None: ready)."""
-        if self.source is None or not self.source.had_assignment:
-            return "not assigned any partition yet"
-        if self.stopping.is_set():
-            return "stopping"
+    # -- health: the facts (the rules are processor.health.HealthRules) ----------------------------
+    def _not_assigned(self) -> str | None:
+        return "not assigned any partition yet" if self.source is None or not self.source.had_assignment else None
+
+    def _stopping(self) -> str | None:
+        return "stopping" if self.stopping.is_set() else None
+
+    def _topic_writes(self) -> str | None:
         if self.dlq.failing:
             return self.dlq.failing_why or "dead-letter or retry-topic writes are not acknowledged"
-        registry = self.resolver.waiting() if self.resolver is not None else None
-        if registry is not None:
-            return registry
-        return self.stalled() or self._waiting_past_stall()
+        return None
 
-    def stalled(self) -> str | None:
-        """Why liveness should fail although the loop turns: a message (or a parked record being redriven)
-        unsettled past ``relay.stall_after_s`` that nothing owns any more (no vendor pipeline holds an
-        event, no dead-letter or retry-topic write is pending): only a restart, redelivering it, settles it."""
-        oldest = self._oldest_unsettled()
-        if oldest <= self.config.relay.stall_after_s or self._owners():
-            return None
-        return f"a message has been unsettled for {oldest:.0f}s (relay.stall_after_s) and nothing works on it"
+    def _registry(self) -> str | None:
+        return self.resolver.waiting() if self.resolver is not None else None
 
     def _oldest_unsettled(self) -> float:
         oldest = max(self.tracker.oldest_unsettled().values(), default=0.0)
@@ -140,27 +135,6 @@ class Relay:
             owners.append(f"{self.dlq.pending} dead-letter or retry-topic writes pending")
         return owners
 
-    def _waiting_past_stall(self) -> str | None:
-        """Readiness: a message unsettled past ``relay.stall_after_s`` that something still works on (a
-        vendor retrying in place through an outage, a topic write not acknowledged): an alert, not a
-        restart."""
-        oldest = self._oldest_unsettled()
-        if oldest <= self.config.relay.stall_after_s:
-            return None
-        owners = self._owners()
-        if not owners:
-            return None  # nothing owns it: liveness (``stalled``)
-        return f"a message has been unsettled for {oldest:.0f}s (past relay.stall_after_s): {'; '.join(owners)}"
-
-    def _watch_stall(self) -> None:
-        """Log when a message goes past ``relay.stall_after_s`` and when that ends (once each)."""
-        why = self.stalled() or self._waiting_past_stall()
-        if why is not None and self._stall_logged is None:
-            logger.error("%s", why)
-        elif why is None and self._stall_logged is not None:
-            logger.info("no message unsettled past relay.stall_after_s any more")
-        self._stall_logged = why
-
     # -- main loop ------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -168,7 +142,7 @@ class Relay:
         self._build_pipelines()
         tune_gc()
         self.health = HealthServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
-                                   self.not_ready, self.stalled, self.config.relay.loop_stall_s)
+                                   self.rules.not_ready, self.rules.stalled, self.config.relay.loop_stall_s)
         await self.health.start()
         logger.info("metrics on http://%s:%d/metrics, vendors: %s", self.config.metrics.host, self.health.port,
                     ", ".join(self.pipelines) or "none")
@@ -260,13 +234,9 @@ class Relay:
     def _want_pause(self) -> bool:
         """Fetching waits while the relay holds too many unsettled messages (the redrive's records
         included), or a vendor holds the source (``processor.admission``)."""
-        cfg = self.config.relay
         inflight = self.tracker.inflight + (self.parked.tracker.inflight if self.parked is not None else 0)
-        if not self._over_limit and inflight >= cfg.max_inflight_events:
-            self._over_limit = True
-        elif self._over_limit and inflight <= int(cfg.max_inflight_events * cfg.resume_ratio):
-            self._over_limit = False
-        return self._over_limit or any(p.admission.holds_source for p in self.pipelines.values())
+        over = self.bound.check(inflight)
+        return over or any(p.admission.holds_source for p in self.pipelines.values())
 
     # -- the consumer loop's handler (processor.consumer) --------------------------------------
     def turn(self, now: float) -> Fetch:
@@ -370,7 +340,7 @@ class Relay:
                 second_due = now + 1.0
                 for (t, part), age in self.tracker.oldest_unsettled(now).items():
                     self.metrics.oldest_unsettled.labels(t, str(part)).set(age)
-                self._watch_stall()
+                self.rules.watch()
             if now >= summary_due:
                 summary_due = now + SUMMARY_EVERY_S
                 self.settlement.log_summary()
