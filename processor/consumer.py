@@ -4,7 +4,7 @@ Three things read Kafka, and each is this loop with its own handler:
 
 =============  ====================================  ==================================  ==========================
                the live relay (``app.Relay``)        the parked redrive                  ``dlq replay``
-                                                     (``parked.ParkedRedrive``)          (``dlq.replay.Replay``)
+                                                     (``parked.ParkedRedrive``)          (``dlq.replay._Replay``)
 =============  ====================================  ==================================  ==========================
 feed           ``source.KafkaSource``: the input     ``KafkaSource``: the retry topics,  ``dlq.topic.DlqFeed``: the
                topics, in the relay's group          in the redrive group                dead-letter topic, assigned
