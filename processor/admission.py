@@ -94,3 +94,22 @@ class Admission:
         if state is BreakerState.CLOSED:
             return max(0, max(1, int(self.budget * share)) - self.unsettled)  # a budget of 1 has room for 1
         return self.max_batch if state is BreakerState.HALF_OPEN and self.unsettled == 0 else 0
+
+
+class InflightBound:
+    """The relay-wide bound on unsettled messages (``relay.max_inflight_events``), with hysteresis: over
+    it from the moment the count reaches the limit until it is down to ``resume_ratio`` of it, so the
+    source does not pause and resume on every settled message."""
+
+    def __init__(self, limit: int, resume_ratio: float) -> None:
+        self.limit = limit
+        self.resume_at = int(limit * resume_ratio)
+        self.over = False
+
+    def check(self, inflight: int) -> bool:
+        """Whether fetching waits at this count."""
+        if not self.over and inflight >= self.limit:
+            self.over = True
+        elif self.over and inflight <= self.resume_at:
+            self.over = False
+        return self.over

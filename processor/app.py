@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import faulthandler
 import gc
 import logging
-import signal
-import sys
 import time
 from typing import Any
 
 from confluent_kafka import KafkaException
 
+from processor.admission import InflightBound
 from processor.codec import SchemaResolver, build_decoder, registry_name
 from processor.config import Config
+from processor.consumer import ConsumerLoop, Fetch, Stop
 from processor.deadletter import DeadLetterWriter
 from processor.delivery import VendorPipeline
-from processor.health import HealthServer
+from processor.health import HealthRules, HealthServer
 from processor.kafka_access import AccessWatch, reach
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker, RelaySettlement
@@ -31,9 +30,6 @@ from processor.vendors import adapter_class
 
 logger = logging.getLogger(__name__)
 SUMMARY_EVERY_S = 5.0
-# SIGTERM: the drain takes up to relay.shutdown_grace_s; what follows (the last commits, leaving the
-# consumer groups, the producer's last acknowledgements) fits in this margin, each step bounded
-CLOSE_MARGIN_S = 12.0
 
 
 class Relay:
@@ -41,25 +37,28 @@ class Relay:
         self.config = config
         self.metrics = metrics or Metrics()
         self.tracker = OffsetTracker()
-        self.stopping = asyncio.Event()
+        # SIGTERM/SIGINT or a fatal error; a second signal cancels the deliveries in flight
+        self.stop = Stop(config.relay.shutdown_grace_s, on_abandon=self._abandon)
+        self.stopping = self.stop.event
         self.pipelines: dict[str, VendorPipeline] = {}
         self.source: KafkaSource | None = None
+        self.consumer: ConsumerLoop | None = None  # the source's loop, with this relay as its handler
         self.parked: ParkedRedrive | None = None
         self.health: HealthServer | None = None
-        self._over_limit = False  # back-pressure hysteresis: above the limit until below resume_ratio of it
-        self._commit_due = 0.0
+        self.bound = InflightBound(config.relay.max_inflight_events, config.relay.resume_ratio)
         self._drained = False  # the stop's drain is done: a revoke while closing does not wait again
-        self.abandon = False  # a second stop signal: in-flight work is given up (redelivered later)
         self.exit_code = 0
-        self._watchdog_armed = False
         self.consumer_failed = False  # a fatal consumer error: it commits nothing any more
         self.unclean_exit = False  # a consumer did not close in time: its thread must not hold the exit
         # per partition, the messages from the first one whose schema id the registry has not answered
         # for: that partition is paused, the others go on
         self._held: dict[tuple[str, int], list[Any]] = {}
         self.resolver: SchemaResolver | None = None
-        self._stall_logged: str | None = None  # the stall last logged (``_watch_stall``)
         self.access = AccessWatch("the relay")  # Kafka refusing the relay's clients: named once, not ready
+        self.rules = HealthRules(config.relay.stall_after_s,
+                                 [self._kafka_access, self._not_assigned, self._stopping, self._topic_writes,
+                                  self._registry],
+                                 self._oldest_unsettled, self._owners)
 
     # -- wiring -------------------------------------------------------------
     def _build_pipelines(self) -> None:
@@ -112,30 +111,23 @@ class Relay:
             logger.warning("%d messages not settled after the grace time; they will be redelivered",
                            self.tracker.inflight)
 
-    # -- health -----------------------------------------------------------------
-    def not_ready(self) -> str | None:
-        """Why the relay cannot do its work now (None: ready)."""
-        if self.access.problem is not None:
-            return f"Kafka refuses the relay: {self.access.problem}"
-        if self.source is None or not self.source.had_assignment:
-            return "not assigned any partition yet"
-        if self.stopping.is_set():
-            return "stopping"
+    # -- health: the facts (the rules are processor.health.HealthRules) ----------------------------
+    def _kafka_access(self) -> str | None:
+        return f"Kafka refuses the relay: {self.access.problem}" if self.access.problem is not None else None
+
+    def _not_assigned(self) -> str | None:
+        return "not assigned any partition yet" if self.source is None or not self.source.had_assignment else None
+
+    def _stopping(self) -> str | None:
+        return "stopping" if self.stopping.is_set() else None
+
+    def _topic_writes(self) -> str | None:
         if self.dlq.failing:
             return self.dlq.failing_why or "dead-letter or retry-topic writes are not acknowledged"
-        registry = self.resolver.waiting() if self.resolver is not None else None
-        if registry is not None:
-            return registry
-        return self.stalled() or self._waiting_past_stall()
+        return None
 
-    def stalled(self) -> str | None:
-        """Why liveness should fail although the loop turns: a message (or a parked record being redriven)
-        unsettled past ``relay.stall_after_s`` that nothing owns any more (no vendor pipeline holds an
-        event, no dead-letter or retry-topic write is pending): only a restart, redelivering it, settles it."""
-        oldest = self._oldest_unsettled()
-        if oldest <= self.config.relay.stall_after_s or self._owners():
-            return None
-        return f"a message has been unsettled for {oldest:.0f}s (relay.stall_after_s) and nothing works on it"
+    def _registry(self) -> str | None:
+        return self.resolver.waiting() if self.resolver is not None else None
 
     def _oldest_unsettled(self) -> float:
         oldest = max(self.tracker.oldest_unsettled().values(), default=0.0)
@@ -151,37 +143,14 @@ class Relay:
             owners.append(f"{self.dlq.pending} dead-letter or retry-topic writes pending")
         return owners
 
-    def _waiting_past_stall(self) -> str | None:
-        """Readiness: a message unsettled past ``relay.stall_after_s`` that something still works on (a
-        vendor retrying in place through an outage, a topic write not acknowledged): an alert, not a
-        restart."""
-        oldest = self._oldest_unsettled()
-        if oldest <= self.config.relay.stall_after_s:
-            return None
-        owners = self._owners()
-        if not owners:
-            return None  # nothing owns it: liveness (``stalled``)
-        return f"a message has been unsettled for {oldest:.0f}s (past relay.stall_after_s): {'; '.join(owners)}"
-
-    def _watch_stall(self) -> None:
-        """Log when a message goes past ``relay.stall_after_s`` and when that ends (once each)."""
-        why = self.stalled() or self._waiting_past_stall()
-        if why is not None and self._stall_logged is None:
-            logger.error("%s", why)
-        elif why is None and self._stall_logged is not None:
-            logger.info("no message unsettled past relay.stall_after_s any more")
-        self._stall_logged = why
-
     # -- main loop ------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            # a plain handler, not the loop's: it runs (and arms the watchdog) even while the loop is blocked
-            signal.signal(sig, lambda _sig, _frame: self._signalled(loop))
+        self.stop.install(loop)
         self._build_pipelines()
         tune_gc()
         self.health = HealthServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
-                                   self.not_ready, self.stalled, self.config.relay.loop_stall_s)
+                                   self.rules.not_ready, self.rules.stalled, self.config.relay.loop_stall_s)
         await self.health.start()
         logger.info("metrics on http://%s:%d/metrics, vendors: %s", self.config.metrics.host, self.health.port,
                     ", ".join(self.pipelines) or "none")
@@ -206,6 +175,7 @@ class Relay:
                                        lambda up: self.metrics.schema_registry_up.set(1 if up else 0),
                                        registry=registry_name(self.config.schema_registry.url))
         self.source = KafkaSource(self.config.kafka, decoder, loop, self._on_assign, self._on_revoke, self.access)
+        self.consumer = ConsumerLoop(self.source, self, self.config.relay.commit_interval_s)
         await self.source.start()
         tasks = [asyncio.create_task(self.dlq.run(self.stopping)), asyncio.create_task(self._ticker())]
         if self.config.retry_topics():
@@ -215,7 +185,7 @@ class Relay:
             redrive.add_done_callback(self._redrive_ended)
             tasks.append(redrive)
         try:
-            await self._consume_loop()
+            await self.consumer.run(self.stopping)
         finally:
             await self._shutdown(tasks)
         return self.exit_code
@@ -260,71 +230,58 @@ class Relay:
         if not task.cancelled() and task.exception() is not None:
             self.fail(f"the redrive of parked events failed ({task.exception()!r})")
 
-    def _signalled(self, loop: asyncio.AbstractEventLoop) -> None:
-        """SIGTERM/SIGINT, in the main thread between two bytecodes: the first arms the watchdog, then the
-        loop is asked to stop."""
-        self._arm_watchdog()
-        loop.call_soon_threadsafe(self.request_stop)
-
-    def _arm_watchdog(self) -> None:
-        if not self._watchdog_armed:
-            self._watchdog_armed = True
-            arm_watchdog(self.config.relay.shutdown_grace_s + CLOSE_MARGIN_S)
-
     def request_stop(self) -> None:
-        if self.stopping.is_set():
-            logger.warning("second stop signal: not waiting for in-flight work")
-            self.abandon = True
-            for p in self.pipelines.values():
-                for t in list(p.tasks):
-                    t.cancel()
-            return
-        logger.info("stopping: no more fetching; draining in-flight work (grace %.0fs)",
-                    self.config.relay.shutdown_grace_s)
-        self._arm_watchdog()  # whatever asked for the stop (a signal, a fatal error): the exit is bounded
-        self.stopping.set()
+        self.stop.request()
+
+    def _abandon(self) -> None:
+        """A second stop signal: in-flight work is given up (redelivered later)."""
+        for p in self.pipelines.values():
+            for t in list(p.tasks):
+                t.cancel()
 
     def _want_pause(self) -> bool:
         """Fetching waits while the relay holds too many unsettled messages (the redrive's records
         included), or a vendor holds the source (``processor.admission``)."""
-        cfg = self.config.relay
         inflight = self.tracker.inflight + (self.parked.tracker.inflight if self.parked is not None else 0)
-        if not self._over_limit and inflight >= cfg.max_inflight_events:
-            self._over_limit = True
-        elif self._over_limit and inflight <= int(cfg.max_inflight_events * cfg.resume_ratio):
-            self._over_limit = False
-        return self._over_limit or any(p.admission.holds_source for p in self.pipelines.values())
+        over = self.bound.check(inflight)
+        return over or any(p.admission.holds_source for p in self.pipelines.values())
 
-    async def _consume_loop(self) -> None:
-        cfg = self.config
-        assert self.source is not None and self.resolver is not None
-        resolver = self.resolver
-        while not self.stopping.is_set():
-            pause = self._want_pause()
-            commit = None
-            now = time.monotonic()
-            if now >= self._commit_due:
-                self._commit_due = now + cfg.relay.commit_interval_s
-                commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll_until(self.stopping, cfg.kafka.consume_batch, 0.05 if pause else 0.2,
-                                                pause, commit, set(self._held))
-            if poll is None:
-                break
-            self._after_commit(poll.committed, poll.lag, poll.commit_failed)
+    # -- the consumer loop's handler (processor.consumer) --------------------------------------
+    def turn(self, now: float) -> Fetch:
+        """Pause all while over the bound; hold the partitions waiting for the registry."""
+        pause = self._want_pause()
+        return Fetch(self.config.kafka.consume_batch, 0.05 if pause else 0.2, pause, set(self._held))
+
+    def committable(self) -> dict[tuple[str, int], int]:
+        """What settled since the last commit; nothing once the consumer failed for good."""
+        return self.tracker.commit_positions() if not self.consumer_failed else {}
+
+    def committed(self, positions: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
+                  failed: bool) -> None:
+        self._after_commit(positions, lag, failed)
+        if self.source is not None:
             self.metrics.paused.set(1 if self.source.paused else 0)
-            self.metrics.inflight_messages.set(self.tracker.inflight)
-            raw = poll.raw
-            unknown = resolver.decoder.unknown_ids(m.value() for m in raw) if raw else set()
-            if not unknown and not self._held:  # the common case: every id known, nothing waits
-                if raw:
-                    self._route(raw)
-                continue
-            unknown |= resolver.decoder.unknown_ids(m.value() for q in self._held.values() for m in q)
-            if unknown:  # bounded, hears the stop; a slow fetch goes on while the loop polls
-                await resolver.ready_ids(unknown, self.stopping, wait_s=0.5)
-            ready = self._release_held(raw)
-            if ready:
-                self._route(ready)
+        self.metrics.inflight_messages.set(self.tracker.inflight)
+
+    async def hand_over(self, raw: list[Any], stopping: asyncio.Event) -> None:
+        """Decode and route, partition by partition up to the first message whose schema id the registry
+        has not answered for (``_release_held``)."""
+        resolver = self.resolver
+        assert resolver is not None
+        unknown = resolver.decoder.unknown_ids(m.value() for m in raw) if raw else set()
+        if not unknown and not self._held:  # the common case: every id known, nothing waits
+            if raw:
+                self._route(raw)
+            return
+        unknown |= resolver.decoder.unknown_ids(m.value() for q in self._held.values() for m in q)
+        if unknown:  # bounded, hears the stop; a slow fetch goes on while the loop polls
+            await resolver.ready_ids(unknown, stopping, wait_s=0.5)
+        ready = self._release_held(raw)
+        if ready:
+            self._route(ready)
+
+    def finished(self) -> bool:
+        return False
 
     def _route(self, raw: list[Any]) -> None:
         """Decode and route a poll's messages; a fatal consumer error among them stops the relay (exit 1)
@@ -392,7 +349,7 @@ class Relay:
                 second_due = now + 1.0
                 for (t, part), age in self.tracker.oldest_unsettled(now).items():
                     self.metrics.oldest_unsettled.labels(t, str(part)).set(age)
-                self._watch_stall()
+                self.rules.watch()
             if now >= summary_due:
                 summary_due = now + SUMMARY_EVERY_S
                 self.settlement.log_summary()
@@ -400,28 +357,19 @@ class Relay:
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         dlq_task, tick_task, *redrive = tasks
-        self._arm_watchdog()
+        self.stop.arm_watchdog()
         self.stopping.set()
         if redrive:  # no more parked records taken in (it hears the stop in its poll and registry waits)
             await asyncio.wait(redrive, timeout=1.0)
-        if not self.abandon:
+        if not self.stop.abandon:
             await self._drain(self.config.relay.shutdown_grace_s)
         self._drained = True  # once: closing the consumer revokes, and that revoke must not wait again
-        # from here on each step has its own bound, together within CLOSE_MARGIN_S
-        assert self.source is not None
-        positions = self.tracker.commit_positions() if not self.consumer_failed else {}
-        if positions:
-            where = ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(positions.items()))
-            committed = positions if await self.source.commit(positions) else {}
-            self._after_commit(committed, {}, not committed)
-            if committed:
-                logger.info("committed %s", where)
-            else:
-                logger.warning("not committed: %s (their next owner redelivers what settled since the last "
-                               "commit)", where)
+        # from here on each step has its own bound, together within consumer.CLOSE_MARGIN_S
+        assert self.consumer is not None
+        await self.consumer.commit_settled()
         for p in self.pipelines.values():
             await p.cancel()
-        closes = [self.source.close()]
+        closes = [self.consumer.close()]
         if self.parked is not None:
             closes.append(self.parked.commit_and_close())
         if not all(await asyncio.gather(*closes)):  # the live and the redrive consumer leave their groups at once
@@ -436,15 +384,6 @@ class Relay:
         if self.health is not None:
             await self.health.stop()
         logger.info("stopped")
-
-
-def arm_watchdog(after_s: float) -> None:
-    """If the process has not exited ``after_s`` from now, write every thread's stack to stderr (the log)
-    and exit 1: faulthandler's own thread does it, in C, without the GIL, so a hang anywhere (the event
-    loop blocked, a library call holding the GIL) becomes a restart with a stack trace. Frames only (file,
-    line, function): no values, so nothing to mask. Armed once, at the first stop signal."""
-    logger.info("watchdog: exiting with every thread's stack if not stopped within %.0fs", after_s)
-    faulthandler.dump_traceback_later(after_s, exit=True, file=sys.stderr)
 
 
 def tune_gc() -> None:

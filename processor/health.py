@@ -11,11 +11,66 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+logger = logging.getLogger(__name__)
+
+
+class HealthRules:
+    """The relay's health rules, from facts the relay reports: ``checks`` (in order: each a reason not to
+    be ready, or None), the age of the oldest unsettled message (``oldest_unsettled``) and what still
+    works on unsettled messages (``owners``: vendors holding events, pending topic writes).
+
+    * liveness (``stalled``): a message unsettled past ``stall_after_s`` that nothing owns any more: only
+      a restart, redelivering it, settles it;
+    * readiness (``not_ready``): the first failing check, else a stall, else a message unsettled past
+      ``stall_after_s`` that something still works on (a vendor retrying in place through an outage, a
+      topic write not acknowledged): an alert, not a restart;
+    * ``watch``: logs when a message goes past ``stall_after_s`` and when that ends (once each)."""
+
+    def __init__(self, stall_after_s: float, checks: Sequence[Callable[[], str | None]],
+                 oldest_unsettled: Callable[[], float], owners: Callable[[], list[str]]) -> None:
+        self.stall_after_s = stall_after_s
+        self.checks = checks
+        self.oldest_unsettled = oldest_unsettled
+        self.owners = owners
+        self._logged: str | None = None  # the stall last logged
+
+    def not_ready(self) -> str | None:
+        """Why the relay cannot do its work now (None: ready)."""
+        for check in self.checks:
+            why = check()
+            if why is not None:
+                return why
+        return self.stalled() or self.waiting_past_stall()
+
+    def stalled(self) -> str | None:
+        oldest = self.oldest_unsettled()
+        if oldest <= self.stall_after_s or self.owners():
+            return None
+        return f"a message has been unsettled for {oldest:.0f}s (relay.stall_after_s) and nothing works on it"
+
+    def waiting_past_stall(self) -> str | None:
+        oldest = self.oldest_unsettled()
+        if oldest <= self.stall_after_s:
+            return None
+        owners = self.owners()
+        if not owners:
+            return None  # nothing owns it: liveness (``stalled``)
+        return f"a message has been unsettled for {oldest:.0f}s (past relay.stall_after_s): {'; '.join(owners)}"
+
+    def watch(self) -> None:
+        why = self.stalled() or self.waiting_past_stall()
+        if why is not None and self._logged is None:
+            logger.error("%s", why)
+        elif why is None and self._logged is not None:
+            logger.info("no message unsettled past relay.stall_after_s any more")
+        self._logged = why
 
 
 class HealthServer:

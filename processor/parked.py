@@ -4,7 +4,10 @@ Each vendor that parks (``on_outage: park``) has its own retry topic; the relay
 reads them all in its own consumer group (``parking.group_id``, default
 ``<kafka.group_id>.redrive``) and hands each record back to its one vendor's
 live pipeline (adapter, batching, concurrency, breaker, retries), through the
-same record-to-event path as ``dlq replay`` (``processor.redrive``).
+same record-to-event path as ``dlq replay`` (``processor.redrive``). It is the consumer loop
+(``processor.consumer``) with this class as its handler: the loop polls, commits every
+``relay.commit_interval_s`` and stops with the relay; the handler keeps the reservoir and hands
+records over.
 
 A partition's records are taken in order, and only as many as the vendor's admission
 policy (``processor.admission``) has room for within half its budget (the other half stays
@@ -39,6 +42,7 @@ from typing import Any
 
 from processor.codec import SchemaResolver
 from processor.config import Config
+from processor.consumer import ConsumerLoop, Fetch
 from processor.delivery import VendorPipeline
 from processor.events import Event
 from processor.metrics import Metrics
@@ -77,7 +81,7 @@ class ParkedRedrive:
         self.reservoir: dict[tuple[str, int], deque[RelayRecord]] = {}
         self.fetch_batch = k.consume_batch
         self._full: set[tuple[str, int]] = set()  # partitions paused at their reservoir, until down to half
-        self._commit_due = 0.0
+        self.loop = ConsumerLoop(self.source, self, config.relay.commit_interval_s)
         for v in self.topics:
             metrics.parked_backlog.labels(v).set(0)
 
@@ -97,24 +101,26 @@ class ParkedRedrive:
             self._full.discard((t, p))
         return positions
 
-    # -- the loop -------------------------------------------------------------------------
+    # -- the loop's handler (processor.consumer) ---------------------------------------------
     async def run(self, stopping: asyncio.Event) -> None:
         await self.source.start()
-        cfg = self.config
-        while not stopping.is_set():
-            if await self._schemas_known(stopping):
-                self._release()
-            commit = None
-            now = time.monotonic()
-            if now >= self._commit_due:
-                self._commit_due = now + cfg.relay.commit_interval_s
-                commit = self.tracker.commit_positions() or None
-            poll = await self.source.poll_until(stopping, cfg.kafka.consume_batch, 0.2, None, commit, self._holds())
-            if poll is None:
-                break
-            self._after_commit(poll.committed, poll.lag)
-            self._take(poll.raw)
-            self._unresolved |= self.resolver.decoder.unknown_ids(m.value() for m in poll.raw if m.error() is None)
+        await self.loop.run(stopping)
+
+    def turn(self, now: float) -> Fetch:
+        return Fetch(self.fetch_batch, 0.2, None, self._holds())
+
+    def committable(self) -> dict[tuple[str, int], int]:
+        return self.tracker.commit_positions()
+
+    async def hand_over(self, raw: list[Any], stopping: asyncio.Event) -> None:
+        """Into the reservoir; once the registry knows every id it names, the due heads to their vendors."""
+        self._take(raw)
+        self._unresolved |= self.resolver.decoder.unknown_ids(m.value() for m in raw if m.error() is None)
+        if await self._schemas_known(stopping):
+            self._release()
+
+    def finished(self) -> bool:
+        return False
 
     def _take(self, raw: list[Any]) -> None:
         """A poll's records into the held queues; a consumer error is logged, a fatal one stops the redrive
@@ -133,7 +139,8 @@ class ParkedRedrive:
             self._unresolved.clear()
         return not self._unresolved
 
-    def _after_commit(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int]) -> None:
+    def committed(self, committed: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
+                  failed: bool) -> None:
         if committed:
             self.tracker.mark_committed(committed)
         if lag:
@@ -240,7 +247,5 @@ class ParkedRedrive:
     async def commit_and_close(self) -> bool:
         """After the relay drained its pipelines: commit what settled, leave the group (False: the
         consumer did not close in time)."""
-        positions = self.tracker.commit_positions()
-        if positions and await self.source.commit(positions):
-            self.tracker.mark_committed(positions)
-        return await self.source.close()
+        await self.loop.commit_settled()
+        return await self.loop.close()

@@ -296,24 +296,6 @@ class KafkaSource:
         return await self.loop.run_in_executor(self.executor, self._poll, max_messages, timeout, pause, commit,
                                                hold)
 
-    async def poll_until(self, stopping: asyncio.Event, max_messages: int, timeout: float, pause: bool | None = None,
-                         commit: dict[tuple[str, int], int] | None = None,
-                         hold: set[tuple[str, int]] | None = None) -> Poll | None:
-        """``poll``, or None as soon as ``stopping`` is set while it is still out (a commit in it waiting
-        for a broker that does not answer): the loop goes to its close, whose steps are bounded; what the
-        abandoned poll brings back is never registered, so it is redelivered."""
-        fut = asyncio.ensure_future(self.poll(max_messages, timeout, pause, commit, hold))
-        if not stopping.is_set():
-            stop = asyncio.ensure_future(stopping.wait())
-            try:
-                await asyncio.wait([fut, stop], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-        if fut.done():
-            return fut.result()
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nothing logged for it
-        return None
-
     async def commit(self, positions: dict[tuple[str, int], int], timeout_s: float = COMMIT_TIMEOUT_S) -> bool:
         """Commit on the worker thread; False when it failed or was not confirmed within ``timeout_s``
         (the broker may still take it: nothing is lost either way, at most redelivered)."""

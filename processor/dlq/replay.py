@@ -1,19 +1,21 @@
 """``processor dlq replay``: one bounded run to one vendor, from its replay group's position (or the
 start) to the dead-letter topic's end as of the start.
 
-The consumer works on its own thread; the redrive (``processor.redrive``), the vendor's pipeline and
-the write-back producer in the event loop. Reading stops at the in-flight bound
+A run is the consumer loop (``processor.consumer``) with ``_Replay`` as its handler: the reader
+(``processor.dlq.topic``) works on its own thread; the redrive (``processor.redrive``), the vendor's
+pipeline and the write-back producer in the event loop. Reading stops at the in-flight bound
 (``relay.max_inflight_events``) and resumes as records settle; settled positions are committed every
-0.2 s and at the end, never past an unsettled record. SIGINT/SIGTERM stop the reading, wait up to
-``relay.shutdown_grace_s`` for in-flight deliveries and commit what settled; a second signal stops
-waiting. A run stopped any other way (kill -9, an evicted Job) repeats at most what was in flight.
+0.2 s and at the end (each commit bounded), never past an unsettled record. SIGINT/SIGTERM stop the
+reading, wait up to ``relay.shutdown_grace_s`` for in-flight deliveries and commit what settled; a
+second signal stops waiting. The stop arms the relay's watchdog: a run still not ended
+``consumer.CLOSE_MARGIN_S`` after the grace writes every thread's stack and exits 1. A run stopped
+any other way (kill -9, an evicted Job) repeats at most what was in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,8 +25,10 @@ from typing import Any
 
 from processor.codec import SchemaResolver, build_decoder, registry_name
 from processor.config import Config
+from processor.consumer import ConsumerLoop, Fetch, Stop
 from processor.deadletter import DeadLetterWriter
-from processor.dlq.topic import DlqTopic, check_vendor, replay_group
+from processor.delivery import VendorPipeline
+from processor.dlq.topic import DlqFeed, DlqTopic, check_vendor, replay_group
 from processor.dlq.view import masked_request
 from processor.metrics import Metrics
 from processor.offsets import OffsetTracker
@@ -34,6 +38,8 @@ from processor.vendors import Adapter, adapter_class
 from processor.vendors.base import VendorRequest
 
 logger = logging.getLogger(__name__)
+REPLAY_COMMIT_EVERY_S = 0.2  # settled positions committed this often (and at the end)
+
 
 class RateCap:
     """At most ``rate`` events a second handed to the vendor (None: no cap)."""
@@ -94,127 +100,88 @@ def run_replay(config: Config, options: ReplayOptions, progress: Progress | None
 
 
 class _Replay:
-    """One bounded replay run: the consumer on its own thread, the redrive and pipeline in the loop."""
+    """One bounded replay run: the consumer loop (``processor.consumer``) on the dead-letter topic with
+    this class as its handler; the redrive, the vendor's pipeline and the write-back producer in the
+    event loop, the reader on its own thread."""
 
     def __init__(self, config: Config, options: ReplayOptions, progress: Progress | None) -> None:
         self.config = config
         self.options = options
         self.progress = progress
         self.group = replay_group(config, options.vendor)
-        self.stopping = asyncio.Event()
-        self.abandon = False
+        self.stop = Stop(config.relay.shutdown_grace_s, on_abandon=self._abandon)
+        self.stopping = self.stop.event
+        self.tracker = OffsetTracker()
+        self.cap = RateCap(options.rate)
+        rate, batch = options.rate, config.kafka.consume_batch
+        self.chunk = batch if not rate else max(1, min(batch, int(rate / 5)))
+        self.pipeline: VendorPipeline | None = None  # the vendor's (none in a dry run)
+        self.flushed = False
+        self.undecided = 0  # read, but the run stopped while it waited for the registry
+        self.next_report = 0.0
+        self.started = time.monotonic()
+        self.total = 0
 
     async def run(self) -> ReplayResult:
         cfg, opt = self.config, self.options
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(1, thread_name_prefix="dlq-replay")
-        started = time.monotonic()
         try:
             reader: DlqTopic = await loop.run_in_executor(executor, DlqTopic, cfg, self.group, opt.timeout_s)
         except BaseException:
             executor.shutdown(wait=False)
             raise
+        self.reader = reader
+        feed = DlqFeed(reader, executor)
+        self.stop.install(loop)
         try:
             committed = {} if opt.from_start else await loop.run_in_executor(executor, reader.committed)
             starts = reader.starts(committed)
-            total = await loop.run_in_executor(executor, reader.assign, starts)
+            self.total = await loop.run_in_executor(executor, reader.assign, starts)
             logger.info("replaying %s[%s] to %s from %s (group %s): %d records", reader.topic,
                         ",".join(map(str, reader.partitions)), opt.vendor,
-                        ", ".join(f"{p}@{o}" for p, o in sorted(starts.items())), self.group, total)
-            tracker = OffsetTracker()
+                        ", ".join(f"{p}@{o}" for p, o in sorted(starts.items())), self.group, self.total)
             for p in reader.partitions:
-                tracker.assign(reader.topic, p)
+                self.tracker.assign(reader.topic, p)
             adapter = adapter_class(opt.vendor)(cfg.enabled_vendors()[opt.vendor])
-            writer = None
+            self.writer = None
             metrics = Metrics()
             if not opt.dry_run:
-                writer = DeadLetterWriter(reader.topic, cfg.producer_settings(), metrics, cfg.deadletter.retry_delay_s)
+                self.writer = DeadLetterWriter(reader.topic, cfg.producer_settings(), metrics,
+                                               cfg.deadletter.retry_delay_s)
             decoder = build_decoder(cfg.schema_registry)
             self.resolver = SchemaResolver(decoder, f"replay to {opt.vendor}",
                                            registry=registry_name(cfg.schema_registry.url))
-            redrive = Redrive(adapter, decoder, tracker, opt.filters, opt.max_replays, writer)
-            planner = _DryRun(adapter, opt.samples) if opt.dry_run else None
+            self.redrive = Redrive(adapter, decoder, self.tracker, opt.filters, opt.max_replays, self.writer)
+            self.planner = _DryRun(adapter, opt.samples) if opt.dry_run else None
             if not opt.dry_run:
-                redrive.attach(make_sender(adapter, cfg.relay.http_transport, cfg.relay.egress()), metrics)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._request_stop)
-            result = await self._loop(loop, executor, reader, tracker, redrive, writer, planner, total, started)
-            positions = tracker.commit_positions(only_changed=False) if not opt.dry_run else {}
+                sender = make_sender(adapter, cfg.relay.http_transport, cfg.relay.egress())
+                self.pipeline = self.redrive.attach(sender, metrics)
+            result = await self._run(ConsumerLoop(feed, self, REPLAY_COMMIT_EVERY_S))
+            positions = self.tracker.commit_positions(only_changed=False) if not opt.dry_run else {}
             result.committed = {**starts, **{p: o for (_t, p), o in positions.items()}}
             return result
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await loop.run_in_executor(executor, reader.close)
-            executor.shutdown(wait=True)
+            self.stop.uninstall()
+            if await feed.close():
+                self.stop.disarm()  # a stuck reader thread would hold the exit: the watchdog stays armed
 
-    def _request_stop(self) -> None:
-        if self.stopping.is_set():
-            logger.warning("second stop signal: not waiting for in-flight deliveries")
-            self.abandon = True
-            return
-        logger.info("stopping: no more reading; waiting for in-flight deliveries (grace %.0fs)",
-                    self.config.relay.shutdown_grace_s)
-        self.stopping.set()
+    def _abandon(self) -> None:
+        """A second stop signal: the deliveries in flight are given up (the next run repeats them)."""
+        if self.pipeline is not None:
+            for t in list(self.pipeline.tasks):
+                t.cancel()
 
-    async def _loop(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, reader: DlqTopic,
-                    tracker: OffsetTracker, redrive: Redrive, writer: DeadLetterWriter | None,
-                    planner: _DryRun | None, total: int, started: float) -> ReplayResult:
-        cfg, opt = self.config, self.options
-        cap = RateCap(opt.rate)
-        limit = cfg.relay.max_inflight_events
-        chunk = cfg.kafka.consume_batch if not opt.rate else max(1, min(cfg.kafka.consume_batch, int(opt.rate / 5)))
-        pipeline = redrive.pipeline
+    async def _run(self, consumer: ConsumerLoop) -> ReplayResult:
+        opt = self.options
+        pipeline, writer = self.pipeline, self.writer
         stop_writer = asyncio.Event()
         writer_task = asyncio.create_task(writer.run(stop_writer)) if writer is not None else None
-        flushed = False
-        undecided = 0  # read, but the run stopped while it waited for the registry
-        grace_until: float | None = None
-        next_commit = next_report = 0.0
         try:
-            while True:
-                now = time.monotonic()
-                reading = not reader.done and not self.stopping.is_set()
-                if pipeline is not None:
-                    pipeline.tick(now)
-                if reading and tracker.inflight < limit:
-                    records = await loop.run_in_executor(executor, reader.consume, chunk, 0.1)
-                    # read but stopped before the registry answered: not decided, not committed; the next
-                    # run reads them again
-                    if records and not await self.resolver.wait((r.source.value for r in records), self.stopping):
-                        undecided += len(records)
-                        continue
-                    if records:
-                        t: Triage = redrive.triage(records)
-                        await cap.take(len(t.events))
-                        if planner is not None:
-                            planner.plan(t)
-                        else:
-                            redrive.dispatch(t)
-                else:
-                    if pipeline is not None and not flushed and not reading:
-                        pipeline.flush()
-                        flushed = True
-                    if not reading and tracker.inflight == 0:
-                        break
-                    if self.stopping.is_set():
-                        grace_until = grace_until or now + cfg.relay.shutdown_grace_s
-                        if self.abandon or now > grace_until:
-                            break
-                    await asyncio.sleep(0.02)
-                if not opt.dry_run and now >= next_commit:
-                    next_commit = now + 0.2
-                    await self._commit(loop, executor, reader, tracker)
-                if self.progress is not None and now >= next_report:
-                    next_report = now + 0.25
-                    self.progress(self._snapshot(redrive, total, started, tracker))
-            commit_failed = False
-            if not opt.dry_run:
-                for _ in range(3):
-                    if await self._commit(loop, executor, reader, tracker):
-                        break
-                else:
-                    commit_failed = True
+            await consumer.run(self.stopping)
+            if self.stopping.is_set():
+                await self._drain()
+            commit_failed = not await consumer.commit_settled(tries=3)
         finally:
             if pipeline is not None:
                 await pipeline.cancel()
@@ -223,31 +190,80 @@ class _Replay:
                 await writer.drain(1.0)
                 stop_writer.set()
                 await writer_task
-        snapshot = self._snapshot(redrive, total, started, tracker)
+        snapshot = self._snapshot()
         if self.progress is not None:
             self.progress(snapshot)
-        return ReplayResult(opt.vendor, self.group, opt.dry_run, total, redrive.summary(), redrive.reports, {},
-                            interrupted=self.stopping.is_set(),
-                            pending=tracker.inflight + undecided + (
-                                0 if reader.done else total - redrive.counts["scanned"] - undecided),
-                            plan=planner.result() if planner is not None else {},
-                            elapsed_s=round(time.monotonic() - started, 3), commit_failed=commit_failed)
+        tracker, reader = self.tracker, self.reader
+        return ReplayResult(opt.vendor, self.group, opt.dry_run, self.total, self.redrive.summary(),
+                            self.redrive.reports, {}, interrupted=self.stopping.is_set(),
+                            pending=tracker.inflight + self.undecided + (
+                                0 if reader.done else self.total - self.redrive.counts["scanned"] - self.undecided),
+                            plan=self.planner.result() if self.planner is not None else {},
+                            elapsed_s=round(time.monotonic() - self.started, 3), commit_failed=commit_failed)
 
-    async def _commit(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, reader: DlqTopic,
-                      tracker: OffsetTracker) -> bool:
-        """Commit what settled since the last commit; whether the tracker's positions are all committed."""
-        positions = tracker.commit_positions()
-        if not positions:
-            return True
-        if await loop.run_in_executor(executor, reader.commit, positions):
-            tracker.mark_committed(positions)
-            return True
-        return False
+    async def _drain(self) -> None:
+        """Stopped: wait up to ``relay.shutdown_grace_s`` for what is in flight to settle; a second signal
+        stops waiting."""
+        pipeline = self.pipeline
+        if pipeline is not None:
+            pipeline.flush()
+        deadline = time.monotonic() + self.config.relay.shutdown_grace_s
+        while self.tracker.inflight and not self.stop.abandon and (now := time.monotonic()) < deadline:
+            if pipeline is not None:
+                pipeline.tick(now)
+            self._report(now)
+            await asyncio.sleep(0.02)
 
-    def _snapshot(self, redrive: Redrive, total: int, started: float, tracker: OffsetTracker) -> dict[str, Any]:
-        s = redrive.summary()
-        elapsed = max(1e-6, time.monotonic() - started)
-        return {**s, "total": total, "inflight": tracker.inflight, "elapsed_s": elapsed,
+    # -- the consumer loop's handler (processor.consumer) --------------------------------------
+    def turn(self, now: float) -> Fetch | None:
+        """Read while below the in-flight bound and not at the end; the pipeline's batch timers run."""
+        pipeline = self.pipeline
+        if pipeline is not None:
+            pipeline.tick(now)
+        self._report(now)
+        if not self.reader.done and self.tracker.inflight < self.config.relay.max_inflight_events:
+            return Fetch(self.chunk, 0.1)
+        if pipeline is not None and not self.flushed and self.reader.done:
+            pipeline.flush()
+            self.flushed = True
+        return None
+
+    def committable(self) -> dict[tuple[str, int], int]:
+        return self.tracker.commit_positions() if not self.options.dry_run else {}
+
+    def committed(self, positions: dict[tuple[str, int], int], lag: dict[tuple[str, int], int],
+                  failed: bool) -> None:
+        if positions:
+            self.tracker.mark_committed(positions)
+
+    async def hand_over(self, raw: list[Any], stopping: asyncio.Event) -> None:
+        """Triage and dispatch (or plan, in a dry run) once the registry knows the records' schema ids;
+        records read when the stop came before the registry answered are not decided, not committed: the
+        next run reads them again."""
+        if not raw:
+            return
+        if not await self.resolver.wait((r.source.value for r in raw), stopping):
+            self.undecided += len(raw)
+            return
+        t: Triage = self.redrive.triage(raw)
+        await self.cap.take(len(t.events))
+        if self.planner is not None:
+            self.planner.plan(t)
+        else:
+            self.redrive.dispatch(t)
+
+    def finished(self) -> bool:
+        return self.reader.done and self.tracker.inflight == 0
+
+    def _report(self, now: float) -> None:
+        if self.progress is not None and now >= self.next_report:
+            self.next_report = now + 0.25
+            self.progress(self._snapshot())
+
+    def _snapshot(self) -> dict[str, Any]:
+        s = self.redrive.summary()
+        elapsed = max(1e-6, time.monotonic() - self.started)
+        return {**s, "total": self.total, "inflight": self.tracker.inflight, "elapsed_s": elapsed,
                 "rate": s["scanned"] / elapsed}
 
 

@@ -9,9 +9,11 @@ the offsets of its group but never joins it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +23,7 @@ from processor.config import Config
 from processor.errors import ConfigError, FatalError
 from processor.kafka_access import AccessWatch, reach
 from processor.redrive import RelayRecord
+from processor.source import CLOSE_TIMEOUT_S, COMMIT_TIMEOUT_S, Poll
 from processor.vendors import REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -185,3 +188,48 @@ class DlqTopic:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class DlqFeed:
+    """A ``DlqTopic`` as the consumer loop's feed (``processor.consumer.Feed``): each call on the reader's
+    own thread, commits and the close bounded; ``pause`` and ``hold`` do not apply (the reader pauses a
+    partition itself at its end)."""
+
+    def __init__(self, reader: DlqTopic, executor: ThreadPoolExecutor) -> None:
+        self.reader = reader
+        self.executor = executor
+
+    async def poll(self, max_messages: int, timeout: float, pause: bool | None = None,
+                   commit: dict[tuple[str, int], int] | None = None,
+                   hold: set[tuple[str, int]] | None = None) -> Poll:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._poll, max_messages, timeout,
+                                                                commit)
+
+    def _poll(self, max_messages: int, timeout: float, commit: dict[tuple[str, int], int] | None) -> Poll:
+        out = Poll()
+        if commit:
+            if self.reader.commit(commit):
+                out.committed = dict(commit)
+            else:
+                out.commit_failed = True
+        out.raw = self.reader.consume(max_messages, timeout)
+        return out
+
+    async def commit(self, positions: dict[tuple[str, int], int], timeout_s: float = COMMIT_TIMEOUT_S) -> bool:
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, self.reader.commit, positions)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            logger.error("commit of the replay position not confirmed within %gs", timeout_s)
+            return False
+
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.executor, self.reader.close),
+                                   timeout_s)
+        except TimeoutError:
+            logger.error("the dead-letter topic's reader did not close within %.0fs", timeout_s)
+            self.executor.shutdown(wait=False)
+            return False
+        self.executor.shutdown(wait=True)
+        return True

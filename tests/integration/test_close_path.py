@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from processor.app import CLOSE_MARGIN_S
+from processor.consumer import CLOSE_MARGIN_S
 from processor.devstack.kafka_io import committed, produce, read_all
 from tests.integration.conftest import Topics, freeze, wait_for
 from tests.integration.reconcile import below_commit, fault_events, reconcile

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from processor.app import CLOSE_MARGIN_S
+from processor.consumer import CLOSE_MARGIN_S
 from processor.devstack.kafka_io import committed, end_offsets, produce, read_all
 from processor.devstack.registry import RegistryStub, embedded_schemas
 from tests.integration.conftest import http_text, quicklizard_vendor, relay_config, wait_for

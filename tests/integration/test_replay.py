@@ -328,3 +328,36 @@ def test_bad_invocations_fail_with_a_clear_message(broker, topics, sandbox, tmp_
 
     bad = Cli({**cfg, "vendors": {"quicklizard": {"bogus": 1}}}, tmp_path, "bad").run("inspect")
     assert bad.returncode == 1 and "invalid config" in bad.stderr
+
+
+def test_replay_stopped_while_its_vendor_hangs_exits_within_the_bound_with_the_watchdog_armed(broker, topics, sandbox,
+                                                                                             tmp_path):
+    """The replay's stop is the relay's (``processor.consumer.Stop``): SIGTERM arms the watchdog, the
+    deliveries get ``shutdown_grace_s``, then the bounded last commit and close; nothing unsettled is
+    committed, and the next run delivers it."""
+    from processor.consumer import CLOSE_MARGIN_S
+
+    n, grace = 30, 2.0
+    put_records(broker.bootstrap, topics.dlq, [dead_letter(i, view(i)) for i in range(n)])
+    cli = Cli(replay_config(broker, topics, sandbox, shutdown_grace_s=grace), tmp_path)
+    sandbox.faults("quicklizard", timeout_rate=1.0, hang_s=600)  # every request held, never answered
+    proc = subprocess.Popen(cli.argv("replay", "--vendor", "quicklizard", "--json"), env=cli.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: sandbox.stats().get("quicklizard", {}).get("requests", 0) > 0, 60, "a request held")
+    finally:
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=grace + CLOSE_MARGIN_S + 10)
+    took = time.monotonic() - sent
+    print(f"replay: SIGTERM -> exit {proc.returncode} after {took:.1f}s (bound {grace + CLOSE_MARGIN_S:g}s)")
+    assert proc.returncode == 3 and took < grace + CLOSE_MARGIN_S, err[-3000:]
+    assert "watchdog: exiting with every thread's stack if not stopped within" in err
+    doc = json.loads(out)
+    assert doc["interrupted"] and doc["pending"] == n and doc["delivered"] == 0
+    assert doc["committed"]["0"] == 0  # nothing settled: nothing committed
+
+    sandbox.faults("quicklizard")
+    done = cli.json("replay", "--vendor", "quicklizard")
+    assert done["complete"] and done["delivered"] == n
+    assert set(received_ids(sandbox)) == {pid(i) for i in range(n)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from processor.app import CLOSE_MARGIN_S
+from processor.consumer import CLOSE_MARGIN_S
 from processor.devstack.broker import free_port
 from tests.integration.conftest import http_text, quicklizard_vendor, relay_config, wait_for
 

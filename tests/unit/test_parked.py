@@ -201,7 +201,7 @@ def test_the_redrives_unsettled_records_count_in_the_relays_bound_and_its_stall_
     redrive.tracker.register_many(records, [1] * 5)
     for slot in (rec.slot for rec in records):
         slot[3] -= 10 ** 6  # registered long ago
-    assert rel.stalled() is not None and "unsettled" in rel.stalled()
+    assert rel.rules.stalled() is not None and "unsettled" in rel.rules.stalled()
     limit = rel.config.relay.max_inflight_events
     redrive.tracker.register_many([parked(i) for i in range(5, 5 + limit)], [1] * limit)
     assert rel._want_pause()

@@ -92,13 +92,13 @@ def test_liveness_fails_only_for_a_message_nothing_works_on_readiness_for_one_a_
     r.router.route(events)  # qubit and quicklizard hold it (batched)
     slot = r.tracker.tracks[("t", 0)].slots[0]
     slot[3] -= r.config.relay.stall_after_s + 5  # consumed long ago
-    assert r.stalled() is None  # a vendor still works on it: not a restart's to cure
-    why = r._waiting_past_stall()
+    assert r.rules.stalled() is None  # a vendor still works on it: not a restart's to cure
+    why = r.rules.waiting_past_stall()
     assert why is not None and "qubit holds 1 events" in why and "past relay.stall_after_s" in why
     for p in r.pipelines.values():  # the events leave the pipelines without settling: nothing owns the message
         p.admission.unsettled = 0
-    assert r.stalled() is not None and "nothing works on it" in r.stalled()
-    assert r._waiting_past_stall() is None
+    assert r.rules.stalled() is not None and "nothing works on it" in r.rules.stalled()
+    assert r.rules.waiting_past_stall() is None
 
 
 class Framed(Msg):
