@@ -19,17 +19,18 @@ from tests.integration.conftest import quicklizard_vendor, relay_config, wait_fo
 TRACARDI_ENV = adapter_class("tracardi").example_env
 
 
-def view(i: int) -> tuple[bytes, bytes]:
-    rec = make_view(i, i, event_time=1_700_000_000_000 + i)
+def view(i: int, site: str = "shop-1") -> tuple[bytes, bytes]:
+    rec = make_view(i, i, site_id=site, event_time=1_700_000_000_000 + i)
     rec["event_id"] = f"e{i}"
     return f"v{i % 13}".encode(), encode(EventKind.PRODUCT_VIEW, rec)
 
 
 class Stream:
-    """A steady producer of views in a thread: ``produced`` is how many were acknowledged so far."""
+    """A steady producer of views in a thread (``sites`` in turn): ``produced`` is how many were acknowledged
+    so far."""
 
-    def __init__(self, bootstrap: str, topic: str, per_tick: int = 40) -> None:
-        self.bootstrap, self.topic, self.per_tick = bootstrap, topic, per_tick
+    def __init__(self, bootstrap: str, topic: str, per_tick: int = 40, sites: tuple[str, ...] = ("shop-1",)) -> None:
+        self.bootstrap, self.topic, self.per_tick, self.sites = bootstrap, topic, per_tick, sites
         self.produced = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -38,7 +39,8 @@ class Stream:
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             n = self.produced
-            produce(self.bootstrap, self.topic, [view(i) for i in range(n, n + self.per_tick)])
+            produce(self.bootstrap, self.topic,
+                    [view(i, self.sites[i % len(self.sites)]) for i in range(n, n + self.per_tick)])
             self.produced = n + self.per_tick
 
     def stop(self) -> int:

@@ -21,11 +21,10 @@ from typing import Any
 import pytest
 
 from processor.deadletter import headers_dict
-from processor.devstack.kafka_io import committed, end_offsets, produce, read_all
-from processor.devstack.samples import encode, make_view
-from processor.events import EventKind
+from processor.devstack.kafka_io import committed, end_offsets, read_all
 from processor.vendors import adapter_class
 from tests.integration.conftest import relay_config, wait_for
+from tests.integration.test_isolation import Stream, tracardi_ids
 
 ENV = {k: v for name in ("tracardi", "convead", "quicklizard", "qubit")
        for k, v in adapter_class(name).example_env.items()}
@@ -120,45 +119,12 @@ def front(sandbox: Any) -> Any:
     f.close()
 
 
-def view(i: int, site: str = "shop-1") -> tuple[bytes, bytes]:
-    rec = make_view(i, i, site_id=site, event_time=1_700_000_000_000 + i)
-    rec["event_id"] = f"e{i}"
-    return f"v{i % 13}".encode(), encode(EventKind.PRODUCT_VIEW, rec)
-
-
-class Stream:
-    """A steady producer of views in a thread (``sites`` in turn): ``produced`` acknowledged so far."""
-
-    def __init__(self, bootstrap: str, topic: str, per_tick: int = 10, sites: tuple[str, ...] = ("shop-1",)) -> None:
-        self.bootstrap, self.topic, self.per_tick, self.sites = bootstrap, topic, per_tick, sites
-        self.produced = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            n = self.produced
-            produce(self.bootstrap, self.topic,
-                    [view(i, self.sites[i % len(self.sites)]) for i in range(n, n + self.per_tick)])
-            self.produced = n + self.per_tick
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(30)
-        return self.produced
-
-
 _PRODUCT = re.compile(r"(?:\bP-|/p/)0*(\d+)\b")
 
 
 def ids(sandbox: Any, vendor: str) -> set[int]:
     """The event numbers a twin received (view ``n`` carries product id ``P-<n>`` and URL ``.../p/<n>``)."""
     return {int(m) for item in sandbox.received(vendor) for m in _PRODUCT.findall(json.dumps(item))}
-
-
-def tracardi_ids(sandbox: Any) -> set[int]:
-    return {int(i["id"][1:]) for i in sandbox.received("tracardi")}
 
 
 RETRY = {"max_attempts": 4, "base_delay_ms": 50, "max_delay_ms": 1000, "park_after_s": 2, "max_elapsed_s": 600,
@@ -185,7 +151,7 @@ def test_a_throttling_vendor_with_any_retry_after_loses_nothing_and_is_not_hamme
                             "batch": {"max_events": 50, "max_wait_ms": 100}}}
     relay = relays(relay_config(broker, topics, sandbox, vendors), env=ENV)
     relay.wait_ready()
-    stream = Stream(broker.bootstrap, topics.events)
+    stream = Stream(broker.bootstrap, topics.events, per_tick=10)
     key = PATHS[vendor]
     wait_for(lambda: stream.produced >= 100 and len(ids(sandbox, vendor)) >= 50, 60, "a steady stream")
 
@@ -245,7 +211,7 @@ def test_a_setup_error_on_one_site_dead_letters_nothing_and_the_rest_flows(broke
                             "batch": {"max_events": 50, "max_wait_ms": 100}}}
     relay = relays(relay_config(broker, topics, sandbox, vendors), env=ENV)
     relay.wait_ready()
-    stream = Stream(broker.bootstrap, topics.events, sites=("shop-1", "shop-2"))
+    stream = Stream(broker.bootstrap, topics.events, per_tick=10, sites=("shop-1", "shop-2"))
     wait_for(lambda: stream.produced >= 100 and len(ids(sandbox, "qubit")) >= 50, 60, "a steady stream")
     key = "/events/shopone"
     moved = "https://tracking.example/v2/events/shopone"
